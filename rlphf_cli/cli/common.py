@@ -1,0 +1,68 @@
+"""What every command shares: recipe/run-dir/--set options, recipe resolution, error display.
+
+Commands are thin: parse options, resolve the recipe, call one library function, print.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+
+from rlphf_cli.errors import RlphfError
+
+console = Console()
+err_console = Console(stderr=True)
+
+RecipeOption = Annotated[
+    Optional[str],
+    typer.Option("--recipe", help="Recipe YAML or built-in name (default: $RLPHF_RECIPE, ./rlphf.yaml, tiny).",
+                 show_default=False),
+]
+RunDirOption = Annotated[
+    Optional[Path], typer.Option("--run-dir", help="Run directory (default: the recipe's run_dir).", show_default=False)
+]
+SetOption = Annotated[
+    Optional[list[str]],
+    typer.Option("--set", help="Override a recipe value, e.g. --set train_policy.lora.r=8 (repeatable).",
+                 show_default=False),
+]
+
+
+def debug_enabled() -> bool:
+    return os.environ.get("RLPHF_DEBUG", "") not in ("", "0")
+
+
+def resolve_recipe(recipe: str | None, sets: list[str] | None, run_dir: Path | None = None, **flags: Any):
+    """Built-in defaults < recipe < --set < explicit flags. `flags` use dotted recipe paths with
+    '__' for '.', e.g. generate__temperature=0.0; None means the flag was not given."""
+    from rlphf_cli.recipe import load_recipe
+
+    overrides = {key.replace("__", "."): value for key, value in flags.items()}
+    if run_dir is not None:
+        overrides["run_dir"] = str(run_dir)
+    return load_recipe(recipe, sets, overrides)
+
+
+def cli_errors(func):
+    """Turn library errors into one line on stderr and exit code 2 (a traceback with --debug)."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except RlphfError as exc:
+            if debug_enabled():
+                raise
+            for line in str(exc).splitlines() or [type(exc).__name__]:
+                err_console.print(f"[bold red]error:[/] {line}", highlight=False, markup=True, soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            err_console.print("[yellow]interrupted[/]")
+            raise typer.Exit(130) from None
+
+    return wrapper

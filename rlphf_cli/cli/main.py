@@ -1,0 +1,51 @@
+"""The `rlphf` command. Heavy libraries are imported inside commands so --help stays fast."""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated, Optional
+
+import typer
+
+from rlphf_cli import __version__
+from rlphf_cli.cli import annotate, generate, judge, merge, run, tiny_model, train_policy, train_rm
+
+app = typer.Typer(
+    name="rlphf",
+    help="Personalized Soups: per-preference reward models and LoRA policies, merged post hoc "
+    "for any mix of preferences, measured with pairwise judges.",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode="rich",
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"rlphf {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_callback(
+    version: Annotated[
+        Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = None,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks instead of one-line errors.")] = False,
+) -> None:
+    if debug:
+        os.environ["RLPHF_DEBUG"] = "1"
+
+
+for module in (tiny_model, generate, annotate, train_rm, train_policy, merge, judge, run):
+    module.register(app)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

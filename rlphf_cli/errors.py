@@ -1,0 +1,42 @@
+"""Exceptions of the library. Only `rlphf_cli.cli` turns them into a message and exit code 2."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+def did_you_mean(name: str, options: Iterable[str]) -> str:
+    """' (did you mean 'x'?)' when a close option exists, else a list of the valid ones."""
+    options = sorted(set(options))
+    close = difflib.get_close_matches(name, options, n=1, cutoff=0.5)
+    if close:
+        return f" (did you mean '{close[0]}'?)"
+    return f" (choose from: {', '.join(options)})" if options else ""
+
+
+class RlphfError(Exception):
+    """Bad input or a missing artifact: the user can fix it. Shown as one line, exit code 2."""
+
+    exit_code = 2
+
+
+class RecipeError(RlphfError):
+    """A recipe that does not validate; the message names the file and the field path."""
+
+
+class InputError(RlphfError):
+    """A bad input file, option value or combination of options."""
+
+
+class MissingArtifactError(RlphfError):
+    """An artifact of an earlier stage is missing; the message names the command that makes it."""
+
+    def __init__(self, what: str, path, command: str):
+        super().__init__(f"{what} not found at {path}; make it with: {command}")
+        self.path = path
+        self.command = command
+
+
+class NotAvailableYet(RlphfError):
+    """A command whose implementation has not landed yet."""

@@ -1,0 +1,138 @@
+"""The preference catalog of Personalized Soups, aliases and combinations.
+
+A *preference* is one pole of a *dimension* (P1 expertise, P2 informativeness, P3 style). A
+*combination* picks one preference per dimension; its name joins the ids with '+'.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+
+from rlphf_cli.errors import InputError, did_you_mean
+
+
+@dataclass(frozen=True)
+class Preference:
+    id: str
+    alias: str
+    dimension: str
+    prompt: str  # appended to the instruction, as the paper did
+    criterion: str  # the question a pairwise judge answers for this preference
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# The paper's exact prompt strings (Jang et al. 2023, Table 1 / the RLPHF repository).
+CATALOG: tuple[Preference, ...] = (
+    Preference(
+        "P1A", "elementary", "expertise",
+        "Generate a response that can be easily understood by an elementary school student.",
+        "Which response can be more easily understood by an elementary school student?",
+    ),
+    Preference(
+        "P1B", "expert", "expertise",
+        "Generate a response that only a PhD Student in that specific field could understand.",
+        "Which response uses more expert, technical language that only a PhD student in that "
+        "specific field could understand?",
+    ),
+    Preference(
+        "P2A", "concise", "informativeness",
+        "Generate a response that is concise and to the point, without being verbose.",
+        "Which response is more concise and to the point, without being verbose?",
+    ),
+    Preference(
+        "P2B", "informative", "informativeness",
+        "Generate a response that is very informative, without missing any background information.",
+        "Which response is more informative, without missing any background information?",
+    ),
+    Preference(
+        "P3A", "friendly", "style",
+        "Generate a response that is friendly, witty, funny, and humorous, like a close friend.",
+        "Which response is more friendly, witty, funny, and humorous, like a close friend?",
+    ),
+    Preference(
+        "P3B", "unfriendly", "style",
+        "Generate a response in an unfriendly manner.",
+        "Which response is written in a more unfriendly manner?",
+    ),
+)
+
+
+class PreferenceSet:
+    """The preferences a recipe uses: the catalog's, plus its own, in a stable order."""
+
+    def __init__(self, preferences: Iterable[Preference]):
+        self.preferences: list[Preference] = list(preferences)
+        self._by_name: dict[str, Preference] = {}
+        for pref in self.preferences:
+            for key in (pref.id, pref.alias):
+                if key.lower() in self._by_name:
+                    raise InputError(f"preference name '{key}' is defined twice")
+                self._by_name[key.lower()] = pref
+
+    @classmethod
+    def catalog(cls) -> PreferenceSet:
+        return cls(CATALOG)
+
+    def __iter__(self):
+        return iter(self.preferences)
+
+    def __len__(self) -> int:
+        return len(self.preferences)
+
+    def names(self) -> list[str]:
+        return [n for p in self.preferences for n in (p.id, p.alias)]
+
+    def get(self, name: str) -> Preference:
+        """Look a preference up by id or alias (case-insensitive)."""
+        try:
+            return self._by_name[name.strip().lower()]
+        except KeyError:
+            raise InputError(f"unknown preference '{name}'{did_you_mean(name, self.names())}") from None
+
+    def resolve(self, names: str | Sequence[str] | None) -> list[Preference]:
+        """'P1A,concise' or ['P1A', 'concise'] or 'all' -> preferences, in the order given."""
+        if names is None or names == "all" or names == ["all"]:
+            return list(self.preferences)
+        if isinstance(names, str):
+            names = [n for n in names.split(",") if n.strip()]
+        out: list[Preference] = []
+        for name in names:
+            pref = self.get(name)
+            if pref not in out:
+                out.append(pref)
+        return out
+
+    def subset(self, names: str | Sequence[str] | None) -> PreferenceSet:
+        return PreferenceSet(self.resolve(names))
+
+    @property
+    def dimensions(self) -> dict[str, list[Preference]]:
+        dims: dict[str, list[Preference]] = {}
+        for pref in self.preferences:
+            dims.setdefault(pref.dimension, []).append(pref)
+        return dims
+
+    def combinations(self) -> list[tuple[Preference, ...]]:
+        """Every way to pick one preference per dimension (2^3 = 8 for the paper's catalog)."""
+        return list(itertools.product(*self.dimensions.values()))
+
+    def parse_combination(self, text: str) -> tuple[Preference, ...]:
+        """'P1A+concise' -> (P1A, P2A); at most one preference per dimension."""
+        prefs = tuple(self.get(part) for part in text.split("+") if part.strip())
+        dims = [p.dimension for p in prefs]
+        if len(set(dims)) != len(dims):
+            raise InputError(f"combination '{text}' picks two preferences of one dimension")
+        return prefs
+
+
+def combination_name(prefs: Iterable[Preference]) -> str:
+    return "+".join(p.id for p in prefs)
+
+
+def preference_prompt(prefs: Iterable[Preference]) -> str:
+    """The text the paper appends to an instruction for a set of preferences."""
+    return " ".join(p.prompt for p in prefs)

@@ -1,0 +1,443 @@
+"""Recipes: one YAML file describes a whole run.
+
+Precedence, lowest first: built-in defaults < recipe file < `--set key.path=value` < explicit flags.
+Every section forbids unknown keys. Trainer sub-sections (`train_rm.trl`, `train_policy.rloo`, ...)
+hold TRL's own config field names, passed through and checked against the TRL dataclass.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from rlphf_cli.errors import RecipeError, did_you_mean
+from rlphf_cli.preferences import CATALOG, Preference, PreferenceSet
+
+BUILTIN_PREFIX = "builtin:"
+HUB_PREFIX = "hf:"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(Strict):
+    name: str = "tiny"  # 'tiny', a local folder, or a hub name
+    prompt_format: Literal["chat", "tulu"] = "chat"  # 'tulu': <|user|>\n{instruction}\n<|assistant|>\n
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    load_in_4bit: bool = False
+    revision: str | None = None
+    trust_remote_code: bool = False
+
+
+class PreferenceDefinition(Strict):
+    id: str
+    alias: str
+    dimension: str
+    prompt: str
+    criterion: str
+
+
+def _split_names(value: Any) -> Any:
+    """Accept 'P1A,concise' as well as a YAML list; 'all' stays 'all'."""
+    if isinstance(value, str) and value != "all":
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class PreferencesSection(Strict):
+    use: list[str] | Literal["all"] = "all"  # ids or aliases, from the catalog or `define`
+    define: list[PreferenceDefinition] = Field(default_factory=list)
+
+    _split = field_validator("use", mode="before")(_split_names)
+
+
+class DataSection(Strict):
+    # 'builtin:NAME' (shipped with the package), a local JSON/JSONL file or HF dataset folder,
+    # or 'hf:owner/name[:split]' for a hub dataset.
+    train_prompts: str = "builtin:tiny-train"
+    eval_prompts: str = "builtin:tiny-eval"
+    max_train_prompts: int | None = Field(default=None, ge=1)
+    max_eval_prompts: int | None = Field(default=None, ge=1)
+
+
+class GenerateSection(Strict):
+    temperature: float = Field(default=1.0, ge=0)  # 0 means greedy
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    top_k: int = Field(default=0, ge=0)
+    max_new_tokens: int = Field(default=64, ge=1)
+    min_new_tokens: int = Field(default=0, ge=0)
+    no_repeat_ngram_size: int = Field(default=0, ge=0)
+    repetition_penalty: float = Field(default=1.0, gt=0)
+    num_samples: int = Field(default=1, ge=1)
+    batch_size: int = Field(default=32, ge=1)
+
+
+class AnnotateSection(Strict):
+    judge: str = "rubric"  # a judge backend name; its settings live under `judge.<name>`
+    prefs: list[str] | Literal["all"] = "all"
+    num_samples: int = Field(default=2, ge=2)  # rollouts per training prompt
+    pairs_per_prompt: int = Field(default=1, ge=1)
+
+    _split = field_validator("prefs", mode="before")(_split_names)
+
+
+class LoraSection(Strict):
+    r: int = Field(default=16, ge=1)
+    lora_alpha: float = 32
+    lora_dropout: float = Field(default=0.05, ge=0, lt=1)
+    target_modules: list[str] | str = "all-linear"
+    bias: Literal["none", "all", "lora_only"] = "none"
+
+
+class TrainRMSection(Strict):
+    lora: LoraSection = Field(default_factory=lambda: LoraSection(r=8, lora_alpha=32, lora_dropout=0.1))
+    eval_fraction: float = Field(default=0.1, gt=0, lt=1)
+    trl: dict[str, Any] = Field(default_factory=dict)  # trl.RewardConfig fields
+
+
+class TrainPolicySection(Strict):
+    algo: Literal["rloo", "grpo", "dpo"] = "rloo"
+    mode: Literal["soup", "morl", "rlhf"] = "soup"
+    lora: LoraSection = Field(default_factory=LoraSection)
+    rloo: dict[str, Any] = Field(default_factory=dict)  # trl.RLOOConfig fields
+    grpo: dict[str, Any] = Field(default_factory=dict)  # trl.GRPOConfig fields
+    dpo: dict[str, Any] = Field(default_factory=dict)  # trl.DPOConfig fields
+    save_steps: int | None = Field(default=None, ge=1)  # checkpoint every N steps (resume)
+
+
+class MergeSection(Strict):
+    method: str = "average"
+    rank: int | None = Field(default=None, ge=1)  # svd
+    density: float | None = Field(default=None, gt=0, le=1)  # ties, dare
+    seed: int = 0  # dare
+
+
+class RubricJudgeSection(Strict):
+    # Relative tie margins per measure; a pair whose measures differ by less is a tie.
+    tie_margin: float = Field(default=0.05, ge=0)
+
+
+class OpenAIJudgeSection(Strict):
+    base_url: str | None = None  # any OpenAI-compatible endpoint (vLLM, llama.cpp, Ollama)
+    model: str = "gpt-4o-mini"
+    api_key_env: str = "OPENAI_API_KEY"  # the variable's *name*; the key itself is never stored
+    concurrency: int = Field(default=16, ge=1)
+    max_retries: int = Field(default=6, ge=0)
+    timeout: float = Field(default=60.0, gt=0)
+    parse_retries: int = Field(default=2, ge=0)
+    temperature: float = Field(default=0.0, ge=0)
+    max_tokens: int = Field(default=32, ge=1)
+
+
+class HFJudgeSection(Strict):
+    model: str = "tiny"
+    batch_size: int = Field(default=8, ge=1)
+
+
+class JudgeSection(Strict):
+    backend: str = "rubric"
+    templates: str | None = None  # folder of prompt templates overriding the shipped ones
+    both_orders: bool = True
+    bootstrap_samples: int = Field(default=1000, ge=0)
+    rubric: RubricJudgeSection = Field(default_factory=RubricJudgeSection)
+    openai: OpenAIJudgeSection = Field(default_factory=OpenAIJudgeSection)
+    hf: HFJudgeSection = Field(default_factory=HFJudgeSection)
+
+
+class SweepSection(Strict):
+    prefs: list[str] = Field(default_factory=lambda: ["P2A", "P2B"], min_length=2, max_length=2)
+    weights: list[float] = Field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+
+
+class EvaluationSection(Strict):
+    # Systems compared against each baseline: 'psoups' plus any of base, prompted, morl, rlhf.
+    baselines: list[Literal["base", "prompted", "morl", "rlhf"]] = Field(
+        default_factory=lambda: ["base", "prompted"]
+    )
+    sweep: SweepSection | None = Field(default_factory=SweepSection)
+
+
+class Recipe(Strict):
+    name: str = "tiny"
+    run_dir: str | None = None  # default: runs/<name>
+    seed: int = 0
+    parallel: int = Field(default=1, ge=1)  # worker processes for per-preference stages
+    model: ModelSection = Field(default_factory=ModelSection)
+    preferences: PreferencesSection = Field(default_factory=PreferencesSection)
+    data: DataSection = Field(default_factory=DataSection)
+    generate: GenerateSection = Field(default_factory=GenerateSection)
+    annotate: AnnotateSection = Field(default_factory=AnnotateSection)
+    train_rm: TrainRMSection = Field(default_factory=TrainRMSection)
+    train_policy: TrainPolicySection = Field(default_factory=TrainPolicySection)
+    merge: MergeSection = Field(default_factory=MergeSection)
+    judge: JudgeSection = Field(default_factory=JudgeSection)
+    evaluation: EvaluationSection = Field(default_factory=EvaluationSection)
+
+    # Where the recipe came from, for messages; not part of the recipe itself.
+    _source: str = "<defaults>"
+
+    @model_validator(mode="after")
+    def _check_preference_names(self) -> Recipe:
+        all_prefs = PreferenceSet(list(CATALOG) + [Preference(**d.model_dump()) for d in self.preferences.define])
+        names = all_prefs.names()
+        for field, listed in (("preferences.use", self.preferences.use), ("annotate.prefs", self.annotate.prefs)):
+            if listed == "all":
+                continue
+            for i, name in enumerate(listed):
+                if name.lower() not in {n.lower() for n in names}:
+                    raise _FieldError(f"{field}.{i}", f"unknown preference '{name}'{did_you_mean(name, names)}")
+        if self.evaluation.sweep is not None:
+            for i, name in enumerate(self.evaluation.sweep.prefs):
+                if name.lower() not in {n.lower() for n in names}:
+                    raise _FieldError(
+                        f"evaluation.sweep.prefs.{i}", f"unknown preference '{name}'{did_you_mean(name, names)}"
+                    )
+        return self
+
+    @property
+    def source(self) -> str:
+        return self._source
+
+    def preference_set(self) -> PreferenceSet:
+        """The preferences this recipe uses, in catalog order then definition order."""
+        everything = PreferenceSet(list(CATALOG) + [Preference(**d.model_dump()) for d in self.preferences.define])
+        return everything.subset(self.preferences.use)
+
+    def resolved_run_dir(self) -> Path:
+        return Path(self.run_dir or f"runs/{self.name}")
+
+    def to_yaml(self) -> str:
+        data = self.model_dump(mode="json")
+        data["run_dir"] = str(self.resolved_run_dir())
+        return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+
+
+class _FieldError(ValueError):
+    """Raised inside validators to report a precise field path."""
+
+    def __init__(self, loc: str, message: str):
+        super().__init__(message)
+        self.loc = loc
+        self.message = message
+
+
+# --------------------------------------------------------------------------------------------
+# Loading and resolution
+
+
+def builtin_recipes_dir() -> Path:
+    return Path(str(resources.files("rlphf_cli") / "recipes"))
+
+
+def find_recipe(path: str | os.PathLike | None) -> Path:
+    """--recipe PATH, else $RLPHF_RECIPE, else ./rlphf.yaml, else the built-in tiny recipe.
+
+    A bare name such as 'tiny' or 'psoups-paper' that is not a file names a built-in recipe.
+    """
+    if path is None:
+        path = os.environ.get("RLPHF_RECIPE") or ("rlphf.yaml" if Path("rlphf.yaml").is_file() else None)
+    if path is None:
+        return builtin_recipes_dir() / "tiny.yaml"
+    candidate = Path(path)
+    if candidate.is_file():
+        return candidate
+    builtin = builtin_recipes_dir() / f"{candidate.name.removesuffix('.yaml')}.yaml"
+    if not candidate.suffix and builtin.is_file():
+        return builtin
+    raise RecipeError(f"{path}: recipe file not found")
+
+
+def parse_set(assignment: str) -> tuple[str, Any]:
+    """'train_policy.lora.r=16' -> ('train_policy.lora.r', 16); the value is read as YAML."""
+    key, sep, raw = assignment.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise RecipeError(f"--set {assignment}: expected key.path=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def _set_path(data: dict, dotted: str, value: Any) -> None:
+    node = data
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def _describe(value: Any) -> str:
+    return repr(value) if isinstance(value, str) else yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+_TYPE_WORDS = {
+    "int_parsing": "an integer", "int_type": "an integer", "int_from_float": "an integer",
+    "float_parsing": "a number", "float_type": "a number",
+    "bool_parsing": "true or false", "bool_type": "true or false",
+    "string_type": "a string", "dict_type": "a mapping", "model_type": "a mapping",
+    "list_type": "a list",
+}
+
+
+def _message(err: dict) -> str:
+    kind = err["type"]
+    value = err.get("input")
+    if kind in _TYPE_WORDS:
+        return f"expected {_TYPE_WORDS[kind]}, got {_describe(value)}"
+    if kind == "extra_forbidden":
+        return "unknown key"
+    bounds = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=", "less_than": "<"}
+    if kind in bounds:
+        limit = next(iter(err.get("ctx", {}).values()), "?")
+        return f"expected a value {bounds[kind]} {limit}, got {_describe(value)}"
+    if kind == "missing":
+        return "required key is missing"
+    if kind == "literal_error":
+        expected = err.get("ctx", {}).get("expected", "")
+        return f"expected one of {expected}, got {_describe(value)}"
+    if kind == "value_error" and isinstance(err.get("ctx", {}).get("error"), _FieldError):
+        return err["ctx"]["error"].message
+    return f"{err['msg'].removeprefix('Value error, ')}, got {_describe(value)}"
+
+
+def _loc(err: dict) -> str:
+    ctx_error = err.get("ctx", {}).get("error")
+    if isinstance(ctx_error, _FieldError):
+        return ctx_error.loc
+    # Union members ('list[str]', 'literal[...]') appear in pydantic's location; drop them.
+    parts = [str(p) for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p in ("str", "int", "float")))]
+    return ".".join(parts)
+
+
+def _known_keys(model: type[BaseModel], loc: str) -> list[str]:
+    """The valid keys at the parent of `loc` (for 'did you mean')."""
+    node: Any = model
+    for part in loc.split(".")[:-1]:
+        field = getattr(node, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        node = field.annotation
+        node = next((a for a in getattr(node, "__args__", ()) if isinstance(a, type) and issubclass(a, BaseModel)), node)
+    return list(getattr(node, "model_fields", {}))
+
+
+def _origin_of(loc: str, overridden: dict[str, str], source: str) -> str:
+    """Name the place a bad value came from: the recipe file, or the --set/flag that set it."""
+    for key, origin in overridden.items():
+        if loc == key or loc.startswith(key + "."):
+            return origin
+    return source
+
+
+def validate(data: Any, source: str, overridden: dict[str, str] | None = None) -> Recipe:
+    """Build a Recipe from plain data; raise RecipeError with one line per problem."""
+    overridden = overridden or {}
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: expected a mapping of sections at the top level")
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            loc = _loc(err)
+            message = _message(err)
+            if err["type"] == "extra_forbidden":
+                message += did_you_mean(loc.split(".")[-1], _known_keys(Recipe, loc))
+            lines.append(f"{_origin_of(loc, overridden, source)}: {loc}: {message}")
+        raise RecipeError("\n".join(dict.fromkeys(lines))) from None
+    recipe._source = source
+    _check_files(recipe, overridden)
+    return recipe
+
+
+def _check_files(recipe: Recipe, overridden: dict[str, str]) -> None:
+    def check(loc: str, value: str | None, kind: str = "file") -> None:
+        if value is None or value.startswith((BUILTIN_PREFIX, HUB_PREFIX)):
+            return
+        if kind == "model" and not value.startswith((".", "/", "~")) and not Path(value).exists():
+            return  # a hub name such as 'allenai/tulu-2-7b'
+        if not Path(value).expanduser().exists():
+            raise RecipeError(f"{_origin_of(loc, overridden, recipe.source)}: {loc}: file not found: {value}")
+
+    check("data.train_prompts", recipe.data.train_prompts)
+    check("data.eval_prompts", recipe.data.eval_prompts)
+    check("judge.templates", recipe.judge.templates)
+    if recipe.model.name != "tiny":
+        check("model.name", recipe.model.name, kind="model")
+
+
+def load_recipe(
+    path: str | os.PathLike | None = None,
+    sets: list[str] | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> Recipe:
+    """Resolve a recipe: file (or default) < --set assignments < explicit flags (`overrides`).
+
+    `overrides` maps dotted recipe paths to flag values; None values mean "flag not given".
+    """
+    recipe_path = find_recipe(path)
+    source = str(recipe_path)
+    try:
+        data = yaml.safe_load(recipe_path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise RecipeError(f"{source}: invalid YAML{where}: {problem}") from None
+    except OSError as exc:
+        raise RecipeError(f"{source}: cannot read recipe: {exc.strerror}") from None
+    data = copy.deepcopy(data) if isinstance(data, dict) else data
+    overridden: dict[str, str] = {}
+    if isinstance(data, dict):
+        for assignment in sets or []:
+            key, value = parse_set(assignment)
+            _set_path(data, key, value)
+            overridden[key] = f"--set {key}"
+        for key, value in (overrides or {}).items():
+            if value is not None:
+                _set_path(data, key, value)
+                overridden[key] = f"option for {key}"
+    return validate(data, source, overridden)
+
+
+# --------------------------------------------------------------------------------------------
+# TRL pass-through sections
+
+TRAINER_SECTIONS = {
+    "train_rm.trl": "RewardConfig",
+    "train_policy.rloo": "RLOOConfig",
+    "train_policy.grpo": "GRPOConfig",
+    "train_policy.dpo": "DPOConfig",
+}
+
+
+def check_trainer_fields(recipe: Recipe) -> None:
+    """Every key of a trainer section must be a field of its TRL config class (imports trl)."""
+    import dataclasses
+
+    import trl
+
+    for loc, class_name in TRAINER_SECTIONS.items():
+        section, sub = loc.split(".")
+        keys = getattr(getattr(recipe, section), sub)
+        fields = {f.name for f in dataclasses.fields(getattr(trl, class_name))}
+        for key in keys:
+            if key not in fields:
+                raise RecipeError(
+                    f"{recipe.source}: {loc}.{key}: unknown {class_name} field{did_you_mean(key, fields)}"
+                )

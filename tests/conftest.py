@@ -1,0 +1,44 @@
+"""Shared fixtures. Everything is built offline in seconds: no hub, no network."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+FIXTURE_TEXTS = [
+    "Explain photosynthesis. Plants use sunlight to make food from water and air.",
+    "What is a volcano? A volcano is a mountain where hot melted rock comes out!",
+    "Describe gravity in simple words. Gravity pulls things toward each other.",
+    "The mitochondrion synthesises adenosine triphosphate via oxidative phosphorylation.",
+    "Honestly, figure it out yourself. Whatever. It is obvious.",
+    "Hey friend! Great question, haha, let me tell you all about it :)",
+] * 20
+
+
+@pytest.fixture(scope="session")
+def tiny_random_model(tmp_path_factory):
+    """A random LlamaForCausalLM (hidden 32, 2 layers) + an offline BPE tokenizer, saved to a folder."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rlphf_cli.models.tokenizer import build_tokenizer
+
+    out = tmp_path_factory.mktemp("tiny-random")
+    tokenizer = build_tokenizer(FIXTURE_TEXTS, vocab_size=320)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
