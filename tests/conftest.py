@@ -42,3 +42,11 @@ def tiny_random_model(tmp_path_factory):
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """The embedded tiny model (built once into $RLPHF_HOME, ~2-3 min on 2 cores; cached after)."""
+    from rlphf_cli.models import resolve_model
+
+    return resolve_model("tiny")
