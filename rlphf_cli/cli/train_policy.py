@@ -2,20 +2,79 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated, Optional
+
 import typer
 
-from rlphf_cli.cli.common import RecipeOption, RunDirOption, SetOption, cli_errors, resolve_recipe
-from rlphf_cli.errors import NotAvailableYet
+from rlphf_cli.cli.common import RecipeOption, RunDirOption, SetOption, cli_errors, console, resolve_recipe
+from rlphf_cli.cli.train_rm import ModelOption, training_progress
+
+
+def _fmt(value, spec: str = ".3f") -> str:
+    return format(value, spec) if isinstance(value, (int, float)) else "-"
 
 
 @cli_errors
-def train_policy_command(recipe: RecipeOption = None, run_dir: RunDirOption = None, set_: SetOption = None) -> None:
+def train_policy_command(
+    pref: Annotated[Optional[str], typer.Option("--pref", help="Mode soup: preference id or alias, a comma list, "
+                                                "or 'all'.", show_default=False)] = None,
+    algo: Annotated[Optional[str], typer.Option("--algo", help="rloo | grpo | dpo (default: the recipe's).",
+                                                show_default=False)] = None,
+    mode: Annotated[Optional[str], typer.Option("--mode", help="soup (one policy per preference) | morl | rlhf "
+                                                "(default: the recipe's).", show_default=False)] = None,
+    model: ModelOption = None,
+    reward_model: Annotated[Optional[Path], typer.Option("--reward-model", help="Reward model folder (default: "
+                                                         "<run-dir>/rm/<id>, or rm/general for rlhf).",
+                                                         show_default=False)] = None,
+    prompts: Annotated[Optional[str], typer.Option("--prompts", help="Training prompts: builtin:NAME, JSON/JSONL "
+                                                   "file, dataset folder or hf:name (default: the recipe's).",
+                                                   show_default=False)] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Output folder (default: <run-dir>/policy/<name>; "
+                                                "with several preferences, a parent of <id>/).",
+                                                show_default=False)] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint (saved every "
+                                         "train_policy.save_steps and on Ctrl-C).")] = False,
+    recipe: RecipeOption = None,
+    run_dir: RunDirOption = None,
+    set_: SetOption = None,
+) -> None:
     """Train one LoRA policy per preference with RL against its reward model.
 
-    Example: [bold]rlphf train-policy --pref concise --algo rloo[/]
+    Mode soup trains the P-Soups experts with TRL's RLOO (or GRPO) against rm/<id>, a KL penalty
+    to the base model (the adapter switched off); [bold]--algo dpo[/] trains from the annotations
+    instead. [bold]--mode morl[/] trains one policy on prompts carrying sampled preference
+    combinations (reward: mean of their reward models); [bold]--mode rlhf[/] one policy against
+    rm/general. Writes policy/<name>/ (PEFT adapter, metrics.jsonl). Multi-GPU:
+    accelerate launch -m rlphf_cli train-policy ...
+
+    Example: [bold]rlphf train-policy --pref concise --algo rloo[/]   ·   [bold]rlphf train-policy --mode morl[/]
     """
-    resolve_recipe(recipe, set_, run_dir)
-    raise NotAvailableYet("'rlphf train-policy' is not available yet (issue #5)")
+    from rich.table import Table
+
+    from rlphf_cli.runs import RunDir
+    from rlphf_cli.training import is_main_process
+    from rlphf_cli.training.policy import train_policies
+
+    resolved = resolve_recipe(recipe, set_, run_dir, model__name=model, train_policy__algo=algo,
+                              train_policy__mode=mode, data__train_prompts=prompts)
+    if is_main_process():
+        RunDir.open(resolved.resolved_run_dir(), resolved)
+    with training_progress() as progress_factory:
+        results = train_policies(resolved, pref, out_dir=out, reward_model=reward_model, resume=resume,
+                                 progress_factory=progress_factory)
+    if not is_main_process():
+        return
+    table = Table(title="policies")
+    for column in ("policy", "algo", "steps", "reward start → end", "KL end", "length start → end", "s/step",
+                   "folder"):
+        table.add_column(column, justify="left" if column in ("policy", "algo", "folder") else "right")
+    for name, m in results.items():
+        table.add_row(name, m["algo"], str(m["steps"]),
+                      f"{_fmt(m.get('reward_start'))} → {_fmt(m.get('reward_end'))}", _fmt(m.get("kl_end"), ".4f"),
+                      f"{_fmt(m.get('completion_length_start'), '.1f')} → {_fmt(m.get('completion_length_end'), '.1f')}",
+                      _fmt(m["s_per_step"]), m["out_dir"])
+    console.print(table)
 
 
 def register(app: typer.Typer) -> None:

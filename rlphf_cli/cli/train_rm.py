@@ -2,20 +2,93 @@
 
 from __future__ import annotations
 
+import contextlib
+from pathlib import Path
+from typing import Annotated, Optional
+
 import typer
 
-from rlphf_cli.cli.common import RecipeOption, RunDirOption, SetOption, cli_errors, resolve_recipe
-from rlphf_cli.errors import NotAvailableYet
+from rlphf_cli.cli.common import RecipeOption, RunDirOption, SetOption, cli_errors, console, resolve_recipe
+
+PrefOption = Annotated[
+    str, typer.Option("--pref", help="Preference id or alias, a comma list, 'all', or 'general' (the RLHF baseline).")
+]
+ModelOption = Annotated[
+    Optional[str], typer.Option("--model", help="Base model: 'tiny', a folder or a hub name (default: the recipe's).",
+                                show_default=False)
+]
+
+
+@contextlib.contextmanager
+def training_progress(unit: str = "steps"):
+    """A Rich progress bar; yields a factory: name -> progress(done, total, info) callback."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from rlphf_cli.training import is_main_process, quiet_libraries
+
+    quiet_libraries()
+    if not is_main_process():
+        yield lambda name: None
+        return
+    columns = (TextColumn("{task.description:<12}"), BarColumn(), MofNCompleteColumn(), TextColumn(unit),
+               TimeElapsedColumn(), TextColumn("{task.fields[info]}"))
+    with Progress(*columns, console=console, transient=False) as bar:
+        def factory(name: str):
+            task = bar.add_task(name, total=None, info="")
+
+            def update(done: int, total: int, info: dict | None = None) -> None:
+                text = ""
+                if info:
+                    shown = [(k, info[k]) for k in ("reward", "kl", "completion_length", "loss", "accuracy")
+                             if isinstance(info.get(k), (int, float))]
+                    text = "  ".join(f"{k.replace('completion_length', 'len')} {v:.3g}" for k, v in shown[:3])
+                bar.update(task, completed=done, total=total or None, info=text)
+
+            return update
+
+        yield factory
 
 
 @cli_errors
-def train_rm_command(recipe: RecipeOption = None, run_dir: RunDirOption = None, set_: SetOption = None) -> None:
+def train_rm_command(
+    pref: PrefOption,
+    data: Annotated[Optional[Path], typer.Option("--data", help="Annotations JSONL (default: the run directory's "
+                                                 "annotations/<id>.jsonl).", show_default=False)] = None,
+    model: ModelOption = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Output folder (default: <run-dir>/rm/<id>; with "
+                                                "several preferences, a parent of <id>/).", show_default=False)] = None,
+    recipe: RecipeOption = None,
+    run_dir: RunDirOption = None,
+    set_: SetOption = None,
+) -> None:
     """Train one LoRA reward model per preference with TRL's RewardTrainer.
 
-    Example: [bold]rlphf train-rm --pref concise[/]
+    Reads prompt/chosen/rejected pairs made by [bold]rlphf annotate[/], holds a seeded fraction out
+    (train_rm.eval_fraction) and writes rm/<id>/: the adapter with its score head, the tokenizer,
+    metrics.json (held-out pairwise accuracy, mean margin) and metrics.jsonl (one line per step).
+
+    Example: [bold]rlphf train-rm --pref concise[/]   ·   [bold]rlphf train-rm --pref all[/]
     """
-    resolve_recipe(recipe, set_, run_dir)
-    raise NotAvailableYet("'rlphf train-rm' is not available yet (issue #5)")
+    from rich.table import Table
+
+    from rlphf_cli.runs import RunDir
+    from rlphf_cli.training import is_main_process
+    from rlphf_cli.training.reward import train_reward_models
+
+    resolved = resolve_recipe(recipe, set_, run_dir, model__name=model)
+    if is_main_process():
+        RunDir.open(resolved.resolved_run_dir(), resolved)
+    with training_progress() as progress_factory:
+        results = train_reward_models(resolved, pref, data_path=data, out_dir=out, progress_factory=progress_factory)
+    if not is_main_process():
+        return
+    table = Table(title="reward models")
+    for column in ("preference", "held-out acc.", "mean margin", "pairs train/eval", "steps", "s/step", "folder"):
+        table.add_column(column, justify="left" if column in ("preference", "folder") else "right")
+    for rm_id, m in results.items():
+        table.add_row(rm_id, f"{m['accuracy']:.1%}", f"{m['mean_margin']:.3f}", f"{m['pairs_train']}/{m['pairs_eval']}",
+                      str(m["steps"]), f"{m['s_per_step']:.3f}", m["out_dir"])
+    console.print(table)
 
 
 def register(app: typer.Typer) -> None:

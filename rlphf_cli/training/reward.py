@@ -1,0 +1,303 @@
+"""LoRA reward models: TRL's RewardTrainer on AutoModelForSequenceClassification(num_labels=1).
+
+`train_reward_model` trains one from an annotations file and writes rm/<id>/; `RewardScorer`
+loads one (base + adapter) and scores (instruction, response) pairs with the RM's own tokenizer,
+so reward models and policies need not share a tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from rlphf_cli.errors import InputError, MissingArtifactError
+from rlphf_cli.recipe import Recipe
+from rlphf_cli.runs import RunDir
+from rlphf_cli.training import GENERAL, is_main_process
+from rlphf_cli.training.callbacks import ProgressFn, make_callbacks
+from rlphf_cli.training.common import (
+    conversation_text,
+    encode,
+    load_pairs,
+    load_tokenizer,
+    publish,
+    quiet_trainer,
+    seqcls_load_quietly,
+    staging_dir,
+)
+from rlphf_cli.training.config import quantization_config, trainer_config
+from rlphf_cli.training.lora import lora_config
+
+DEFAULT_MAX_LENGTH = 1024
+RM_INFO = "metrics.json"
+
+
+def resolve_rm_name(recipe: Recipe, pref: str) -> tuple[str, str]:
+    """(id, alias) of a preference, or ('general', 'general') for the RLHF baseline's reward model."""
+    if pref.strip().lower() == GENERAL:
+        return GENERAL, GENERAL
+    found = recipe.preference_set().get(pref)
+    return found.id, found.alias
+
+
+def split_pairs(pairs: list[dict], eval_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """Seeded held-out split by prompt id, so no prompt is in both halves."""
+    keys = list(dict.fromkeys(p["id"] for p in pairs))
+    if len(keys) < 2:
+        raise InputError(f"need pairs for at least 2 prompts to hold some out (got {len(keys)})")
+    random.Random(seed).shuffle(keys)
+    n_eval = min(len(keys) - 1, max(1, round(eval_fraction * len(keys))))
+    held_out = set(keys[:n_eval])
+    return [p for p in pairs if p["id"] not in held_out], [p for p in pairs if p["id"] in held_out]
+
+
+def train_reward_model(recipe: Recipe, pref: str, data_path: str | Path | None = None,
+                       out_dir: str | Path | None = None, *, model: str | None = None,
+                       progress: ProgressFn | None = None) -> dict:
+    """Train the LoRA reward model of one preference (or 'general'); write `out_dir` (default
+    rm/<id> in the recipe's run directory) and return its metrics."""
+    from datasets import Dataset
+    from trl import RewardTrainer
+
+    from rlphf_cli.models import resolve_model
+
+    rm_id, alias = resolve_rm_name(recipe, pref)
+    run = RunDir(recipe.resolved_run_dir())
+    data_path = Path(data_path) if data_path else run.annotations(rm_id)
+    out_dir = Path(out_dir) if out_dir else run.reward_model(rm_id)
+    pairs, skipped = load_pairs(data_path, alias)
+    train_pairs, eval_pairs = split_pairs(pairs, recipe.train_rm.eval_fraction, recipe.seed)
+
+    model_path = resolve_model(model or recipe.model.name)
+    tokenizer = load_tokenizer(model_path, revision=recipe.model.revision,
+                               trust_remote_code=recipe.model.trust_remote_code)
+    fmt = recipe.model.prompt_format
+    args = trainer_config(recipe, "RewardConfig", str(staging_dir(out_dir, "trainer")))
+    max_length = args.max_length or DEFAULT_MAX_LENGTH
+
+    def tokenized(rows: list[dict]) -> dict[str, list]:
+        return {
+            "chosen_ids": [encode(tokenizer, conversation_text(tokenizer, r["prompt"], r["chosen"], fmt), fmt,
+                                  max_length) for r in rows],
+            "rejected_ids": [encode(tokenizer, conversation_text(tokenizer, r["prompt"], r["rejected"], fmt), fmt,
+                                    max_length) for r in rows],
+        }
+
+    metrics_file = staging_dir(out_dir, "metrics.jsonl")
+    metrics_file.unlink(missing_ok=True)
+    metrics_cb, progress_cb, interrupt_cb = make_callbacks(metrics_file, progress)
+    start = time.monotonic()
+    trainer = RewardTrainer(
+        model=model_path,
+        args=args,
+        train_dataset=Dataset.from_dict(tokenized(train_pairs)),
+        processing_class=tokenizer,
+        peft_config=lora_config(recipe.train_rm.lora, "SEQ_CLS"),
+        quantization_config=quantization_config(recipe),
+        callbacks=[cb for cb in (metrics_cb, progress_cb, interrupt_cb) if cb is not None],
+    )
+    quiet_trainer(trainer)
+    try:
+        result = trainer.train()
+    finally:
+        interrupt_cb.restore()
+    if interrupt_cb.requested:
+        raise KeyboardInterrupt
+    train_s = time.monotonic() - start
+
+    held = tokenized(eval_pairs)
+    model_obj = trainer.accelerator.unwrap_model(trainer.model)
+    chosen = score_ids(model_obj, tokenizer.pad_token_id, held["chosen_ids"])
+    rejected = score_ids(model_obj, tokenizer.pad_token_id, held["rejected_ids"])
+    margins = [c - r for c, r in zip(chosen, rejected, strict=True)]
+    metrics = {
+        "preference": rm_id,
+        "accuracy": sum(m > 0 for m in margins) / len(margins),
+        "mean_margin": sum(margins) / len(margins),
+        "pairs_train": len(train_pairs),
+        "pairs_eval": len(eval_pairs),
+        "pairs_skipped": skipped,
+        "steps": trainer.state.global_step,
+        "train_loss": result.training_loss,
+        "train_s": round(train_s, 3),
+        "s_per_step": round(train_s / max(1, trainer.state.global_step), 4),
+        "base_model": model_path,
+        "prompt_format": fmt,
+        "max_length": max_length,
+        "data": str(data_path),
+    }
+    publish(trainer, out_dir, {RM_INFO: metrics}, copies={"metrics.jsonl": metrics_file})
+    if is_main_process():
+        metrics_file.unlink(missing_ok=True)
+        shutil.rmtree(args.output_dir, ignore_errors=True)
+    metrics["out_dir"] = str(out_dir)
+    return metrics
+
+
+def train_reward_models(recipe: Recipe, prefs: str | Sequence[str], *, data_path: str | Path | None = None,
+                        out_dir: str | Path | None = None, model: str | None = None,
+                        progress_factory=None) -> dict[str, dict]:
+    """Train several reward models in turn ('all', 'P1A,concise', 'general'). With several, `out_dir`
+    is a parent folder (<out_dir>/<id>) and `data_path` is not allowed. `progress_factory(id)` returns
+    the progress callback of one model."""
+    names = _rm_names(recipe, prefs)
+    if len(names) > 1 and data_path is not None:
+        raise InputError("--data names one annotations file: use it with a single --pref")
+    if data_path is None:  # every input first: no half-done 'all' because the fifth one is missing
+        run = RunDir(recipe.resolved_run_dir())
+        for rm_id in names:
+            load_pairs(run.annotations(rm_id), resolve_rm_name(recipe, rm_id)[1])
+    results = {}
+    for rm_id in names:
+        target = (Path(out_dir) / rm_id if len(names) > 1 else Path(out_dir)) if out_dir else None
+        results[rm_id] = train_reward_model(recipe, rm_id, data_path, target, model=model,
+                                            progress=progress_factory(rm_id) if progress_factory else None)
+    return results
+
+
+def _rm_names(recipe: Recipe, prefs: str | Sequence[str]) -> list[str]:
+    if isinstance(prefs, str):
+        prefs = [p.strip() for p in prefs.split(",") if p.strip()]
+    names: list[str] = []
+    for name in prefs:
+        if name.lower() == "all":
+            resolved = [p.id for p in recipe.preference_set()]
+        else:
+            resolved = [resolve_rm_name(recipe, name)[0]]
+        names += [n for n in resolved if n not in names]
+    if not names:
+        raise InputError("no preference given")
+    return names
+
+
+# --------------------------------------------------------------------------------------------
+# Scoring
+
+
+def score_ids(model, pad_token_id: int, sequences: list[list[int]], batch_size: int = 16) -> list[float]:
+    """The reward of each token sequence (read at its last token); batches of similar lengths."""
+    import torch
+
+    device = next(model.parameters()).device
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    scores = [0.0] * len(sequences)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(order), batch_size):
+                idx = order[start:start + batch_size]
+                width = max(len(sequences[i]) for i in idx)
+                ids = torch.full((len(idx), width), pad_token_id, dtype=torch.long)
+                mask = torch.zeros((len(idx), width), dtype=torch.long)
+                for row, i in enumerate(idx):
+                    seq = sequences[i]
+                    ids[row, :len(seq)] = torch.tensor(seq, dtype=torch.long)
+                    mask[row, :len(seq)] = 1
+                logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, 0]
+                for row, i in enumerate(idx):
+                    scores[i] = float(logits[row])
+    finally:
+        model.train(was_training)
+    return scores
+
+
+def require_reward_model(rm_dir: str | Path, alias: str | None = None) -> Path:
+    """The folder, or MissingArtifactError naming the command that makes it."""
+    rm_dir = Path(rm_dir)
+    if not (rm_dir / "adapter_config.json").is_file():
+        alias = alias or rm_dir.name
+        raise MissingArtifactError(f"reward model for {alias}", rm_dir, f"rlphf train-rm --pref {alias}")
+    return rm_dir
+
+
+# Reward models on the same base share one copy of it (one PEFT adapter each): P-MORL scores with
+# every preference's RM, and six copies of a 7B base would not fit next to the policy.
+_SHARED: dict[tuple, object] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+class RewardScorer:
+    """Scores responses with a LoRA reward model folder (rm/<id>/), using the RM's own tokenizer."""
+
+    def __init__(self, rm_dir: str | Path, *, device=None, dtype: str | None = None, batch_size: int = 16,
+                 alias: str | None = None):
+        import torch
+
+        self.rm_dir = require_reward_model(rm_dir, alias)
+        info_path = self.rm_dir / RM_INFO
+        info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+        adapter_config = json.loads((self.rm_dir / "adapter_config.json").read_text())
+        self.base = adapter_config.get("base_model_name_or_path") or info.get("base_model")
+        if not self.base:
+            raise InputError(f"{self.rm_dir}: adapter_config.json does not name its base model")
+        self.prompt_format = info.get("prompt_format", "chat")
+        self.max_length = info.get("max_length", DEFAULT_MAX_LENGTH)
+        self.batch_size = batch_size
+        self.tokenizer = load_tokenizer(str(self.rm_dir))
+        if device is None:
+            device = _default_device()
+        if dtype is None:
+            dtype = "bfloat16" if torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+        self.name = "rm_" + "".join(c if c.isalnum() else "_" for c in self.rm_dir.name)
+        self._adapter = f"{self.name}_{abs(hash(str(self.rm_dir.resolve()))) % 10**8}"
+        self.model = self._load(torch.device(device), getattr(torch, dtype))
+
+    def _load(self, device, dtype):
+        from peft import PeftModel
+        from transformers import AutoModelForSequenceClassification
+
+        key = (self.base, str(device), str(dtype))
+        with _SHARED_LOCK:
+            model = _SHARED.get(key)
+            if model is None:
+                with seqcls_load_quietly():
+                    base = AutoModelForSequenceClassification.from_pretrained(self.base, num_labels=1, dtype=dtype)
+                model = PeftModel.from_pretrained(base, str(self.rm_dir), adapter_name=self._adapter)
+                model.to(device).eval()
+                model.requires_grad_(False)
+                _SHARED[key] = model
+            elif self._adapter not in model.peft_config:
+                model.load_adapter(str(self.rm_dir), adapter_name=self._adapter)
+                model.to(device).eval()
+                model.requires_grad_(False)
+        self._lock = _SHARED_LOCK
+        return model
+
+    def texts(self, instructions: Sequence[str], responses: Sequence[str]) -> list[str]:
+        return [conversation_text(self.tokenizer, i, r, self.prompt_format) for i, r in zip(instructions, responses, strict=True)]
+
+    def score(self, instructions: Sequence[str], responses: Sequence[str]) -> list[float]:
+        """One reward per (plain instruction, response) pair."""
+        if len(instructions) != len(responses):
+            raise InputError(f"{len(instructions)} instructions but {len(responses)} responses")
+        sequences = [encode(self.tokenizer, t, self.prompt_format, self.max_length)
+                     for t in self.texts(instructions, responses)]
+        with self._lock:
+            self.model.set_adapter(self._adapter)
+            self.model.config.pad_token_id = self.tokenizer.pad_token_id
+            return score_ids(self.model, self.tokenizer.pad_token_id, sequences, self.batch_size)
+
+
+def _default_device():
+    import torch
+
+    if torch.cuda.is_available():
+        try:
+            from accelerate import PartialState
+
+            return PartialState().device
+        except Exception:  # noqa: BLE001 - any accelerate state problem: fall back to the current GPU
+            return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def release_shared_models() -> None:
+    """Drop the cached reward-model bases (tests, long-lived processes)."""
+    with _SHARED_LOCK:
+        _SHARED.clear()
