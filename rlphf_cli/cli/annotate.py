@@ -2,20 +2,97 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Optional
+
 import typer
 
-from rlphf_cli.cli.common import RecipeOption, RunDirOption, SetOption, cli_errors, resolve_recipe
-from rlphf_cli.errors import NotAvailableYet
+from rlphf_cli.cli.common import RecipeOption, RunDirOption, SetOption, cli_errors, console, resolve_recipe
+
+JudgeOption = Annotated[
+    Optional[str], typer.Option("--judge", help="Judge backend: rubric (offline proxy), openai or hf.",
+                                show_default=False)
+]
+
+
+@contextlib.contextmanager
+def judge_progress(description: str) -> Iterator:
+    """A Rich progress bar fed by the library's progress(done, total) callback."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TimeRemainingColumn(), console=console, transient=True) as progress:
+        task = progress.add_task(description, total=None)
+
+        def update(done: int, total: int) -> None:
+            progress.update(task, completed=done, total=total)
+
+        yield update
 
 
 @cli_errors
-def annotate_command(recipe: RecipeOption = None, run_dir: RunDirOption = None, set_: SetOption = None) -> None:
+def annotate_command(
+    rollouts: Annotated[Optional[Path], typer.Option("--rollouts", help="Rollouts JSONL with >= 2 samples per "
+                                                     "prompt (default: <run-dir>/rollouts.jsonl).",
+                                                     show_default=False)] = None,
+    prefs: Annotated[Optional[str], typer.Option("--prefs", help="Preferences to label: ids or aliases, "
+                                                 "comma-separated, or 'all' (default: annotate.prefs).",
+                                                 show_default=False)] = None,
+    judge: JudgeOption = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Output folder (default: <run-dir>/annotations).",
+                                                show_default=False)] = None,
+    pairs_per_prompt: Annotated[Optional[int], typer.Option("--pairs-per-prompt", min=1,
+                                                            help="Pairs drawn per prompt (default: "
+                                                            "annotate.pairs_per_prompt).", show_default=False)] = None,
+    recipe: RecipeOption = None,
+    run_dir: RunDirOption = None,
+    set_: SetOption = None,
+) -> None:
     """Label pairs of rollouts per preference with a judge (TRL preference format).
+
+    Writes <out>/<id>.jsonl (prompt, chosen, rejected) and <id>.summary.json per preference; ties
+    are dropped, unreadable judge answers are counted as invalid, verdicts are cached.
 
     Example: [bold]rlphf annotate --prefs all --judge rubric[/]
     """
-    resolve_recipe(recipe, set_, run_dir)
-    raise NotAvailableYet("'rlphf annotate' is not available yet (issue #4)")
+    from rlphf_cli.judges.annotate import annotate_rollouts
+    from rlphf_cli.runs import RunDir
+
+    resolved = resolve_recipe(recipe, set_, run_dir, annotate__prefs=prefs, annotate__judge=judge,
+                              annotate__pairs_per_prompt=pairs_per_prompt)
+    if rollouts is None or out is None:
+        run = RunDir.open(resolved.resolved_run_dir(), resolved)
+        rollouts = rollouts or run.rollouts()
+        out = out or run.path("annotations")
+    with judge_progress(f"annotating with the {resolved.annotate.judge} judge") as update:
+        summary = annotate_rollouts(resolved, rollouts, None, out, progress=update)
+    _print_summary(summary)
+
+
+def _print_summary(summary: dict) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"annotations in {summary['out_dir']}", title_justify="left")
+    for column in ("preference", "pairs", "written", "ties dropped", "invalid", "failed", "chosen shown first"):
+        table.add_column(column, justify="left" if column == "preference" else "right")
+    for pref_id, s in summary["preferences"].items():
+        first = "-" if s["first_shown_rate"] is None else f"{100 * s['first_shown_rate']:.0f}%"
+        table.add_row(pref_id, str(s["pairs"]), str(s["written"]), str(s["ties_dropped"]), str(s["invalid"]),
+                      str(s["failed"]), first)
+    console.print(table)
+    stats = summary["stats"]
+    skipped = summary["identical_samples"] + summary["single_sample"]
+    console.print(
+        f"{summary['prompts']} prompts ({skipped} without two distinct samples), judge {summary['judge']['backend']}: "
+        f"{stats['requests']} requests, {stats['cached']} cached, {stats['retries']} retries, "
+        f"{stats['prompt_tokens']}+{stats['completion_tokens']} tokens, {summary['wall_s']:.1f} s",
+        highlight=False,
+    )
+    if summary["failed"]:
+        console.print(f"[yellow]{summary['failed']} pairs got no answer (endpoint errors); rerun to retry them "
+                      "(verdicts so far are cached)[/]")
 
 
 def register(app: typer.Typer) -> None:

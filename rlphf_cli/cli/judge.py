@@ -2,20 +2,80 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated, Optional
+
 import typer
 
-from rlphf_cli.cli.common import RecipeOption, RunDirOption, SetOption, cli_errors, resolve_recipe
-from rlphf_cli.errors import NotAvailableYet
+from rlphf_cli.cli.annotate import JudgeOption, judge_progress
+from rlphf_cli.cli.common import RecipeOption, RunDirOption, SetOption, cli_errors, console, resolve_recipe
 
 
 @cli_errors
-def judge_command(recipe: RecipeOption = None, run_dir: RunDirOption = None, set_: SetOption = None) -> None:
+def judge_command(
+    a: Annotated[Path, typer.Option("--a", help="System A: a generation JSONL file, or a folder of per-combination "
+                                    "files.", show_default=False)],
+    b: Annotated[Path, typer.Option("--b", help="System B (the baseline), matched to A by (id, combination).",
+                                    show_default=False)],
+    criteria: Annotated[Optional[str], typer.Option("--criteria", help="'combo' (each record's own preferences, "
+                                                    "the default), 'all', or ids/aliases such as P1A,P2A.",
+                                                    show_default=False)] = None,
+    judge: JudgeOption = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Result JSON; a Markdown table is written next to it "
+                                                "(default: <run-dir>/judgments/<A>_vs_<B>.json).",
+                                                show_default=False)] = None,
+    single_order: Annotated[bool, typer.Option("--single-order", help="Ask each pair once (A first) instead of in "
+                                               "both orders.")] = False,
+    bootstrap_samples: Annotated[Optional[int], typer.Option("--bootstrap-samples", min=0, help="Bootstrap "
+                                                             "resamples for the 95% interval.",
+                                                             show_default=False)] = None,
+    recipe: RecipeOption = None,
+    run_dir: RunDirOption = None,
+    set_: SetOption = None,
+) -> None:
     """Pairwise win rates of one generation file against another, per criterion.
+
+    A win needs both presentation orders to agree (disagreement is a tie); ties count half.
 
     Example: [bold]rlphf judge --a gen/psoups.jsonl --b gen/base.jsonl --criteria all[/]
     """
-    resolve_recipe(recipe, set_, run_dir)
-    raise NotAvailableYet("'rlphf judge' is not available yet (issue #4)")
+    from rlphf_cli.evaluation.judging import default_out, judge_files
+    from rlphf_cli.runs import RunDir
+
+    resolved = resolve_recipe(recipe, set_, run_dir, judge__backend=judge,
+                              judge__both_orders=False if single_order else None,
+                              judge__bootstrap_samples=bootstrap_samples)
+    if out is None:
+        out = default_out(RunDir.open(resolved.resolved_run_dir(), resolved), a, b)
+    with judge_progress(f"judging with the {resolved.judge.backend} judge") as update:
+        result = judge_files(resolved, a, b, criteria, out, progress=update)
+    _print_result(result, out)
+
+
+def _print_result(result: dict, out: Path) -> None:
+    from rich.table import Table
+
+    from rlphf_cli.evaluation.judging import format_ci, rows
+
+    table = Table(title=f"{result['system_a']} (A) vs {result['system_b']} (B): win rate of A, ties count half",
+                  title_justify="left")
+    for column in ("scope", "wins", "ties", "losses", "invalid", "win rate", "95% CI", "agree"):
+        table.add_column(column, justify="left" if column in ("scope", "95% CI") else "right")
+    for scope, s in rows(result):
+        rate = "-" if s["win_rate"] is None else f"{100 * s['win_rate']:.1f}%"
+        agreement = "-" if s["agreement"] is None else f"{100 * s['agreement']:.0f}%"
+        table.add_row(scope, str(s["wins"]), str(s["ties"]), str(s["losses"]), str(s["invalid"]), rate,
+                      format_ci(s), agreement)
+    console.print(table)
+    stats = result["stats"]
+    console.print(f"{result['pairs']} matched records, {result['judgments']} judgments, judge "
+                  f"{result['judge']['backend']}: {stats['requests']} requests, {stats['cached']} cached, "
+                  f"{stats['prompt_tokens']}+{stats['completion_tokens']} tokens, {result['wall_s']:.1f} s",
+                  highlight=False)
+    console.print(f"wrote {out} and {result['markdown']}", highlight=False)
+    if result["overall"]["failed"]:
+        console.print(f"[yellow]{result['overall']['failed']} judgments got no answer (endpoint errors); rerun to "
+                      "retry them (verdicts so far are cached)[/]")
 
 
 def register(app: typer.Typer) -> None:

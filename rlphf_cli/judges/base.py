@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Literal, Protocol
@@ -44,6 +44,7 @@ class Judgment:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None  # why an answer is missing (transport failure), not a judge verdict
+    answers: list[str] = field(default_factory=list)  # every raw answer, re-asks included
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -256,7 +257,8 @@ class BaseJudge:
     def _cache_record(self, request: JudgeRequest, judgment: Judgment) -> dict:
         # No instruction or responses (the key stands for them) and never a secret.
         return {"backend": self.name, "model": self.model_id(), "pref": request.pref.id, "use": request.use,
-                "verdict": judgment.verdict, "raw": judgment.raw, "confidence": judgment.confidence,
+                "verdict": judgment.verdict, "raw": judgment.raw, "answers": judgment.answers,
+                "confidence": judgment.confidence,
                 "prompt_tokens": judgment.prompt_tokens, "completion_tokens": judgment.completion_tokens}
 
     def _judge_uncached(self, items: list[tuple[int, JudgeRequest]], deliver: Callable[[int, Judgment], None]) -> None:

@@ -1,0 +1,263 @@
+"""`rlphf judge`: system A's generations against system B's, pairwise, one criterion at a time.
+
+Records are matched by (id, combo). Each pair is judged on its criteria (by default, the
+preferences of its combination) in both orders (`judge.both_orders`): A wins only when both orders
+agree; a disagreement is a tie, and the agreement rate is reported. Results: win / tie / loss,
+win rate (ties half) with a bootstrap 95% interval, per criterion, per combination and overall,
+as a JSON file and a Markdown table next to it (same stem, .md). The judge cache sits next to them.
+
+Either side may be one JSONL file or a folder of per-combination JSONL files (`generations/<system>/`);
+two folders are matched by file name, then by (id, combo) inside.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from rlphf_cli.errors import InputError, MissingArtifactError
+from rlphf_cli.evaluation.winrate import summarize
+from rlphf_cli.judges.annotate import read_records
+from rlphf_cli.judges.base import JudgeRequest, ProgressFn
+from rlphf_cli.preferences import Preference
+from rlphf_cli.runs import atomic_write_json, atomic_write_text
+
+CACHE_NAME = "judge_cache.jsonl"
+FLIP = {"A": "B", "B": "A", "tie": "tie", "invalid": "invalid"}
+OUTCOME = {"A": "win", "B": "loss", "tie": "tie", "invalid": "invalid"}
+
+
+def load_generations(path: str | Path) -> dict[str, list[dict]]:
+    """{file name: records} for a JSONL file or a folder of them."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(path.glob("*.jsonl"))
+        if not files:
+            raise InputError(f"{path}: no .jsonl generation files in the folder")
+    elif path.is_file():
+        files = [path]
+    else:
+        raise MissingArtifactError("generations", path, f"rlphf generate --out {path}")
+    out = {}
+    for file in files:
+        records = read_records(file, "generation")
+        for n, record in enumerate(records, 1):
+            if "id" not in record or not (record.get("response") is not None or record.get("responses")):
+                raise InputError(f"{file}: record {n}: a generation needs 'id' and 'response'")
+        out[file.name] = records
+    return out
+
+
+def _key(record: dict) -> tuple[str, str]:
+    combo = record.get("combo")
+    if combo is None:
+        combo = "+".join(record.get("preferences") or [])
+    return str(record["id"]), str(combo)
+
+
+def _index(files: dict[str, list[dict]], where: str | Path) -> dict[tuple[str, str], dict]:
+    index: dict[tuple[str, str], dict] = {}
+    for records in files.values():
+        for record in records:
+            key = _key(record)
+            if key in index:
+                raise InputError(f"{where}: id '{key[0]}' appears twice for combination '{key[1]}'")
+            index[key] = record
+    return index
+
+
+def _describe_keys(keys: list[tuple[str, str]]) -> str:
+    first = sorted(keys)[0]
+    return f"{len(keys)} (e.g. id '{first[0]}', combination '{first[1] or 'none'}')"
+
+
+def match_records(a_path: str | Path, b_path: str | Path) -> list[tuple[dict, dict]]:
+    """(record of A, record of B) for every (id, combo), or a one-line InputError."""
+    a_files, b_files = load_generations(a_path), load_generations(b_path)
+    if Path(a_path).is_dir() and Path(b_path).is_dir() and set(a_files) != set(b_files):
+        only_a, only_b = sorted(set(a_files) - set(b_files)), sorted(set(b_files) - set(a_files))
+        raise InputError(f"{a_path} and {b_path} hold different files: only in A: {', '.join(only_a) or '-'}; "
+                         f"only in B: {', '.join(only_b) or '-'}")
+    a_index, b_index = _index(a_files, a_path), _index(b_files, b_path)
+    only_a, only_b = set(a_index) - set(b_index), set(b_index) - set(a_index)
+    if only_a or only_b:
+        parts = [f"{_describe_keys(list(only_a))} only in A" if only_a else "",
+                 f"{_describe_keys(list(only_b))} only in B" if only_b else ""]
+        raise InputError(f"{a_path} and {b_path} do not match by (id, combination): "
+                         + "; ".join(p for p in parts if p))
+    pairs = []
+    for key in sorted(a_index):
+        a, b = a_index[key], b_index[key]
+        if a.get("instruction") != b.get("instruction"):
+            raise InputError(f"{a_path} and {b_path}: id '{key[0]}' has different instructions")
+        pairs.append((a, b))
+    return pairs
+
+
+def _response(record: dict) -> str:
+    return str(record["response"] if record.get("response") is not None else record["responses"][0])
+
+
+def _criteria_for(recipe, record: dict, criteria) -> list[Preference]:
+    pref_set = recipe.preference_set()
+    if criteria in (None, "combo"):
+        names = record.get("preferences")
+        if names is None:
+            combo = record.get("combo") or ""
+            names = [n for n in combo.split("+") if n]
+        return [pref_set.get(n) for n in names]
+    if isinstance(criteria, (list, tuple)) and criteria and all(isinstance(c, Preference) for c in criteria):
+        return list(criteria)
+    return pref_set.resolve(criteria)
+
+
+def judge_files(recipe, a_path: str | Path, b_path: str | Path, criteria: str | Sequence[str] | None,
+                out_path: str | Path | None, *, judge=None, progress: ProgressFn | None = None) -> dict:
+    """Judge system A's generations against system B's; write `out_path` (JSON) and its `.md`.
+
+    `a_path`/`b_path`: a generation JSONL file each, or a folder of per-combination files each.
+    `criteria`: None or 'combo' (each record's own preferences), 'all', or names ('P1A,P2A').
+    `judge`: a judge object (default: `get_judge(recipe.judge.backend, recipe)`), cached in
+    `<out_path folder>/judge_cache.jsonl`. Returns the result written to `out_path`.
+    """
+    from rlphf_cli.judges import get_judge
+
+    start = time.time()
+    pairs = match_records(a_path, b_path)
+    per_pair = [_criteria_for(recipe, a, criteria) for a, _ in pairs]
+    used = list(dict.fromkeys(p for prefs in per_pair for p in prefs))
+    if not used:
+        raise InputError(f"{a_path}: the records carry no preferences (combination none); "
+                         "pass --criteria P1A,P2A or --criteria all")
+    cache_path = Path(out_path).parent / CACHE_NAME if out_path is not None else None
+    if judge is None:
+        judge = get_judge(recipe.judge.backend, recipe, cache_path=cache_path)
+    else:
+        judge.use_cache(cache_path)
+    judge.check(used)
+
+    both = recipe.judge.both_orders
+    requests: list[JudgeRequest] = []
+    cells: list[tuple[dict, Preference]] = []
+    for (a, b), prefs in zip(pairs, per_pair):
+        for pref in prefs:
+            cells.append((a, pref))
+            instruction = str(a.get("instruction", ""))
+            requests.append(JudgeRequest(instruction, _response(a), _response(b), pref, use="evaluate"))
+            if both:
+                requests.append(JudgeRequest(instruction, _response(b), _response(a), pref, use="evaluate"))
+    judgments = judge.judge_many(requests, progress=progress)
+
+    items = []
+    step = 2 if both else 1
+    for n, (record, pref) in enumerate(cells):
+        verdicts = [judgments[n * step].verdict] + ([FLIP[judgments[n * step + 1].verdict]] if both else [])
+        outcomes = [OUTCOME[v] for v in verdicts]
+        if "invalid" in outcomes:
+            outcome, agree = "invalid", None
+        else:
+            agree = len(set(outcomes)) == 1 if both else None
+            outcome = outcomes[0] if len(set(outcomes)) == 1 else "tie"
+        key = _key(record)
+        items.append({"id": key[0], "combo": key[1], "criterion": pref.id, "outcome": outcome,
+                      "verdicts": verdicts, "agree": agree,
+                      "failed": any(judgments[n * step + k].error for k in range(step))})
+
+    samples, seed = recipe.judge.bootstrap_samples, recipe.seed
+    result = {
+        "a": str(a_path), "b": str(b_path),
+        "system_a": system_name(pairs[0][0], a_path), "system_b": system_name(pairs[0][1], b_path),
+        "judge": judge.describe(), "both_orders": both,
+        "criteria": criteria if isinstance(criteria, str) or criteria is None else ",".join(map(str, criteria)),
+        "pairs": len(pairs), "judgments": len(items),
+        "overall": _summary(items, samples, seed),
+        "per_criterion": {p.id: _summary([i for i in items if i["criterion"] == p.id], samples, seed) for p in used},
+        "per_combo": {},
+        "stats": judge.stats.to_dict(),
+    }
+    for combo in dict.fromkeys(i["combo"] for i in items):
+        in_combo = [i for i in items if i["combo"] == combo]
+        result["per_combo"][combo] = {
+            **_summary(in_combo, samples, seed),
+            "per_criterion": {c: _summary([i for i in in_combo if i["criterion"] == c], samples, seed)
+                              for c in dict.fromkeys(i["criterion"] for i in in_combo)},
+        }
+    result["wall_s"] = round(time.time() - start, 3)
+    result["items"] = items
+    if out_path is not None:
+        out_path = Path(out_path)
+        atomic_write_json(out_path, result)
+        atomic_write_text(out_path.with_suffix(".md"), markdown(result))
+        result["markdown"] = str(out_path.with_suffix(".md"))
+    return result
+
+
+def default_out(run, a_path: str | Path, b_path: str | Path) -> Path:
+    """judgments/<A>_vs_<B>.json for two folders or two differently named files;
+    judgments/<A folder>_vs_<B folder>/<combo>.json for two files of the same name."""
+    a_path, b_path = Path(a_path), Path(b_path)
+    if a_path.is_dir() or b_path.is_dir():
+        return run.judgment(a_path.name, b_path.name)
+    if a_path.name == b_path.name:
+        return run.path("judgments", f"{a_path.parent.name}_vs_{b_path.parent.name}", f"{a_path.stem}.json")
+    return run.judgment(a_path.stem, b_path.stem)
+
+
+def system_name(record: dict, path: str | Path) -> str:
+    return str(record.get("system") or Path(path).stem)
+
+
+def _summary(items: list[dict], samples: int, seed: int) -> dict:
+    summary = summarize([(f"{i['id']}\x00{i['combo']}", i["outcome"]) for i in items], samples, seed)
+    judged = [i["agree"] for i in items if i["agree"] is not None]
+    summary["agreement"] = round(sum(judged) / len(judged), 4) if judged else None
+    summary["failed"] = sum(i["failed"] for i in items)
+    return summary
+
+
+def rows(result: dict) -> Iterator[tuple[str, dict]]:
+    """(scope, summary) in display order: overall, per criterion, per combination."""
+    yield "overall", result["overall"]
+    for name, summary in result["per_criterion"].items():
+        yield name, summary
+    if len(result["per_combo"]) > 1:
+        for combo, summary in result["per_combo"].items():
+            yield f"combo {combo or 'none'}", summary
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def format_ci(summary: dict) -> str:
+    if summary["ci_low"] is None:
+        return "-"
+    return f"{100 * summary['ci_low']:.1f}-{100 * summary['ci_high']:.1f}%"
+
+
+def markdown(result: dict) -> str:
+    judge = result["judge"]
+    lines = [
+        f"# {result['system_a']} vs {result['system_b']}",
+        "",
+        f"Judge: {judge['backend']}" + (f" ({judge['model']})" if judge.get("model") else "")
+        + f"; both orders: {'yes' if result['both_orders'] else 'no'}; {result['pairs']} matched records. "
+        "Win rate of A: ties count half; 95% bootstrap interval over prompts."
+        + (" Both orders must agree for a win or a loss." if result["both_orders"] else ""),
+        "",
+        "| scope | wins | ties | losses | invalid | win rate | 95% CI | order agreement |",
+        "|---|---:|---:|---:|---:|---:|---|---:|",
+    ]
+    for scope, s in rows(result):
+        lines.append(f"| {scope} | {s['wins']} | {s['ties']} | {s['losses']} | {s['invalid']} | "
+                     f"{_pct(s['win_rate'])} | {format_ci(s)} | {_pct(s['agreement'])} |")
+    criteria = list(result["per_criterion"])
+    if len(result["per_combo"]) > 1:
+        lines += ["", "Win rate per combination and criterion:", "",
+                  "| combination | " + " | ".join(criteria) + " |", "|---|" + "---:|" * len(criteria)]
+        for combo, summary in result["per_combo"].items():
+            cells = [_pct(summary["per_criterion"][c]["win_rate"]) if c in summary["per_criterion"] else ""
+                     for c in criteria]
+            lines.append(f"| {combo or 'none'} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,172 @@
+"""`rlphf annotate`: pairs of rollouts labelled per preference by a judge, in TRL's preference format.
+
+Rollouts come from `rlphf generate --num-samples N` (N >= 2): one record per prompt with a
+`responses` list. Per prompt, up to `annotate.pairs_per_prompt` pairs of *distinct* samples are
+drawn (identical samples cannot form a pair; they are counted). The same pairs are judged for every
+preference; the order in which a pair is shown is drawn per preference with a seeded
+random.Random, so position bias cannot line up with the data. Ties are dropped, invalid answers
+are counted, and `annotations/<id>.jsonl` is written atomically with a `<id>.summary.json`.
+The judge cache (`annotations/judge_cache.jsonl`) makes a rerun free.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from rlphf_cli.errors import InputError, MissingArtifactError
+from rlphf_cli.judges.base import JudgeRequest, ProgressFn
+from rlphf_cli.preferences import Preference
+from rlphf_cli.runs import atomic_write_json, atomic_write_text
+
+CACHE_NAME = "judge_cache.jsonl"
+
+
+def read_records(path: Path, what: str) -> list[dict]:
+    """A JSONL file of objects; a bad line is an error naming the file and the line."""
+    records = []
+    with open(path, encoding="utf-8") as handle:
+        for n, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InputError(f"{path}: line {n}: invalid JSON ({exc.msg})") from None
+            if not isinstance(record, dict):
+                raise InputError(f"{path}: line {n}: expected a {what} object")
+            records.append(record)
+    return records
+
+
+def load_rollouts(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise MissingArtifactError("rollouts", path, f"rlphf generate --num-samples 2 --out {path}")
+    records = read_records(path, "rollout")
+    if not records:
+        raise InputError(f"{path}: no rollouts")
+    for n, record in enumerate(records, 1):
+        responses = record.get("responses")
+        if "instruction" not in record or not isinstance(responses, list):
+            raise InputError(f"{path}: record {n}: a rollout needs 'instruction' and a 'responses' list "
+                             "(make rollouts with: rlphf generate --num-samples 2)")
+    if max(len(r["responses"]) for r in records) < 2:
+        raise InputError(f"{path}: one sample per prompt; pairs need at least 2: "
+                         f"rlphf generate --num-samples 2 --out {path}")
+    return records
+
+
+def form_pairs(records: list[dict], pairs_per_prompt: int, seed: int) -> tuple[list[dict], dict]:
+    """Up to `pairs_per_prompt` pairs of distinct responses per prompt, drawn with a seeded RNG."""
+    rng = random.Random(f"pairs:{seed}")
+    pairs: list[dict] = []
+    counts = {"prompts": len(records), "single_sample": 0, "identical_samples": 0}
+    for n, record in enumerate(records):
+        responses = [str(r) for r in record["responses"]]
+        distinct = list(dict.fromkeys(responses))
+        if len(responses) < 2:
+            counts["single_sample"] += 1
+            continue
+        if len(distinct) < 2:
+            counts["identical_samples"] += 1  # every sample the same: nothing to compare
+            continue
+        candidates = list(itertools.combinations(range(len(distinct)), 2))
+        for i, j in rng.sample(candidates, min(pairs_per_prompt, len(candidates))):
+            pairs.append({"id": str(record.get("id", n)), "instruction": str(record["instruction"]),
+                          "first": distinct[i], "second": distinct[j]})
+    return pairs, counts
+
+
+def annotate_rollouts(recipe, rollouts_path: str | Path, prefs: str | Sequence[str | Preference] | None,
+                      out_dir: str | Path, *, judge=None, progress: ProgressFn | None = None) -> dict:
+    """Label rollout pairs for each preference; write `<out_dir>/<id>.jsonl` + `<id>.summary.json`.
+
+    `prefs`: preferences, names ('P1A,concise'), 'all', or None for `annotate.prefs`. `judge`: a
+    judge object (default: `get_judge(recipe.annotate.judge, recipe)` with its cache in out_dir).
+    `progress(done, total)` is called as verdicts arrive. Returns the summary of every preference.
+    """
+    from rlphf_cli.judges import get_judge
+
+    start = time.time()
+    out_dir = Path(out_dir)
+    preferences = _resolve(recipe, prefs)
+    records = load_rollouts(rollouts_path)
+    if judge is None:
+        judge = get_judge(recipe.annotate.judge, recipe, cache_path=out_dir / CACHE_NAME)
+    else:
+        judge.use_cache(out_dir / CACHE_NAME)
+    judge.check(preferences)  # before any work: a custom preference on the rubric judge fails here
+    pairs, counts = form_pairs(records, recipe.annotate.pairs_per_prompt, recipe.seed)
+    if not pairs:
+        raise InputError(f"{rollouts_path}: no pair of distinct samples to annotate "
+                         f"({counts['identical_samples']} prompts with identical samples)")
+
+    requests, shown_first = [], []
+    for pref in preferences:
+        order = random.Random(f"order:{recipe.seed}:{pref.id}")
+        for pair in pairs:
+            swap = order.random() < 0.5
+            a, b = (pair["second"], pair["first"]) if swap else (pair["first"], pair["second"])
+            requests.append(JudgeRequest(pair["instruction"], a, b, pref, use="annotate"))
+            shown_first.append(a)
+    judgments = judge.judge_many(requests, progress=progress)
+
+    summaries = {}
+    for p, pref in enumerate(preferences):
+        rows, info = [], {"pairs": len(pairs), "written": 0, "ties_dropped": 0, "invalid": 0, "failed": 0,
+                          "first_shown_chosen": 0, "requests": 0, "cached": 0, "prompt_tokens": 0,
+                          "completion_tokens": 0}
+        for k, pair in enumerate(pairs):
+            request, judgment = requests[p * len(pairs) + k], judgments[p * len(pairs) + k]
+            for field in ("requests", "prompt_tokens", "completion_tokens"):
+                info[field] += getattr(judgment, field)
+            info["cached"] += judgment.cached
+            if judgment.error is not None:
+                info["failed"] += 1
+            elif judgment.verdict == "invalid":
+                info["invalid"] += 1
+            elif judgment.verdict == "tie":
+                info["ties_dropped"] += 1
+            else:
+                chosen, rejected = (request.a, request.b) if judgment.verdict == "A" else (request.b, request.a)
+                info["first_shown_chosen"] += judgment.verdict == "A"
+                rows.append({"prompt": pair["instruction"], "chosen": chosen, "rejected": rejected,
+                             "id": pair["id"], "preference": pref.id})
+        info["written"] = len(rows)
+        # Share of labels that went to the response shown first: ~0.5 unless the judge has a position bias.
+        info["first_shown_rate"] = round(info.pop("first_shown_chosen") / len(rows), 4) if rows else None
+        path = out_dir / f"{pref.id}.jsonl"
+        atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        summary = {"preference": pref.id, "path": str(path), "rollouts": str(rollouts_path), **counts, **info,
+                   "judge": judge.describe(), "seed": recipe.seed,
+                   "pairs_per_prompt": recipe.annotate.pairs_per_prompt}
+        summaries[pref.id] = summary
+
+    total = {"preferences": summaries, "pairs": len(pairs), **counts,
+             "written": sum(s["written"] for s in summaries.values()),
+             "ties_dropped": sum(s["ties_dropped"] for s in summaries.values()),
+             "invalid": sum(s["invalid"] for s in summaries.values()),
+             "failed": sum(s["failed"] for s in summaries.values()),
+             "stats": judge.stats.to_dict(), "judge": judge.describe(), "out_dir": str(out_dir),
+             "wall_s": round(time.time() - start, 3)}
+    for summary in summaries.values():
+        summary["wall_s"] = total["wall_s"]  # one batch served every preference
+        atomic_write_json(out_dir / f"{summary['preference']}.summary.json", summary)
+    return total
+
+
+def _resolve(recipe, prefs) -> list[Preference]:
+    pref_set = recipe.preference_set()
+    if prefs is None:
+        prefs = recipe.annotate.prefs
+    if isinstance(prefs, (list, tuple)) and prefs and all(isinstance(p, Preference) for p in prefs):
+        return list(prefs)
+    resolved = pref_set.resolve(prefs)
+    if not resolved:
+        raise InputError("no preference to annotate")
+    return resolved
