@@ -5,7 +5,7 @@ judge template's "## Output (a)" / "## Output (b)" sections) and faults are inje
 `faults` maps a marker to a list of faults consumed in order by the requests whose first user
 message contains the marker. A fault is one of:
   "429" or ("429", retry_after_s)   rate limited, with a Retry-After header (default 1 s)
-  "500"                             server error
+  "500", "401", ... (any status)     that HTTP status
   ("slow", seconds)                 answer after `seconds` (past the client's time-out)
   "garbage"                         an answer that names no output
   "drop"                            close the connection without an answer
@@ -142,8 +142,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(429, {"error": {"message": "rate limited", "type": "rate_limit"}},
                        {"Retry-After": str(param if param is not None else 1)})
             return
-        if kind == "500":
-            self._send(500, {"error": {"message": "internal error"}})
+        if isinstance(kind, str) and kind.isdigit():
+            self._send(int(kind), {"error": {"message": f"status {kind}"}})
             return
         if kind == "drop":
             self.close_connection = True

@@ -1,0 +1,318 @@
+"""Judges: verdict parsing, the rubric proxy, the cache, the openai backend against a local fake
+server with injected faults, the hf backend on the tiny random model, win rates."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from rlphf_cli.errors import InputError
+from rlphf_cli.evaluation.winrate import bootstrap_ci, summarize, win_rate
+from rlphf_cli.judges import JUDGES, JudgeRequest, get_judge, parse_verdict
+from rlphf_cli.judges.base import TemplateSet, render_template, shipped_templates_dir
+from rlphf_cli.judges.cache import JudgeCache
+from rlphf_cli.judges.rubric import compare, measure
+from rlphf_cli.preferences import Preference, PreferenceSet
+from rlphf_cli.recipe import Recipe
+
+sys.path.insert(0, str(Path(__file__).parent))
+from fake_openai_server import FakeOpenAIServer  # noqa: E402
+
+PREFS = PreferenceSet.catalog()
+KEY = "sk-test-THIS-MUST-NEVER-BE-WRITTEN-0123456789"
+CUSTOM = Preference("P9X", "pirate", "voice", "Talk like a pirate.", "Which response sounds more like a pirate?")
+
+SIMPLE = "Plants use sunlight to make food. They take in water and air. It is like cooking with light."
+EXPERT = ("Photosynthesis comprises light-dependent reactions in thylakoid membranes, generating ATP and NADPH "
+          "that the Calvin-Benson cycle subsequently utilizes for ribulose-bisphosphate carboxylation.")
+SHORT = "Gravity pulls things together."
+LONG = ("Gravity is the attraction between masses. Isaac Newton described it as a force proportional to both "
+        "masses and inversely proportional to the squared distance; Einstein later explained it as the curvature "
+        "of spacetime, which also predicts gravitational waves, black holes and the bending of starlight.")
+FRIENDLY = "Hey friend! Great question, haha :) Volcanoes are basically mountains that burp hot lava. Awesome!"
+RUDE = "Obviously a volcano is a mountain with lava. Figure it out yourself, whatever. Don't bother asking again."
+
+
+# --------------------------------------------------------------------------------------------
+# Parsing and templates
+
+
+@pytest.mark.parametrize(("text", "verdict"), [
+    ("Output (a)", "A"), ("Output (b)", "B"), ("TIE", "tie"), ("output(b)", "B"), ("**Output (A)**", "A"),
+    ("Output (a)\nBecause it is shorter than Output (b).", "A"), ("tie.", "tie"),
+    ("Both outputs have merits.", "invalid"), ("Output (a) or Output (b)", "invalid"), ("", "invalid"),
+    ("Output and more", "invalid"),
+])
+def test_parse_verdict(text, verdict):
+    assert parse_verdict(text) == verdict
+
+
+def test_every_catalog_preference_has_both_templates_and_placeholders():
+    templates = TemplateSet()
+    for pref in list(PREFS) + [CUSTOM]:
+        for use in ("annotate", "evaluate"):
+            text = templates.text(pref, use)
+            for placeholder in ("{instruction}", "{output_a}", "{output_b}", "{criterion}"):
+                assert placeholder in text, (pref.id, use, placeholder)
+            assert ("TIE" in text) == (use == "evaluate")
+    assert (shipped_templates_dir() / "P2A_annotate.txt").is_file()
+
+
+def test_render_is_one_pass_and_recipe_templates_override(tmp_path):
+    text = render_template("{instruction}|{output_a}|{output_b}", "say {output_b}", "x {criterion}", "y", "c")
+    assert text == "say {output_b}|x {criterion}|y"
+    (tmp_path / "P2A_evaluate.txt").write_text("MINE {criterion} {output_a} {output_b} {instruction}")
+    templates = TemplateSet(tmp_path)
+    assert templates.text(PREFS.get("P2A"), "evaluate").startswith("MINE")
+    assert not templates.text(PREFS.get("P2A"), "annotate").startswith("MINE")  # falls back to the shipped one
+
+
+# --------------------------------------------------------------------------------------------
+# Rubric
+
+
+@pytest.mark.parametrize(("pref", "winner", "loser"), [
+    ("P1A", SIMPLE, EXPERT), ("P1B", EXPERT, SIMPLE), ("P2A", SHORT, LONG), ("P2B", LONG, SHORT),
+    ("P3A", FRIENDLY, RUDE), ("P3B", RUDE, FRIENDLY),
+])
+def test_rubric_verdicts_per_preference(pref, winner, loser):
+    judge = get_judge("rubric", Recipe())
+    out = judge.judge_many([JudgeRequest("Explain.", winner, loser, PREFS.get(pref)),
+                            JudgeRequest("Explain.", loser, winner, PREFS.get(pref)),
+                            JudgeRequest("Explain.", winner, winner, PREFS.get(pref))])
+    assert [j.verdict for j in out] == ["A", "B", "tie"]
+    assert measure(pref, winner) > measure(pref, loser)
+    assert json.loads(out[0].raw)["a"] == pytest.approx(measure(pref, winner), abs=1e-3)
+
+
+def test_rubric_tie_margin_and_aliases():
+    assert compare(-20.0, -21.0, 0.05) == "tie"  # 1/21 < 5%
+    assert compare(-20.0, -21.0, 0.0) == "A"
+    assert compare(0.01, 0.02, 0.05) == "tie"  # near zero the floor of 1 keeps it absolute
+    assert measure("concise", SHORT) == measure("P2A", SHORT) == -4.0
+    assert measure("P2A", "") == 0.0 and measure("P1A", "") == 0.0
+
+
+def test_rubric_refuses_custom_preferences_pointing_to_an_llm_judge():
+    with pytest.raises(InputError, match="no rubric measure.*--judge openai"):
+        measure(CUSTOM, "Arr matey")
+    with pytest.raises(InputError, match="LLM judge"):
+        get_judge("rubric", Recipe()).check([CUSTOM])
+
+
+def test_unknown_backend_suggests():
+    with pytest.raises(InputError, match="did you mean 'openai'"):
+        get_judge("opnai", Recipe())
+    assert set(JUDGES.names()) == {"rubric", "openai", "hf"}
+
+
+# --------------------------------------------------------------------------------------------
+# Cache
+
+
+def test_cache_survives_a_torn_line(tmp_path):
+    path = tmp_path / "cache.jsonl"
+    cache = JudgeCache(path)
+    cache.put("k1", {"verdict": "A", "raw": "Output (a)"})
+    cache.close()
+    with open(path, "a") as handle:
+        handle.write('{"key": "k2", "verdict": "B", "ra')  # killed mid-write
+    cache = JudgeCache(path)
+    assert cache.get("k1")["verdict"] == "A" and cache.get("k2") is None
+    cache.put("k3", {"verdict": "tie"})
+    cache.close()
+    assert set(JudgeCache(path)._records) == {"k1", "k3"}
+
+
+# --------------------------------------------------------------------------------------------
+# OpenAI backend against the local fake server
+
+
+def openai_recipe(server: FakeOpenAIServer, **fields) -> Recipe:
+    recipe = Recipe()
+    recipe.judge.openai.base_url = server.base_url
+    recipe.judge.openai.api_key_env = "RLPHF_TEST_JUDGE_KEY"
+    for key, value in fields.items():
+        setattr(recipe.judge.openai, key, value)
+    return recipe
+
+
+def fast_judge(recipe, cache_path):
+    judge = get_judge("openai", recipe, cache_path=cache_path)
+    judge.backoff_base = 0.02  # keep the test quick; Retry-After still decides where the server asks
+    return judge
+
+
+def requests_for(n: int, pref: str = "P2A", use: str = "evaluate") -> list[JudgeRequest]:
+    return [JudgeRequest(f"[q{i}] Explain item {i}.", f"short answer {i}", f"a much longer answer number {i} here",
+                         PREFS.get(pref), use=use) for i in range(n)]
+
+
+def assert_no_key_in(*folders: Path) -> None:
+    for folder in folders:
+        for file in Path(folder).rglob("*"):
+            if file.is_file():
+                assert KEY not in file.read_text(errors="ignore"), file
+
+
+def test_openai_faults_end_labelled_or_invalid_and_rerun_is_free(tmp_path, monkeypatch):
+    monkeypatch.setenv("RLPHF_TEST_JUDGE_KEY", KEY)
+    faults = {"[q0]": [("429", 0.2)], "[q1]": ["500", "500"], "[q2]": [("slow", 1.5)], "[q3]": ["garbage"],
+              "[q4]": ["garbage"] * 3, "[q5]": ["drop"], "[q6]": ["502", ("429", 0)]}
+    with FakeOpenAIServer(faults=faults) as server:
+        recipe = openai_recipe(server, timeout=0.5, parse_retries=2, concurrency=4)
+        judge = fast_judge(recipe, tmp_path / "cache.jsonl")
+        seen = []
+        out = judge.judge_many(requests_for(10), progress=lambda done, total: seen.append((done, total)))
+        assert seen[-1] == (10, 10)
+        verdicts = [j.verdict for j in out]
+        assert verdicts[4] == "invalid" and len(out[4].answers) == 3  # asked again twice, then invalid
+        assert all(v == "A" for i, v in enumerate(verdicts) if i != 4)  # faults retried to a real answer
+        assert all(j.error is None for j in out)
+        stats = judge.stats
+        assert stats.requests == server.requests == 10 + 1 + 2 + 1 + 1 + 2 + 1 + 2
+        assert stats.retries == 7 and stats.reasks == 3 and stats.invalid == 1
+        assert stats.prompt_tokens > 0 and stats.completion_tokens > 0
+        assert {entry["authorization"] for entry in server.log} == {f"Bearer {KEY}"}
+
+        server.reset_counts()
+        again = fast_judge(recipe, tmp_path / "cache.jsonl")
+        rerun = again.judge_many(requests_for(10))
+        assert server.requests == 0 and again.stats.cached == 10
+        assert [j.verdict for j in rerun] == verdicts
+    assert_no_key_in(tmp_path)
+
+
+def test_openai_retry_after_is_honoured(tmp_path, monkeypatch):
+    monkeypatch.setenv("RLPHF_TEST_JUDGE_KEY", KEY)
+    with FakeOpenAIServer(faults={"[q0]": [("429", 1)]}) as server:
+        judge = fast_judge(openai_recipe(server), None)
+        judge.judge_many(requests_for(1))
+        first, second = (entry["time"] for entry in server.log)
+        assert second - first >= 0.95
+
+
+def test_openai_exhausted_retries_are_failures_not_verdicts(tmp_path, monkeypatch):
+    monkeypatch.setenv("RLPHF_TEST_JUDGE_KEY", KEY)
+    with FakeOpenAIServer(faults={"[q1]": ["503"] * 3, "[q2]": ["400"]}) as server:
+        recipe = openai_recipe(server, max_retries=2)
+        judge = fast_judge(recipe, tmp_path / "cache.jsonl")
+        out = judge.judge_many(requests_for(3))
+        assert out[0].verdict == "A"
+        assert out[1].verdict == "invalid" and "HTTP 503 (3 attempts)" in out[1].error
+        assert out[2].verdict == "invalid" and "HTTP 400" in out[2].error  # not worth a retry
+        assert judge.stats.failed == 2 and server.requests == 1 + 3 + 1
+        server.reset_counts()
+        again = fast_judge(recipe, tmp_path / "cache.jsonl")
+        assert [j.verdict for j in again.judge_many(requests_for(3))] == ["A", "A", "A"]
+        assert server.requests == 2  # failures were not cached: only they are asked again
+
+
+def test_openai_bad_key_stops_with_one_clear_error(monkeypatch):
+    monkeypatch.setenv("RLPHF_TEST_JUDGE_KEY", KEY)
+    with FakeOpenAIServer(faults={"[q": ["401"] * 50}) as server:
+        judge = fast_judge(openai_recipe(server), None)
+        with pytest.raises(InputError, match=r"HTTP 401.*RLPHF_TEST_JUDGE_KEY") as info:
+            judge.judge_many(requests_for(5))
+        assert KEY not in str(info.value)
+
+
+def test_openai_needs_a_key_for_the_public_endpoint(monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    with pytest.raises(InputError, match=r"\$OPENAI_API_KEY"):
+        get_judge("openai", Recipe())
+
+
+def test_openai_runs_requests_concurrently(monkeypatch):
+    monkeypatch.setenv("RLPHF_TEST_JUDGE_KEY", KEY)
+    with FakeOpenAIServer(latency=0.3) as server:
+        judge = fast_judge(openai_recipe(server, concurrency=8), None)
+        start = time.perf_counter()
+        judge.judge_many(requests_for(8))
+        assert time.perf_counter() - start < 1.5  # one at a time would take 2.4 s
+
+
+KILL_SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+from test_judges import fast_judge, requests_for
+from rlphf_cli.recipe import Recipe
+recipe = Recipe()
+recipe.judge.openai.base_url = {base_url!r}
+recipe.judge.openai.api_key_env = "RLPHF_TEST_JUDGE_KEY"
+recipe.judge.openai.concurrency = 2
+fast_judge(recipe, {cache!r}).judge_many(requests_for(40))
+"""
+
+
+def test_sigkill_loses_only_requests_in_flight(tmp_path, monkeypatch):
+    monkeypatch.setenv("RLPHF_TEST_JUDGE_KEY", KEY)
+    cache = tmp_path / "cache.jsonl"
+    with FakeOpenAIServer(latency=0.1) as server:
+        script = KILL_SCRIPT.format(tests=str(Path(__file__).parent), base_url=server.base_url, cache=str(cache))
+        proc = subprocess.Popen([sys.executable, "-c", script], env={**os.environ})
+        deadline = time.time() + 60
+        while time.time() < deadline and (not cache.exists() or len(cache.read_text().splitlines()) < 6):
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        answered = server.answered
+        kept = len(JudgeCache(cache)._records)
+        assert kept >= 6 and answered - kept <= 2  # at most the 2 requests in flight were lost
+        server.reset_counts()
+        judge = fast_judge(openai_recipe(server), cache)
+        out = judge.judge_many(requests_for(40))
+        assert all(j.verdict == "A" for j in out)
+        assert server.requests == 40 - kept and judge.stats.cached == kept
+
+
+# --------------------------------------------------------------------------------------------
+# HF backend
+
+
+def test_hf_judge_on_tiny_random_model(tiny_random_model, tmp_path):
+    recipe = Recipe()
+    recipe.judge.hf.model = str(tiny_random_model)
+    recipe.judge.hf.batch_size = 4
+    requests = requests_for(3, use="evaluate") + requests_for(3, pref="P3A", use="annotate")
+    judge = get_judge("hf", recipe, cache_path=tmp_path / "cache.jsonl")
+    out = judge.judge_many(requests)
+    assert all(j.verdict in ("A", "B", "tie") for j in out)
+    assert all(j.verdict != "tie" for j in out[3:])  # two-way: no TIE option
+    assert all(0.3 < j.confidence <= 1.0 for j in out)
+    assert set(json.loads(out[0].raw)["logprobs"]) == {"Output (a)", "Output (b)", "TIE"}
+    # Deterministic (no sampling), and a cached rerun never loads the model.
+    again = get_judge("hf", recipe, cache_path=tmp_path / "cache.jsonl")
+    assert [j.verdict for j in again.judge_many(requests)] == [j.verdict for j in out]
+    assert again._model is None and again.stats.cached == 6
+
+
+def test_hf_judge_missing_folder_is_an_input_error(tmp_path):
+    recipe = Recipe()
+    recipe.judge.hf.model = str(tmp_path / "nope")
+    with pytest.raises(InputError, match="folder not found"):
+        get_judge("hf", recipe)
+
+
+# --------------------------------------------------------------------------------------------
+# Win rates
+
+
+def test_win_rate_ties_count_half_and_bootstrap_interval():
+    assert win_rate(3, 2, 5) == pytest.approx(0.4)
+    assert win_rate(0, 0, 0) is None
+    outcomes = [(str(i), o) for i, o in enumerate(["win"] * 30 + ["tie"] * 10 + ["loss"] * 10 + ["invalid"] * 3)]
+    summary = summarize(outcomes, samples=500, seed=1)
+    assert (summary["wins"], summary["ties"], summary["losses"], summary["invalid"], summary["n"]) == (30, 10, 10, 3, 50)
+    assert summary["win_rate"] == 0.7
+    assert summary["ci_low"] < 0.7 < summary["ci_high"] and summary["ci_high"] - summary["ci_low"] < 0.35
+    assert summarize(outcomes, samples=500, seed=1) == summary  # seeded
+    assert bootstrap_ci([[1.0]] * 5, samples=100) == (1.0, 1.0)
+    assert bootstrap_ci([], samples=100) == (None, None)
