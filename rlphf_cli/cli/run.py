@@ -7,7 +7,36 @@ from typing import Annotated, Optional
 import typer
 
 from rlphf_cli.cli.common import RunDirOption, SetOption, cli_errors, console, resolve_recipe
-from rlphf_cli.errors import NotAvailableYet
+
+
+class PipelineDisplay:
+    """One Rich display for the whole run: stage k of n, the stage's units, inner progress, ETA."""
+
+    def __init__(self, progress):
+        self.progress = progress
+        self.stage_task = progress.add_task("stages", total=1)
+        self.unit_task = progress.add_task("", total=1, visible=False)
+        self.inner_task = progress.add_task("", total=1, visible=False)
+
+    def __call__(self, kind: str, *args, **kwargs) -> None:
+        p = self.progress
+        if kind == "stage":
+            index, total, name, n_units = args
+            p.update(self.stage_task, completed=index, total=total, description=f"stage {index + 1}/{total}: {name}")
+            p.update(self.unit_task, completed=0, total=max(n_units, 1), visible=False, description="")
+        elif kind == "unit-start":
+            p.update(self.unit_task, visible=True, description=f"  {args[0]}")
+            p.update(self.inner_task, visible=False, completed=0)
+        elif kind == "unit":
+            done, total, label = args
+            p.update(self.unit_task, completed=done, total=total, visible=True, description=f"  {label}")
+        elif kind == "inner":
+            completed, total = kwargs.get("completed"), kwargs.get("total")
+            if completed is None and len(args) >= 2 and all(isinstance(a, (int, float)) for a in args[:2]):
+                completed, total = args[:2]
+            if completed is not None:
+                p.update(self.inner_task, completed=completed, total=total or 1, visible=True,
+                         description=f"    {kwargs.get('description', '')}")
 
 
 @cli_errors
@@ -24,19 +53,43 @@ def run_command(
 
     Example: [bold]rlphf run recipes/tiny.yaml --dry-run[/]
     """
-    from rlphf_cli.pipeline import plan
+    from rlphf_cli.pipeline import plan, run_pipeline
     from rlphf_cli.recipe import check_trainer_fields
 
     resolved = resolve_recipe(recipe, set_, run_dir)
+    check_trainer_fields(resolved)
     if dry_run:
-        check_trainer_fields(resolved)
         console.print(f"# resolved recipe ({resolved.source})", style="dim")
         console.print(resolved.to_yaml(), highlight=False, markup=False)
         console.print(f"# plan: {len(plan(resolved))} stages into {resolved.resolved_run_dir()}", style="dim")
         for i, stage in enumerate(plan(resolved), 1):
             console.print(f"{i:>2}. [bold]{stage.name}[/]: {stage.description}", highlight=False)
         return
-    raise NotAvailableYet("'rlphf run' without --dry-run is not available yet (issue #7)")
+
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+    from rich.table import Table
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        summary = run_pipeline(resolved, only=only, from_stage=from_, force=force, progress=PipelineDisplay(progress))
+
+    table = Table(title=f"rlphf run: {summary['run_dir']}")
+    for column in ("stage", "units", "ran", "skipped"):
+        table.add_column(column, justify="left" if column == "stage" else "right")
+    for stage, counts in summary["stages"].items():
+        table.add_row(stage, str(counts["units"]), str(counts["ran"]), str(counts["skipped"]))
+    console.print(table)
+    if summary.get("headline"):
+        console.print(summary["headline"], highlight=False)
+    console.print(f"report: [bold]{summary['report']}[/]")
 
 
 def register(app: typer.Typer) -> None:

@@ -1,0 +1,97 @@
+"""`rlphf run` end to end on the tiny random fixture: every artifact, then a rerun that recomputes nothing."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from rlphf_cli.cli.main import app
+
+runner = CliRunner()
+
+WORDS = ["sun", "rain", "bread", "music", "stars", "rivers", "gravity", "volcanoes", "magnets", "bees",
+         "clouds", "trains", "snow", "maps", "tides", "roots"]
+
+
+@pytest.fixture
+def pipeline_recipe(tmp_path, tiny_random_model):
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps({"id": f"t{i}", "prompt": f"Tell me about {w}."}) + "\n"
+                             for i, w in enumerate(WORDS)))
+    evaluation = tmp_path / "eval.jsonl"
+    evaluation.write_text("".join(json.dumps({"id": f"e{i}", "prompt": f"What are {w}?"}) + "\n"
+                                  for i, w in enumerate(WORDS[:6])))
+    recipe = {
+        "name": "pipeline-test",
+        "run_dir": str(tmp_path / "run"),
+        "model": {"name": str(tiny_random_model)},
+        "preferences": {"use": ["P1A", "P2A"]},  # rubric measures that separate random text
+        "data": {"train_prompts": str(train), "eval_prompts": str(evaluation)},
+        "generate": {"max_new_tokens": 12, "batch_size": 16},
+        "annotate": {"num_samples": 2},
+        "train_rm": {"trl": {"max_steps": 2, "per_device_train_batch_size": 4, "max_length": 64}},
+        "train_policy": {"rloo": {"max_steps": 2, "per_device_train_batch_size": 4, "num_generations": 2,
+                                  "max_completion_length": 8}},
+        "judge": {"bootstrap_samples": 50},
+        "evaluation": {"baselines": ["base", "prompted"], "sweep": {"prefs": ["P1A", "P2A"], "weights": [0, 0.5, 1]}},
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path, tmp_path / "run"
+
+
+def _mtimes(root):
+    return {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file() and "events.jsonl" not in p.name
+            and p.name not in ("recipe.yaml", "env.json")}
+
+
+@pytest.mark.slow
+def test_run_pipeline_end_to_end_then_resume(pipeline_recipe):
+    recipe, run = pipeline_recipe
+    result = runner.invoke(app, ["run", str(recipe)])
+    assert result.exit_code == 0, result.output
+    combo = "P1A+P2A"
+    expected = [
+        "recipe.yaml", "env.json", "events.jsonl", "rollouts.jsonl",
+        "annotations/P1A.jsonl", "annotations/P2A.jsonl",
+        "rm/P1A/metrics.json", "rm/P2A/adapter_model.safetensors",
+        "policy/P1A/adapter_model.safetensors", "policy/P2A/metrics.jsonl", "policy/P2A/adapter_config.json",
+        f"soups/{combo}/soup.json", f"soups/{combo}/adapter_model.safetensors",
+        "generations/base/plain.jsonl", f"generations/psoups/{combo}.jsonl", f"generations/prompted/{combo}.jsonl",
+        "generations/experts/P1A.jsonl", "generations/sweep/w0.5.jsonl",
+        "judgments/psoups_vs_base.json", "judgments/psoups_vs_prompted.json", "judgments/prompted_vs_base.json",
+        "judgments/experts_vs_base.json",
+        "report/report.md", "report/summary.json", "report/training_curves.png", "report/sweep.png",
+    ]
+    missing = [name for name in expected if not (run / name).exists()]
+    assert not missing, missing
+    report = (run / "report" / "report.md").read_text()
+    for section in ("Win rate against the base model", "Single-preference experts", "Reward models",
+                    "Policy training", "Weight sweep", "Cost"):
+        assert section in report
+    events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
+    assert {e["stage"] for e in events if e["event"] == "end"} >= {"rollouts", "train-rm", "merge", "report"}
+    assert all(e.get("outcome") == "ok" for e in events if e["event"] == "end" and "outcome" in e)
+
+    before = _mtimes(run)
+    again = runner.invoke(app, ["run", str(recipe)])
+    assert again.exit_code == 0, again.output
+    assert _mtimes(run) == before  # nothing recomputed, nothing rewritten
+
+    # A changed recipe value recomputes what depends on it, and only that.
+    changed = runner.invoke(app, ["run", str(recipe), "--set", "judge.bootstrap_samples=40"])
+    assert changed.exit_code == 0, changed.output
+    after = _mtimes(run)
+    assert after[run / "policy" / "P1A" / "adapter_model.safetensors"] == before[
+        run / "policy" / "P1A" / "adapter_model.safetensors"]
+    assert after[run / "judgments" / "psoups_vs_base.json"] != before[run / "judgments" / "psoups_vs_base.json"]
+
+
+def test_unknown_stage_is_an_error(pipeline_recipe):
+    recipe, _ = pipeline_recipe
+    result = runner.invoke(app, ["run", str(recipe), "--only", "trian-rm"])
+    assert result.exit_code == 2
+    assert "unknown stage 'trian-rm' (did you mean 'train-rm'?)" in result.output
