@@ -106,6 +106,7 @@ class FakeOpenAIServer:
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, as a real endpoint
+    disable_nagle_algorithm = True  # headers and body go out in two writes: no 40 ms delayed-ACK stall
     server_owner: FakeOpenAIServer
 
     def log_message(self, *args) -> None:  # quiet
