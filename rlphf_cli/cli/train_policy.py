@@ -66,15 +66,17 @@ def train_policy_command(
     if not is_main_process():
         return
     table = Table(title="policies")
-    for column in ("policy", "algo", "steps", "reward start → end", "KL end", "length start → end", "s/step",
-                   "folder"):
-        table.add_column(column, justify="left" if column in ("policy", "algo", "folder") else "right")
+    for column in ("policy", "algo", "steps", "reward start → end", "KL end", "length start → end", "s/step"):
+        table.add_column(column, justify="left" if column in ("policy", "algo") else "right")
     for name, m in results.items():
-        table.add_row(name, m["algo"], str(m["steps"]),
-                      f"{_fmt(m.get('reward_start'))} → {_fmt(m.get('reward_end'))}", _fmt(m.get("kl_end"), ".4f"),
+        key = "reward" if "reward_start" in m else "margin"  # DPO logs its implicit reward margin
+        trend = f"{_fmt(m.get(key + '_start'))} → {_fmt(m.get(key + '_end'))}" + (" (margin)" if key == "margin" else "")
+        table.add_row(name, m["algo"], str(m["steps"]), trend, _fmt(m.get("kl_end"), ".4f"),
                       f"{_fmt(m.get('completion_length_start'), '.1f')} → {_fmt(m.get('completion_length_end'), '.1f')}",
-                      _fmt(m["s_per_step"]), m["out_dir"])
+                      _fmt(m["s_per_step"]))
     console.print(table)
+    for name, m in results.items():
+        console.print(f"{name}: {m['out_dir']}", highlight=False, soft_wrap=True)
 
 
 def register(app: typer.Typer) -> None:

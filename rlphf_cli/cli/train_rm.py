@@ -34,12 +34,15 @@ def training_progress(unit: str = "steps"):
                TimeElapsedColumn(), TextColumn("{task.fields[info]}"))
     with Progress(*columns, console=console, transient=False) as bar:
         def factory(name: str):
-            task = bar.add_task(name, total=None, info="")
+            task = None  # added on the first update, so an input error leaves no empty bar behind
 
             def update(done: int, total: int, info: dict | None = None) -> None:
+                nonlocal task
+                if task is None:
+                    task = bar.add_task(name, total=None, info="")
                 text = ""
                 if info:
-                    shown = [(k, info[k]) for k in ("reward", "kl", "completion_length", "loss", "accuracy")
+                    shown = [(k, info[k]) for k in ("reward", "kl", "completion_length", "loss", "accuracy", "margin")
                              if isinstance(info.get(k), (int, float))]
                     text = "  ".join(f"{k.replace('completion_length', 'len')} {v:.3g}" for k, v in shown[:3])
                 bar.update(task, completed=done, total=total or None, info=text)
@@ -83,12 +86,14 @@ def train_rm_command(
     if not is_main_process():
         return
     table = Table(title="reward models")
-    for column in ("preference", "held-out acc.", "mean margin", "pairs train/eval", "steps", "s/step", "folder"):
-        table.add_column(column, justify="left" if column in ("preference", "folder") else "right")
+    for column in ("preference", "held-out acc.", "mean margin", "pairs train/eval", "steps", "s/step"):
+        table.add_column(column, justify="left" if column == "preference" else "right")
     for rm_id, m in results.items():
         table.add_row(rm_id, f"{m['accuracy']:.1%}", f"{m['mean_margin']:.3f}", f"{m['pairs_train']}/{m['pairs_eval']}",
-                      str(m["steps"]), f"{m['s_per_step']:.3f}", m["out_dir"])
+                      str(m["steps"]), f"{m['s_per_step']:.3f}")
     console.print(table)
+    for rm_id, m in results.items():
+        console.print(f"{rm_id}: {m['out_dir']}", highlight=False, soft_wrap=True)
 
 
 def register(app: typer.Typer) -> None:

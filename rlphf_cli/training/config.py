@@ -80,6 +80,7 @@ def trainer_config(recipe: Recipe, class_name: str, output_dir: str, defaults: d
     }
     if "gradient_checkpointing" in user:  # the deprecated alias only counts when the new name is unset
         kwargs.pop("activation_checkpointing", None)
+    user = _coerce_numbers(getattr(trl, class_name), user, f"{recipe.source}: {section}.{sub}")
     if "save_steps" in user and "save_strategy" not in user:
         kwargs["save_strategy"] = "steps"
     kwargs.update(user)
@@ -89,3 +90,20 @@ def trainer_config(recipe: Recipe, class_name: str, output_dir: str, defaults: d
         return getattr(trl, class_name)(**kwargs)
     except (ValueError, TypeError) as exc:
         raise RecipeError(f"{recipe.source}: {section}.{sub}: {exc}") from None
+
+
+def _coerce_numbers(config_class, values: dict[str, Any], where: str) -> dict[str, Any]:
+    """YAML reads `5e-4` (no dot) as a string: turn strings into numbers for numeric-only fields."""
+    import dataclasses
+
+    types = {f.name: str(f.type) for f in dataclasses.fields(config_class)}
+    out = dict(values)
+    for key, value in values.items():
+        kind = types.get(key, "")
+        if not isinstance(value, str) or "str" in kind or not ("float" in kind or "int" in kind):
+            continue
+        try:
+            out[key] = int(value) if "float" not in kind else float(value)
+        except ValueError:
+            raise RecipeError(f"{where}.{key}: expected a number, got {value!r}") from None
+    return out

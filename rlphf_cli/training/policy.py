@@ -243,7 +243,7 @@ def _reward_ids(recipe: Recipe, mode: str, preference: Preference | None) -> lis
 def _trend(records: list[dict], window: int = 3) -> dict:
     """Mean reward / KL / length over the first and last few logged steps."""
     out: dict = {}
-    for key in ("reward", "kl", "completion_length", "loss"):
+    for key in ("reward", "kl", "completion_length", "loss", "margin", "accuracy"):
         values = [r[key] for r in records if isinstance(r.get(key), (int, float))]
         if values:
             out[f"{key}_start"] = sum(values[:window]) / len(values[:window])
