@@ -201,6 +201,15 @@ class Recipe(Strict):
                     )
         return self
 
+    @model_validator(mode="after")
+    def _check_merge_method(self) -> Recipe:
+        from rlphf_cli.merging import METHODS  # no torch at import time
+
+        if self.merge.method not in METHODS:
+            name = self.merge.method
+            raise _FieldError("merge.method", f"unknown merge method '{name}'{did_you_mean(name, METHODS.names())}")
+        return self
+
     @property
     def source(self) -> str:
         return self._source

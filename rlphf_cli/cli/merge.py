@@ -2,20 +2,81 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated, Optional
+
 import typer
 
-from rlphf_cli.cli.common import RecipeOption, RunDirOption, SetOption, cli_errors, resolve_recipe
-from rlphf_cli.errors import NotAvailableYet
+from rlphf_cli.cli.common import RecipeOption, RunDirOption, SetOption, cli_errors, console, resolve_recipe
 
 
 @cli_errors
-def merge_command(recipe: RecipeOption = None, run_dir: RunDirOption = None, set_: SetOption = None) -> None:
+def merge_command(
+    adapters: Annotated[Optional[list[Path]], typer.Argument(
+        help="Adapter folders (adapter_config.json + adapter_model.safetensors); or use --prefs.",
+        show_default=False)] = None,
+    prefs: Annotated[Optional[str], typer.Option(
+        "--prefs", help="Preferences (ids or aliases) whose run-directory policies to merge, e.g. "
+        "elementary,concise,friendly. Default: every trained per-preference policy.", show_default=False)] = None,
+    weights: Annotated[Optional[str], typer.Option(
+        "--weights", help="One weight per adapter, e.g. 0.4,0.3,0.3 (default: uniform).", show_default=False)] = None,
+    method: Annotated[Optional[str], typer.Option(
+        "--method", help="average (the paper's; default) | exact | svd | ties | dare.", show_default=False)] = None,
+    rank: Annotated[Optional[int], typer.Option("--rank", help="svd: output rank (default: largest input rank).",
+                                                show_default=False)] = None,
+    density: Annotated[Optional[float], typer.Option("--density", help="ties, dare: fraction of entries kept.",
+                                                     show_default=False)] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="dare: seed of the drop masks.",
+                                                show_default=False)] = None,
+    out: Annotated[Optional[Path], typer.Option(
+        "--out", help="Output folder (default with --prefs: <run-dir>/soups/<combo>/).", show_default=False)] = None,
+    force: Annotated[bool, typer.Option("--force", help="Merge adapters whose base_model_name_or_path differ.")] = False,
+    into_base: Annotated[Optional[Path], typer.Option(
+        "--into-base", help="Also write a full model with the soup merged into the base weights (loads the base).",
+        show_default=False)] = None,
+    model: Annotated[Optional[str], typer.Option(
+        "--model", help="Base model for --into-base (default: the adapters' base_model_name_or_path).",
+        show_default=False)] = None,
+    recipe: RecipeOption = None,
+    run_dir: RunDirOption = None,
+    set_: SetOption = None,
+) -> None:
     """Merge per-preference LoRA policies into a soup (adapter files only).
 
     Example: [bold]rlphf merge --prefs elementary,concise,friendly --weights 0.4,0.3,0.3[/]
     """
-    resolve_recipe(recipe, set_, run_dir)
-    raise NotAvailableYet("'rlphf merge' is not available yet (issue #6)")
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+    from rich.table import Table
+
+    from rlphf_cli.merging import merge_from_recipe
+
+    resolved = resolve_recipe(recipe, set_, run_dir, merge__method=method, merge__rank=rank,
+                              merge__density=density, merge__seed=seed, model__name=model)
+    explicit = [name for name, value in (("rank", rank), ("density", density), ("seed", seed)) if value is not None]
+    with Progress(TextColumn("merging"), BarColumn(), MofNCompleteColumn(), console=console, transient=True) as bar:
+        task = bar.add_task("merge", total=None)
+        card = merge_from_recipe(
+            resolved, adapters=[str(a) for a in adapters or []], prefs=prefs, weights=weights, out_dir=out,
+            force=force, into_base=into_base, base_model=resolved.model.name if model else None, explicit=explicit,
+            progress=lambda done, total: bar.update(task, completed=done, total=total),
+        )
+
+    table = Table(title=f"soup: {card['method']}", title_justify="left")
+    for column in ("input", "weight", "r", "alpha"):
+        table.add_column(column, justify="left" if column == "input" else "right")
+    names = card.get("preferences") or [Path(i["path"]).name for i in card["inputs"]]
+    for name, item, weight in zip(names, card["inputs"], card["weights"], strict=True):
+        table.add_row(str(name), f"{weight:g}", str(item["r"]), f"{item['lora_alpha']:g}")
+    console.print(table)
+    params = ", ".join(f"{k}={v}" for k, v in card["parameters"].items())
+    console.print(f"output rank {card['output']['r']} (alpha {card['output']['lora_alpha']:g}), "
+                  f"{card['output']['lora_modules']} LoRA modules{f', {params}' if params else ''}, "
+                  f"{card['seconds']:.2f} s")
+    if "stats" in card and "relative_truncation_error_max" in card["stats"]:
+        console.print(f"svd relative truncation error: max {card['stats']['relative_truncation_error_max']:.3g}")
+    console.print(f"[green]wrote[/] {card['out']}")
+    if card.get("into_base"):
+        console.print(f"[green]wrote[/] {card['into_base']} (full model)")
 
 
 def register(app: typer.Typer) -> None:

@@ -1,0 +1,14 @@
+"""Personalized soups: merge per-preference LoRA adapters from their files alone.
+
+    merge_adapters(adapter_dirs, weights, method="average", out_dir=DIR, *, force=False, **params) -> Path
+
+Methods (registered by name in METHODS; formulas in rlphf_cli.merging.methods and in each soup's
+soup.json): average (the paper's, default), exact, svd, ties, dare. The base model is never loaded
+(except by merge_into_base). Importing this package does not import torch.
+"""
+
+from rlphf_cli.merging.methods import METHODS, PARAMETERS, MergeMethod
+from rlphf_cli.merging.soup import merge_adapters, merge_from_recipe, merge_into_base, parse_weights
+
+__all__ = ["METHODS", "PARAMETERS", "MergeMethod", "merge_adapters", "merge_from_recipe", "merge_into_base",
+           "parse_weights"]

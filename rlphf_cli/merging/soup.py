@@ -1,0 +1,261 @@
+"""Making a soup: validate every input, merge module by module, write the folder atomically."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from rlphf_cli.errors import InputError, MissingArtifactError
+from rlphf_cli.merging.card import build_card
+from rlphf_cli.merging.io import (
+    CARD_FILE,
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    AdapterInput,
+    check_compatible,
+    check_out_dir,
+    copy_tokenizer,
+    output_config,
+    read_adapter,
+)
+from rlphf_cli.merging.methods import METHODS, merge_full
+from rlphf_cli.runs import atomic_dir
+
+Progress = Callable[[int, int], None]
+
+
+def parse_weights(weights: str | Sequence[float] | None, count: int) -> list[float]:
+    """'0.4,0.3,0.3' or [0.4, 0.3, 0.3] -> floats; None -> uniform. Checks count and finiteness."""
+    if weights is None:
+        return [1.0 / count] * count
+    parts = [p.strip() for p in weights.split(",")] if isinstance(weights, str) else list(weights)
+    values = []
+    for part in parts:
+        try:
+            value = float(part)
+        except (TypeError, ValueError):
+            raise InputError(f"--weights: {part!r} is not a number") from None
+        if not math.isfinite(value):
+            raise InputError(f"--weights: weight {part} is not finite")
+        values.append(value)
+    if len(values) != count:
+        raise InputError(f"--weights: {len(values)} weight{'s' if len(values) != 1 else ''} for "
+                         f"{count} adapter{'s' if count != 1 else ''}")
+    return values
+
+
+def _read_all(handles, inputs: list[AdapterInput], key_of) -> list:
+    from safetensors import SafetensorError
+
+    tensors = []
+    for handle, adapter in zip(handles, inputs, strict=True):
+        try:
+            tensors.append(handle.get_tensor(key_of(adapter)))
+        except (SafetensorError, OSError, RuntimeError) as exc:
+            raise InputError(f"{adapter.weights_file}: cannot read tensor {key_of(adapter)} "
+                             f"({str(exc).splitlines()[0]})") from None
+    return tensors
+
+
+def merge_adapters(
+    adapter_dirs: Sequence[str | Path],
+    weights: str | Sequence[float] | None = None,
+    method: str = "average",
+    out_dir: str | Path | None = None,
+    *,
+    force: bool = False,
+    progress: Progress | None = None,
+    card_extra: dict | None = None,
+    **params,
+) -> Path:
+    """Merge PEFT LoRA adapter folders into `out_dir` (adapter_config.json, adapter_model.safetensors,
+    soup.json, and the first input's tokenizer files). Returns `out_dir`.
+
+    params: rank (svd), density (ties, dare), seed (dare); a parameter a method does not use is
+    ignored (so callers may pass the recipe's whole `merge` section). Only the adapter files are
+    read, one module at a time; every check runs before anything is written.
+    """
+    start = time.perf_counter()
+    dirs = list(adapter_dirs)
+    if not dirs:
+        raise InputError("no adapters to merge")
+    if out_dir is None:
+        raise InputError("no output folder given (--out)")
+    merger = METHODS.get(method)(**params)
+    given = parse_weights(weights, len(dirs))
+    used = merger.check_weights(given)
+    inputs = [read_adapter(d) for d in dirs]
+    check_compatible(inputs, same_rank=merger.same_rank, same_scale=merger.same_scale,
+                     factor_methods=method != "average", method=method, force=force)
+    out = check_out_dir(out_dir, inputs)
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    first = inputs[0]
+    names = sorted(first.modules)
+    full_keys = sorted(first.full)
+    total = len(names) + len(full_keys)
+    tensors = {}
+    ranks: dict[str, int] | None = {} if merger.folds_scale else None
+    with contextlib.ExitStack() as stack:
+        handles = [stack.enter_context(safe_open(str(a.weights_file), framework="pt")) for a in inputs]
+        for done, name in enumerate(names, 1):
+            As = _read_all(handles, inputs, lambda a, name=name: a.modules[name].a_key)
+            Bs = _read_all(handles, inputs, lambda a, name=name: a.modules[name].b_key)
+            A, B = merger.merge_module(name, As, Bs, [a.scale(name) for a in inputs], used)
+            tensors[first.modules[name].a_key] = A.contiguous()
+            tensors[first.modules[name].b_key] = B.contiguous()
+            if ranks is not None:
+                ranks[name] = A.shape[0]
+            if progress:
+                progress(done, total)
+        for done, key in enumerate(full_keys, len(names) + 1):
+            tensors[key] = merge_full(_read_all(handles, inputs, lambda a, key=key: key), used).contiguous()
+            if progress:
+                progress(done, total)
+    merger.finish()
+    config = output_config(first, ranks)
+    card = build_card(merger, inputs, given, used, config, len(full_keys), time.perf_counter() - start, card_extra)
+    with atomic_dir(out) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        copy_tokenizer(first.path, tmp)
+        (tmp / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
+    return out
+
+
+def check_model_out(out_dir: str | Path) -> Path:
+    """The --into-base folder is replaced whole: refuse anything but a model folder or an empty one."""
+    out = Path(out_dir).expanduser()
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "config.json").is_file())):
+        raise InputError(f"{out}: exists and is not a model folder; choose another --into-base or remove it")
+    return out
+
+
+_TASK_CLASSES = {"CAUSAL_LM": "AutoModelForCausalLM", "SEQ_CLS": "AutoModelForSequenceClassification"}
+
+
+def merge_into_base(soup_dir: str | Path, out_dir: str | Path, base_model: str | None = None) -> Path:
+    """Write a full model: the base (`base_model`, else the soup's base_model_name_or_path) with the
+    soup merged into its weights (transformers + peft merge_and_unload). Loads the base model."""
+    soup = Path(soup_dir)
+    config = json.loads((soup / CONFIG_FILE).read_text(encoding="utf-8"))
+    base = base_model or config.get("base_model_name_or_path")
+    if not base:
+        raise InputError(f"{soup / CONFIG_FILE}: no base_model_name_or_path; name the base model with --model")
+    task = config.get("task_type") or "CAUSAL_LM"
+    if task not in _TASK_CLASSES:
+        raise InputError(f"--into-base: task type {task} is not supported (only {', '.join(_TASK_CLASSES)})")
+    out = check_model_out(out_dir)
+
+    import transformers
+    from peft import PeftModel
+
+    from rlphf_cli.models import resolve_model
+
+    base = resolve_model(base)
+    kwargs = {}
+    if task == "SEQ_CLS":
+        from safetensors import safe_open
+
+        with safe_open(str(soup / WEIGHTS_FILE), framework="pt") as handle:
+            heads = [k for k in handle.keys() if k.endswith(("score.weight", "classifier.weight"))]
+            if heads:
+                kwargs["num_labels"] = handle.get_slice(heads[0]).get_shape()[0]
+    try:
+        model = getattr(transformers, _TASK_CLASSES[task]).from_pretrained(base, dtype="auto", **kwargs)
+    except OSError as exc:
+        raise InputError(f"--into-base: cannot load the base model {base!r}: {str(exc).splitlines()[0]}") from None
+    merged = PeftModel.from_pretrained(model, str(soup)).merge_and_unload()
+    with atomic_dir(out) as tmp:
+        merged.save_pretrained(tmp)
+        if not copy_tokenizer(soup, tmp):
+            with contextlib.suppress(Exception):  # a base without a tokenizer still yields a model
+                transformers.AutoTokenizer.from_pretrained(base).save_pretrained(tmp)
+    return out
+
+
+def merge_from_recipe(
+    recipe,
+    adapters: Sequence[str | Path] | None = None,
+    prefs: str | Sequence[str] | None = None,
+    weights: str | Sequence[float] | None = None,
+    *,
+    out_dir: str | Path | None = None,
+    force: bool = False,
+    into_base: str | Path | None = None,
+    base_model: str | None = None,
+    explicit: Sequence[str] = (),
+    progress: Progress | None = None,
+) -> dict:
+    """`rlphf merge`: adapter folders (with out_dir), or preferences resolved to the run directory's
+    policy/<id>/ folders (default out_dir: soups/<combo>/). With neither, every per-preference
+    policy found in the run directory. Method and parameters come from the recipe's `merge`
+    section; `explicit` names the parameters the user set on the command line (an error if the
+    method does not use them). Returns the merge card plus 'out' (and 'into_base')."""
+    from rlphf_cli.preferences import combination_name
+    from rlphf_cli.runs import RunDir
+
+    method = recipe.merge.method
+    method_cls = METHODS.get(method)
+    for name in explicit:
+        if name not in method_cls.params:
+            users = [m for m in METHODS.names() if name in METHODS.get(m).params]
+            raise InputError(f"--{name} does not apply to --method {method} (it is for {', '.join(users)})")
+    params = {k: getattr(recipe.merge, k) for k in method_cls.params if getattr(recipe.merge, k) is not None}
+    if into_base is not None:
+        check_model_out(into_base)
+    adapters = list(adapters or [])
+    if adapters and prefs:
+        raise InputError("give adapter folders or --prefs, not both")
+    run = None
+    extra = None
+    if adapters:
+        if out_dir is None:
+            raise InputError("--out is required when merging adapter folders (it defaults to soups/<combo>/ "
+                             "only with --prefs)")
+        dirs = adapters
+    else:
+        run = RunDir(recipe.resolved_run_dir())
+        available = recipe.preference_set()
+        if prefs:
+            chosen = available.resolve(prefs)
+        else:
+            chosen = [p for p in available if (run.policy(p.id) / CONFIG_FILE).is_file()]
+            if not chosen:
+                raise MissingArtifactError("per-preference policies", run.path("policy"),
+                                           "rlphf train-policy --pref all")
+        parsed = parse_weights(weights, len(chosen))
+        order = {p.id: i for i, p in enumerate(available)}
+        # Catalog order, so 'friendly,concise' and 'concise,friendly' name the same soup.
+        pairs = sorted(zip(chosen, parsed, strict=True), key=lambda pw: order[pw[0].id])
+        chosen, weights = [p for p, _ in pairs], [w for _, w in pairs]
+        for pref in chosen:
+            if not (run.policy(pref.id) / CONFIG_FILE).is_file():
+                raise MissingArtifactError(f"policy for {pref.id} ({pref.alias})", run.policy(pref.id),
+                                           f"rlphf train-policy --pref {pref.alias}")
+        combo = combination_name(chosen)
+        dirs = [run.policy(p.id) for p in chosen]
+        out_dir = out_dir or run.soup(combo)
+        extra = {"preferences": [p.id for p in chosen], "combo": combo}
+
+    def merge() -> Path:
+        return merge_adapters(dirs, weights, method, out_dir, force=force, progress=progress, card_extra=extra,
+                              **params)
+
+    if run is not None:
+        run = RunDir.open(run.root, recipe)
+        with run.stage(f"merge/{extra['combo']}", method=method, weights=list(weights)):
+            out = merge()
+    else:
+        out = merge()
+    result = json.loads((out / CARD_FILE).read_text(encoding="utf-8"))
+    result["out"] = str(out)
+    if into_base is not None:
+        result["into_base"] = str(merge_into_base(out, into_base, base_model))
+    return result

@@ -1,0 +1,485 @@
+"""`rlphf merge` and rlphf_cli.merging: equalities against the paper's code and peft, logits, errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from rlphf_cli.cli.main import app
+from rlphf_cli.errors import InputError
+from rlphf_cli.merging import METHODS, merge_adapters
+from rlphf_cli.runs import file_sha256
+
+runner = CliRunner()
+TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
+
+
+def make_adapter(base: Path, out: Path, r: int = 4, alpha: float = 8, seed: int = 0, std: float = 0.1,
+                 targets=TARGETS, task: str = "CAUSAL_LM", **extra) -> Path:
+    """A LoRA adapter on the tiny base with random, non-zero A and B (peft would init B = 0)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM, LlamaForSequenceClassification
+
+    if task == "SEQ_CLS":
+        model = LlamaForSequenceClassification.from_pretrained(base, num_labels=1)
+    else:
+        model = LlamaForCausalLM.from_pretrained(base)
+    config = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), init_lora_weights=False, task_type=task,
+                        **extra)
+    peft_model = get_peft_model(model, config)
+    gen = torch.Generator().manual_seed(seed)
+    for name, param in peft_model.named_parameters():
+        if "lora_" in name or "modules_to_save" in name:
+            param.data = torch.randn(param.shape, generator=gen) * std
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_random_model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    base = tiny_random_model
+    made = {f"a{i}": make_adapter(base, root / f"a{i}", seed=i) for i in range(3)}
+    made["r8"] = make_adapter(base, root / "r8", r=8, alpha=4, seed=7)  # another rank and alpha
+    made["rs"] = make_adapter(base, root / "rs", r=2, alpha=3, seed=8, use_rslora=True)
+    return made
+
+
+def load(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+def updates(folder: Path) -> dict[str, torch.Tensor]:
+    """module -> s * B A in float64, from the files, with PEFT's scaling."""
+    config = json.loads((folder / "adapter_config.json").read_text())
+    tensors = load(folder)
+    out = {}
+    for key, a in tensors.items():
+        if key.endswith("lora_A.weight"):
+            module = key.removesuffix(".lora_A.weight")
+            b = tensors[f"{module}.lora_B.weight"]
+            r = a.shape[0]
+            scale = config["lora_alpha"] / (r ** 0.5 if config.get("use_rslora") else r)
+            out[module] = scale * b.double() @ a.double()
+    return out
+
+
+def rel(x: torch.Tensor, y: torch.Tensor) -> float:
+    return float((x - y).norm() / y.norm())
+
+
+def peft_model(base: Path, adapter_dirs: dict[str, Path]):
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+
+    names = list(adapter_dirs)
+    model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(base), str(adapter_dirs[names[0]]),
+                                      adapter_name=names[0])
+    for name in names[1:]:
+        model.load_adapter(str(adapter_dirs[name]), adapter_name=name)
+    return model
+
+
+INPUT_IDS = torch.tensor([[5, 17, 42, 99, 123, 7, 64, 200, 31, 2]])
+
+
+def logits(base: Path, adapter: Path | None) -> torch.Tensor:
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(base)
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, str(adapter))
+    with torch.no_grad():
+        return model.eval()(INPUT_IDS).logits[0].double()
+
+
+# --------------------------------------------------------------------------------------------
+# Equalities
+
+
+def test_uniform_average_is_the_papers_code_bit_for_bit(adapters, tmp_path):
+    dirs = [adapters["a0"], adapters["a1"], adapters["a2"]]
+    out = merge_adapters(dirs, [1, 1, 1], "average", tmp_path / "soup")
+    ckpts = [load(d) for d in dirs]
+    ours = load(out)
+    assert set(ours) == set(ckpts[0])
+    for key in ckpts[0]:
+        # joeljang/RLPHF generate_rollouts.py: param_sum = params; param_sum += params; / len
+        param_sum = None
+        for ckpt in ckpts:
+            param_sum = ckpt[key].clone() if param_sum is None else param_sum + ckpt[key]
+        assert torch.equal(ours[key], param_sum / len(ckpts)), key
+    assert json.loads((out / "adapter_config.json").read_text()) == json.loads(
+        (adapters["a0"] / "adapter_config.json").read_text())
+
+
+def test_weighted_average_averages_a_and_b_separately(adapters, tmp_path):
+    out = merge_adapters([adapters["a0"], adapters["a1"]], "3,1", "average", tmp_path / "soup")
+    a0, a1, ours = load(adapters["a0"]), load(adapters["a1"]), load(out)
+    for key in a0:
+        assert torch.allclose(ours[key], 0.75 * a0[key] + 0.25 * a1[key], atol=1e-7), key
+    card = json.loads((out / "soup.json").read_text())
+    assert card["weights"] == [3, 1] and card["weights_used"] == [0.75, 0.25]
+
+
+def test_peft_linear_is_not_the_paper_average(adapters, tiny_random_model, tmp_path):
+    """peft's 'linear' uses sqrt(w s) on each factor and alpha = r: 2x the paper's update at (0.5, 0.5)."""
+    ours = updates(merge_adapters([adapters["a0"], adapters["a1"]], None, "average", tmp_path / "soup"))
+    model = peft_model(tiny_random_model, {"a0": adapters["a0"], "a1": adapters["a1"]})
+    model.add_weighted_adapter(["a0", "a1"], [0.5, 0.5], "lin", combination_type="linear")
+    for name, module in model.named_modules():
+        if name in ours:
+            theirs = module.get_delta_weight("lin").double()
+            assert rel(theirs, ours[name]) > 0.5
+            assert rel(theirs, 2 * ours[name]) < 1e-5
+
+
+def test_exact_matches_peft_cat_and_the_weighted_sum(adapters, tiny_random_model, tmp_path):
+    names, weights = ["a0", "r8", "rs"], [0.6, -0.3, 0.7]  # different r, alpha, rsLoRA; a subtraction
+    out = merge_adapters([adapters[n] for n in names], weights, "exact", tmp_path / "soup")
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["r"] == 4 + 8 + 2 and config["lora_alpha"] == config["r"] and not config["use_rslora"]
+    ours = updates(out)
+    inputs = [updates(adapters[n]) for n in names]
+    model = peft_model(tiny_random_model, {n: adapters[n] for n in names})
+    model.add_weighted_adapter(names, weights, "cat", combination_type="cat")
+    checked = 0
+    for name, module in model.named_modules():
+        if name in ours:
+            expected = sum(w * u[name] for w, u in zip(weights, inputs, strict=True))
+            assert rel(ours[name], expected) < 1e-6
+            assert rel(ours[name], module.get_delta_weight("cat").double()) < 1e-5
+            checked += 1
+    assert checked == len(ours) == 2 * len(TARGETS)
+
+
+@pytest.mark.parametrize("rank", [3, 5, 20])
+def test_svd_error_is_the_optimal_rank_r_error(adapters, tmp_path, rank):
+    names, weights = ["a0", "a1", "r8"], [0.5, 0.8, -0.4]  # R = 16 (< 32 = hidden), and > 32 for rank 20 below
+    out = merge_adapters([adapters[n] for n in names], weights, "svd", tmp_path / "soup", rank=rank)
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["r"] == rank == config["lora_alpha"]
+    ours = updates(out)
+    inputs = [updates(adapters[n]) for n in names]
+    for name, approx in ours.items():
+        exact = sum(w * u[name] for w, u in zip(weights, inputs, strict=True))
+        singular = torch.linalg.svdvals(exact)
+        optimal = float(singular[rank:].square().sum().sqrt())
+        error = float((exact - approx).norm())
+        if optimal < 1e-9 * float(singular.norm()):  # rank >= rank of the update: exact
+            assert error < 1e-5 * float(singular.norm())
+        else:
+            assert abs(error - optimal) / optimal < 1e-4, (name, error, optimal)
+    assert "relative_truncation_error_max" in json.loads((out / "soup.json").read_text())["stats"]
+
+
+def test_ties_matches_peft(adapters, tiny_random_model, tmp_path):
+    names, weights = ["a0", "a1", "a2"], [0.5, 0.3, 0.2]
+    ours = load(merge_adapters([adapters[n] for n in names], weights, "ties", tmp_path / "soup", density=0.5))
+    model = peft_model(tiny_random_model, {n: adapters[n] for n in names})
+    model.add_weighted_adapter(names, weights, "t", combination_type="ties", density=0.5)
+    for name, module in model.named_modules():
+        if f"{name}.lora_A.weight" in ours:
+            assert torch.allclose(ours[f"{name}.lora_A.weight"], module.lora_A["t"].weight, atol=1e-6)
+            assert torch.allclose(ours[f"{name}.lora_B.weight"], module.lora_B["t"].weight, atol=1e-6)
+
+
+def test_dare_is_seeded_and_drops_then_rescales(adapters, tmp_path):
+    one = load(merge_adapters([adapters["a0"]], [1.0], "dare", tmp_path / "s1", density=0.3, seed=1))
+    again = load(merge_adapters([adapters["a0"]], [1.0], "dare", tmp_path / "s2", density=0.3, seed=1))
+    other = load(merge_adapters([adapters["a0"]], [1.0], "dare", tmp_path / "s3", density=0.3, seed=2))
+    assert all(torch.equal(one[k], again[k]) for k in one)
+    assert any(not torch.equal(one[k], other[k]) for k in one)
+    source, scale = load(adapters["a0"]), (8 / 4) ** 0.5  # sqrt(w s) on each factor, peft's convention
+    kept = total = 0
+    for key, merged in one.items():
+        mask = merged != 0
+        kept, total = kept + int(mask.sum()), total + mask.numel()
+        assert torch.allclose(merged[mask], source[key][mask] * scale / 0.3, rtol=1e-5)
+    assert 0.25 < kept / total < 0.35
+    full = load(merge_adapters([adapters["a0"], adapters["a1"]], [0.5, 0.5], "dare", tmp_path / "s4", density=1))
+    a0, a1 = load(adapters["a0"]), load(adapters["a1"])
+    for key in full:  # density 1 keeps everything: peft's 'linear'
+        assert torch.allclose(full[key], (0.5 * 2) ** 0.5 * (a0[key] + a1[key]), atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# Behaviour of the merged model
+
+
+def test_output_loads_with_peft_plain_config_and_card(adapters, tiny_random_model, tmp_path):
+    from peft import LoraConfig
+
+    dirs = [adapters["a0"], adapters["r8"]]
+    out = merge_adapters(dirs, [0.5, 0.5], "svd", tmp_path / "soup", rank=4)
+    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors", "soup.json"]
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert set(config) <= {f.name for f in dataclasses.fields(LoraConfig)} | {"peft_version"}
+    for key in ("task_type", "target_modules", "base_model_name_or_path"):
+        assert config[key] == json.loads((dirs[0] / "adapter_config.json").read_text())[key]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        merged = logits(tiny_random_model, out)
+    assert not [w for w in caught if "nexpected" in str(w.message) or "issing" in str(w.message)]
+    assert not torch.allclose(merged, logits(tiny_random_model, None))
+    card = json.loads((out / "soup.json").read_text())
+    assert card["method"] == "svd" and card["parameters"] == {"rank": 4} and card["formula"]
+    assert card["inputs"][1]["sha256"]["adapter_model.safetensors"] == file_sha256(dirs[1] / "adapter_model.safetensors")
+    assert card["rlphf_version"]
+
+
+@pytest.mark.parametrize("method", ["average", "exact", "svd"])
+def test_weight_one_reproduces_the_adapter(adapters, tiny_random_model, tmp_path, method):
+    out = merge_adapters([adapters["a1"], adapters["a2"]], [1.0, 0.0], method, tmp_path / "soup", rank=4)
+    assert torch.allclose(logits(tiny_random_model, out), logits(tiny_random_model, adapters["a1"]), atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["average", "exact"])
+def test_logits_move_monotonically_between_two_adapters(adapters, tiny_random_model, tmp_path, method):
+    start, end = logits(tiny_random_model, adapters["a0"]), logits(tiny_random_model, adapters["a1"])
+    direction = (end - start).flatten()
+    positions = []
+    for w in (0.0, 0.25, 0.5, 0.75, 1.0):
+        out = merge_adapters([adapters["a0"], adapters["a1"]], [1 - w, w], method, tmp_path / f"w{w}")
+        positions.append(float((logits(tiny_random_model, out) - start).flatten() @ direction / direction.square().sum()))
+    assert positions[0] == pytest.approx(0, abs=1e-5) and positions[-1] == pytest.approx(1, abs=1e-5)
+    assert all(b > a for a, b in zip(positions[:-1], positions[1:], strict=True)), positions
+
+
+def test_generated_text_follows_the_weight(tiny_random_model, tmp_path):
+    """Two adapters that each add a constant direction to every token embedding, read out by the
+    LM head as one word; greedy text from the soups moves from one word to the other as w goes 0 -> 1."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_random_model)
+    words = {}
+    for folder, text in (("x", " volcano"), ("y", "!")):
+        token = tokenizer(text, add_special_tokens=False).input_ids[-1]
+        words[folder] = tokenizer.decode([token])
+        model = LlamaForCausalLM.from_pretrained(tiny_random_model)
+        direction = model.lm_head.weight[token].detach()
+        peft = get_peft_model(model, LoraConfig(r=1, lora_alpha=1, target_modules=["embed_tokens"],
+                                                init_lora_weights=False))
+        emb = peft.base_model.model.model.embed_tokens
+        emb.lora_embedding_A["default"].data = torch.ones_like(emb.lora_embedding_A["default"])
+        emb.lora_embedding_B["default"].data = (0.5 * direction / direction.norm())[:, None].clone()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            peft.save_pretrained(tmp_path / folder)
+    scores = []
+    for w in (0.0, 0.25, 0.5, 0.75, 1.0):
+        out = merge_adapters([tmp_path / "x", tmp_path / "y"], [1 - w, w], "average", tmp_path / f"w{w}")
+        model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(tiny_random_model), str(out)).eval()
+        score = 0
+        for prompt in ("Explain photosynthesis.", "What is a volcano?", "Hey friend!"):
+            enc = tokenizer(prompt, return_tensors="pt")
+            ids = model.generate(**enc, max_new_tokens=12, do_sample=False)[0, enc.input_ids.shape[1]:]
+            text = tokenizer.decode(ids)
+            score += text.count(words["x"]) - text.count(words["y"])  # the measure of the text
+        scores.append(score)
+    assert scores[0] > 0 > scores[-1], scores
+    assert all(b <= a for a, b in zip(scores[:-1], scores[1:], strict=True)), scores
+
+
+def test_modules_to_save_are_averaged_and_load(tiny_random_model, tmp_path):
+    from peft import PeftModel
+    from transformers import LlamaForSequenceClassification
+
+    rms = [make_adapter(tiny_random_model, tmp_path / f"rm{i}", seed=10 + i, task="SEQ_CLS", modules_to_save=["score"])
+           for i in range(2)]
+    out = merge_adapters(rms, [0.25, 0.75], "exact", tmp_path / "soup")
+    heads = [load(d)["base_model.model.score.weight"] for d in (*rms, out)]
+    assert torch.allclose(heads[2], 0.25 * heads[0] + 0.75 * heads[1], atol=1e-7)
+    model = PeftModel.from_pretrained(LlamaForSequenceClassification.from_pretrained(tiny_random_model, num_labels=1),
+                                      str(out))
+    assert torch.allclose(model.base_model.model.score.modules_to_save["default"].weight, heads[2])
+
+
+def test_merge_into_base_writes_an_equivalent_full_model(adapters, tiny_random_model, tmp_path):
+    from transformers import LlamaForCausalLM
+
+    from rlphf_cli.merging import merge_into_base
+
+    soup = merge_adapters([adapters["a0"], adapters["a1"]], None, "average", tmp_path / "soup")
+    full = merge_into_base(soup, tmp_path / "full")
+    with torch.no_grad():
+        merged = LlamaForCausalLM.from_pretrained(full).eval()(INPUT_IDS).logits[0].double()
+    assert torch.allclose(merged, logits(tiny_random_model, soup), atol=1e-4)
+
+
+def test_importing_merging_and_checking_a_recipe_loads_no_torch():
+    code = ("import sys; import rlphf_cli.merging; from rlphf_cli.recipe import load_recipe; load_recipe(); "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_recipe_names_an_unknown_merge_method(tmp_path):
+    from rlphf_cli.errors import RecipeError
+    from rlphf_cli.recipe import load_recipe
+
+    path = tmp_path / "r.yaml"
+    path.write_text("merge:\n  method: averge\n")
+    with pytest.raises(RecipeError, match=r"merge\.method: unknown merge method 'averge' \(did you mean 'average'\?\)"):
+        load_recipe(path)
+    assert METHODS.names() == ["average", "exact", "svd", "ties", "dare"]
+
+
+# --------------------------------------------------------------------------------------------
+# The command
+
+
+def test_cli_merges_adapter_folders(adapters, tmp_path):
+    out = tmp_path / "soup"
+    result = runner.invoke(app, ["merge", str(adapters["a0"]), str(adapters["a1"]), str(adapters["a2"]),
+                                 "--weights", "0.4,0.3,0.3", "--method", "average", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "average" in result.output and str(out) in result.output.replace("\n", "")
+    assert json.loads((out / "soup.json").read_text())["weights"] == [0.4, 0.3, 0.3]
+
+
+def test_cli_merges_preferences_from_a_run_directory(adapters, tmp_path):
+    run = tmp_path / "run"
+    for pref, name in (("P2A", "a0"), ("P3A", "a1")):
+        shutil.copytree(adapters[name], run / "policy" / pref)
+    result = runner.invoke(app, ["merge", "--prefs", "friendly,concise", "--weights", "0.25,0.75",
+                                 "--run-dir", str(run)])
+    assert result.exit_code == 0, result.output
+    card = json.loads((run / "soups" / "P2A+P3A" / "soup.json").read_text())
+    assert card["preferences"] == ["P2A", "P3A"] and card["weights"] == [0.75, 0.25]  # catalog order
+    assert (run / "recipe.yaml").is_file()
+    # No --prefs: every trained per-preference policy; `rlphf merge --weights 0.5,0.5` just works.
+    result = runner.invoke(app, ["merge", "--weights", "0.5,0.5", "--method", "svd", "--rank", "4",
+                                 "--run-dir", str(run)])
+    assert result.exit_code == 0, result.output
+    assert json.loads((run / "soups" / "P2A+P3A" / "soup.json").read_text())["method"] == "svd"
+
+
+def corrupt(tmp_path: Path, adapters, what: str) -> Path:
+    bad = tmp_path / f"bad-{what}"
+    shutil.copytree(adapters["a1"], bad)
+    if what == "safetensors":
+        data = (bad / "adapter_model.safetensors").read_bytes()
+        (bad / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])
+    elif what == "config":
+        (bad / "adapter_config.json").write_text("{not json")
+    elif what == "missing":
+        (bad / "adapter_model.safetensors").unlink()
+    elif what == "bin":
+        (bad / "adapter_model.safetensors").rename(bad / "adapter_model.bin")
+    elif what == "base":
+        config = json.loads((bad / "adapter_config.json").read_text())
+        config["base_model_name_or_path"] = "someone/else"
+        (bad / "adapter_config.json").write_text(json.dumps(config))
+    elif what == "targets":
+        config = json.loads((bad / "adapter_config.json").read_text())
+        config["target_modules"] = ["q_proj", "v_proj"]
+        (bad / "adapter_config.json").write_text(json.dumps(config))
+    return bad
+
+
+@pytest.fixture(scope="module")
+def wide_adapter(tmp_path_factory, adapters):
+    """Same base name and targets as the others, but made on a model with another hidden size."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("wide")
+    config = LlamaConfig(vocab_size=320, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+    LlamaForCausalLM(config).save_pretrained(root / "base")
+    out = make_adapter(root / "base", root / "adapter")
+    config = json.loads((out / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = json.loads((adapters["a0"] / "adapter_config.json").read_text())[
+        "base_model_name_or_path"]
+    (out / "adapter_config.json").write_text(json.dumps(config))
+    return out
+
+
+ERROR_CASES = [
+    # (inputs, extra args, expected text in the one-line error)
+    (["a0", "nope"], [], "adapter folder not found"),
+    (["a0", "bad:missing"], [], "adapter_model.safetensors: file not found"),
+    (["a0", "bad:safetensors"], [], "not a valid safetensors file"),
+    (["a0", "bad:config"], [], "adapter_config.json: invalid JSON"),
+    (["a0", "bad:bin"], [], "pickle weights are not read"),
+    (["a0", "bad:base"], [], "different base models"),
+    (["a0", "bad:targets"], [], "different target modules"),
+    (["a0", "wide"], [], "incompatible shapes"),
+    (["a0", "a1"], ["--weights", "0.5,0.3,0.2"], "3 weights for 2 adapters"),
+    (["a0", "a1"], ["--weights", "0.5,nan"], "not finite"),
+    (["a0", "a1"], ["--weights", "0.5,inf"], "not finite"),
+    (["a0", "a1"], ["--weights", "0.5,x"], "'x' is not a number"),
+    (["a0", "a1"], ["--weights", "1.5,-0.5"], "negative weight -0.5"),
+    (["a0", "a1"], ["--weights", "1.5,-0.5", "--method", "ties", "--density", "0.5"], "negative weight"),
+    (["a0", "r8"], [], "use --method exact"),
+    (["a0", "a1"], ["--method", "averge"], "unknown merge method 'averge' (did you mean 'average'?)"),
+    (["a0", "a1"], ["--method", "ties"], "needs --density"),
+    (["a0", "a1"], ["--method", "dare", "--density", "1.5"], "merge.density"),
+    (["a0", "a1"], ["--rank", "4"], "--rank does not apply to --method average"),
+    (["a0", "r8"], ["--method", "ties", "--density", "0.5"], "needs equal ranks"),
+]
+
+
+@pytest.mark.parametrize(("inputs", "extra", "expected"), ERROR_CASES)
+def test_cli_errors_are_one_line_exit_2_and_leave_nothing(adapters, wide_adapter, tmp_path, inputs, extra, expected):
+    paths = []
+    for name in inputs:
+        if name.startswith("bad:"):
+            paths.append(str(corrupt(tmp_path, adapters, name[4:])))
+        elif name == "wide":
+            paths.append(str(wide_adapter))
+        else:
+            paths.append(str(adapters.get(name, tmp_path / name)))
+    out = tmp_path / "soup"
+    result = runner.invoke(app, ["merge", *paths, "--out", str(out), *extra])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and expected in lines[0], result.output
+    assert "Traceback" not in result.output
+    assert not out.exists() and not list(tmp_path.glob(".soup.tmp-*"))
+
+
+def test_force_merges_adapters_of_differently_named_bases(adapters, tmp_path):
+    other = corrupt(tmp_path, adapters, "base")
+    result = runner.invoke(app, ["merge", str(adapters["a0"]), str(other), "--force", "--out", str(tmp_path / "s")])
+    assert result.exit_code == 0, result.output
+
+
+def test_cli_missing_policy_names_the_command(adapters, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(adapters["a0"], run / "policy" / "P2A")
+    result = runner.invoke(app, ["merge", "--prefs", "concise,friendly", "--run-dir", str(run)])
+    assert result.exit_code == 2
+    assert "rlphf train-policy --pref friendly" in result.output and "P3A" in result.output
+    assert not (run / "soups").exists()
+    result = runner.invoke(app, ["merge", "--run-dir", str(tmp_path / "empty")])
+    assert result.exit_code == 2 and "rlphf train-policy --pref all" in result.output
+
+
+def test_output_folder_guards(adapters, tmp_path):
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    with pytest.raises(InputError, match="not a soup folder"):
+        merge_adapters([adapters["a0"], adapters["a1"]], None, "average", precious)
+    assert (precious / "notes.txt").read_text() == "keep me"
+    with pytest.raises(InputError, match="one of the inputs"):
+        merge_adapters([adapters["a0"], adapters["a1"]], None, "average", adapters["a0"])
+    soup = merge_adapters([adapters["a0"], adapters["a1"]], None, "average", tmp_path / "soup")
+    merge_adapters([adapters["a0"], adapters["a1"]], None, "exact", soup)  # an earlier soup is replaced
+    assert json.loads((soup / "soup.json").read_text())["method"] == "exact"
