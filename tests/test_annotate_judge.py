@@ -274,3 +274,29 @@ def test_judge_other_errors(tmp_path):
                    "generations not found")
     result = runner.invoke(app, ["judge", "--a", str(a), "--b", str(b), "--criteria", "P2A", "--out", out])
     assert result.exit_code == 0, result.output
+
+
+def test_annotate_general_preference_for_the_rlhf_baseline(tmp_path):
+    from rlphf_cli.judges import GENERAL_PREFERENCE
+
+    rollouts = make_rollouts(tmp_path / "rollouts.jsonl")
+    summary = annotate_rollouts(Recipe(), rollouts, [GENERAL_PREFERENCE], tmp_path / "ann")
+    rows = [json.loads(line) for line in (tmp_path / "ann" / "general.jsonl").read_text().splitlines()]
+    assert summary["preferences"]["general"]["written"] == len(rows) > 0
+    assert all(r["preference"] == "general" for r in rows)
+
+
+def test_judge_lists_of_files_and_baseline_relabelled_with_combo(tmp_path):
+    # As the pipeline does: one file per combination on each side; the base records carry no
+    # preferences, only the combination they were relabelled with.
+    a_files, b_files = [], []
+    for combo in ("P1A+P2A", "P1B+P2B"):
+        a_files.append(make_generations(tmp_path / "psoups" / f"{combo}.jsonl", "psoups", 0, combos=(combo,)))
+        base = [{**r, "preferences": [], "system": "base"}
+                for r in map(json.loads, make_generations(tmp_path / "tmp.jsonl", "base", 1, combos=(combo,))
+                             .read_text().splitlines())]
+        b_files.append(write_jsonl(tmp_path / "base" / f"{combo}.jsonl", base))
+    result = judge_files(Recipe(), a_files, b_files, None, tmp_path / "judgments" / "psoups_vs_base.json")
+    assert result["system_a"] == "psoups" and result["system_b"] == "base"
+    assert set(result["per_criterion"]) == {"P1A", "P2A", "P1B", "P2B"} and result["judgments"] == 16
+    assert result["per_criterion"]["P2A"]["win_rate"] == 1.0

@@ -28,24 +28,33 @@ FLIP = {"A": "B", "B": "A", "tie": "tie", "invalid": "invalid"}
 OUTCOME = {"A": "win", "B": "loss", "tie": "tie", "invalid": "invalid"}
 
 
-def load_generations(path: str | Path) -> dict[str, list[dict]]:
-    """{file name: records} for a JSONL file or a folder of them."""
-    path = Path(path)
-    if path.is_dir():
-        files = sorted(path.glob("*.jsonl"))
-        if not files:
-            raise InputError(f"{path}: no .jsonl generation files in the folder")
-    elif path.is_file():
-        files = [path]
-    else:
-        raise MissingArtifactError("generations", path, f"rlphf generate --out {path}")
+Paths = str | Path | Sequence[str | Path]
+
+
+def _as_list(paths: Paths) -> list[Path]:
+    return [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
+
+
+def load_generations(paths: Paths) -> dict[str, list[dict]]:
+    """{file name: records} for a JSONL file, a folder of them, or a list of files."""
+    files: list[Path] = []
+    for path in _as_list(paths):
+        if path.is_dir():
+            found = sorted(path.glob("*.jsonl"))
+            if not found:
+                raise InputError(f"{path}: no .jsonl generation files in the folder")
+            files += found
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise MissingArtifactError("generations", path, f"rlphf generate --out {path}")
     out = {}
     for file in files:
         records = read_records(file, "generation")
         for n, record in enumerate(records, 1):
             if "id" not in record or not (record.get("response") is not None or record.get("responses")):
                 raise InputError(f"{file}: record {n}: a generation needs 'id' and 'response'")
-        out[file.name] = records
+        out[str(file)] = records
     return out
 
 
@@ -67,30 +76,40 @@ def _index(files: dict[str, list[dict]], where: str | Path) -> dict[tuple[str, s
     return index
 
 
+def _is_dir(paths: Paths) -> bool:
+    return isinstance(paths, (str, Path)) and Path(paths).is_dir()
+
+
+def _label(paths: Paths) -> str:
+    listed = _as_list(paths)
+    return str(listed[0]) if len(listed) == 1 else f"{listed[0].parent}/{{{','.join(p.name for p in listed)}}}"
+
+
 def _describe_keys(keys: list[tuple[str, str]]) -> str:
     first = sorted(keys)[0]
     return f"{len(keys)} (e.g. id '{first[0]}', combination '{first[1] or 'none'}')"
 
 
-def match_records(a_path: str | Path, b_path: str | Path) -> list[tuple[dict, dict]]:
+def match_records(a_path: Paths, b_path: Paths) -> list[tuple[dict, dict]]:
     """(record of A, record of B) for every (id, combo), or a one-line InputError."""
     a_files, b_files = load_generations(a_path), load_generations(b_path)
-    if Path(a_path).is_dir() and Path(b_path).is_dir() and set(a_files) != set(b_files):
-        only_a, only_b = sorted(set(a_files) - set(b_files)), sorted(set(b_files) - set(a_files))
-        raise InputError(f"{a_path} and {b_path} hold different files: only in A: {', '.join(only_a) or '-'}; "
+    a_names, b_names = {Path(f).name for f in a_files}, {Path(f).name for f in b_files}
+    if _is_dir(a_path) and _is_dir(b_path) and a_names != b_names:
+        only_a, only_b = sorted(a_names - b_names), sorted(b_names - a_names)
+        raise InputError(f"{_label(a_path)} and {_label(b_path)} hold different files: only in A: {', '.join(only_a) or '-'}; "
                          f"only in B: {', '.join(only_b) or '-'}")
-    a_index, b_index = _index(a_files, a_path), _index(b_files, b_path)
+    a_index, b_index = _index(a_files, _label(a_path)), _index(b_files, _label(b_path))
     only_a, only_b = set(a_index) - set(b_index), set(b_index) - set(a_index)
     if only_a or only_b:
         parts = [f"{_describe_keys(list(only_a))} only in A" if only_a else "",
                  f"{_describe_keys(list(only_b))} only in B" if only_b else ""]
-        raise InputError(f"{a_path} and {b_path} do not match by (id, combination): "
+        raise InputError(f"{_label(a_path)} and {_label(b_path)} do not match by (id, combination): "
                          + "; ".join(p for p in parts if p))
     pairs = []
     for key in sorted(a_index):
         a, b = a_index[key], b_index[key]
         if a.get("instruction") != b.get("instruction"):
-            raise InputError(f"{a_path} and {b_path}: id '{key[0]}' has different instructions")
+            raise InputError(f"{_label(a_path)} and {_label(b_path)}: id '{key[0]}' has different instructions")
         pairs.append((a, b))
     return pairs
 
@@ -99,24 +118,26 @@ def _response(record: dict) -> str:
     return str(record["response"] if record.get("response") is not None else record["responses"][0])
 
 
-def _criteria_for(recipe, record: dict, criteria) -> list[Preference]:
+def _criteria_for(recipe, a: dict, b: dict, criteria) -> list[Preference]:
     pref_set = recipe.preference_set()
     if criteria in (None, "combo"):
-        names = record.get("preferences")
-        if names is None:
-            combo = record.get("combo") or ""
-            names = [n for n in combo.split("+") if n]
-        return [pref_set.get(n) for n in names]
+        # The record's own preferences; a baseline record relabelled with a combination has only `combo`.
+        for record in (a, b):
+            names = record.get("preferences") or [n for n in str(record.get("combo") or "").split("+") if n]
+            if names:
+                return [pref_set.get(n) for n in names]
+        return []
     if isinstance(criteria, (list, tuple)) and criteria and all(isinstance(c, Preference) for c in criteria):
         return list(criteria)
     return pref_set.resolve(criteria)
 
 
-def judge_files(recipe, a_path: str | Path, b_path: str | Path, criteria: str | Sequence[str] | None,
+def judge_files(recipe, a_path: Paths, b_path: Paths, criteria: str | Sequence[str] | None,
                 out_path: str | Path | None, *, judge=None, progress: ProgressFn | None = None) -> dict:
     """Judge system A's generations against system B's; write `out_path` (JSON) and its `.md`.
 
-    `a_path`/`b_path`: a generation JSONL file each, or a folder of per-combination files each.
+    `a_path`/`b_path`: a generation JSONL file each, a folder of per-combination files each (matched
+    by file name), or a list of files each; records are matched by (id, combo) across them.
     `criteria`: None or 'combo' (each record's own preferences), 'all', or names ('P1A,P2A').
     `judge`: a judge object (default: `get_judge(recipe.judge.backend, recipe)`), cached in
     `<out_path folder>/judge_cache.jsonl`. Returns the result written to `out_path`.
@@ -125,10 +146,10 @@ def judge_files(recipe, a_path: str | Path, b_path: str | Path, criteria: str | 
 
     start = time.time()
     pairs = match_records(a_path, b_path)
-    per_pair = [_criteria_for(recipe, a, criteria) for a, _ in pairs]
+    per_pair = [_criteria_for(recipe, a, b, criteria) for a, b in pairs]
     used = list(dict.fromkeys(p for prefs in per_pair for p in prefs))
     if not used:
-        raise InputError(f"{a_path}: the records carry no preferences (combination none); "
+        raise InputError(f"{_label(a_path)}: the records carry no preferences (combination none); "
                          "pass --criteria P1A,P2A or --criteria all")
     cache_path = Path(out_path).parent / CACHE_NAME if out_path is not None else None
     if judge is None:
@@ -140,7 +161,7 @@ def judge_files(recipe, a_path: str | Path, b_path: str | Path, criteria: str | 
     both = recipe.judge.both_orders
     requests: list[JudgeRequest] = []
     cells: list[tuple[dict, Preference]] = []
-    for (a, b), prefs in zip(pairs, per_pair):
+    for (a, b), prefs in zip(pairs, per_pair, strict=True):
         for pref in prefs:
             cells.append((a, pref))
             instruction = str(a.get("instruction", ""))
@@ -166,7 +187,7 @@ def judge_files(recipe, a_path: str | Path, b_path: str | Path, criteria: str | 
 
     samples, seed = recipe.judge.bootstrap_samples, recipe.seed
     result = {
-        "a": str(a_path), "b": str(b_path),
+        "a": _label(a_path), "b": _label(b_path),
         "system_a": system_name(pairs[0][0], a_path), "system_b": system_name(pairs[0][1], b_path),
         "judge": judge.describe(), "both_orders": both,
         "criteria": criteria if isinstance(criteria, str) or criteria is None else ",".join(map(str, criteria)),
@@ -204,8 +225,9 @@ def default_out(run, a_path: str | Path, b_path: str | Path) -> Path:
     return run.judgment(a_path.stem, b_path.stem)
 
 
-def system_name(record: dict, path: str | Path) -> str:
-    return str(record.get("system") or Path(path).stem)
+def system_name(record: dict, path: Paths) -> str:
+    first = _as_list(path)[0]
+    return str(record.get("system") or (first.name if first.is_dir() else first.stem))
 
 
 def _summary(items: list[dict], samples: int, seed: int) -> dict:

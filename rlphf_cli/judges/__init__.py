@@ -10,8 +10,17 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from rlphf_cli.judges.base import Judge, JudgeRequest, Judgment, JudgeStats, parse_verdict
+from rlphf_cli.judges.base import Judge, JudgeRequest, JudgeStats, Judgment, parse_verdict
+from rlphf_cli.preferences import Preference
 from rlphf_cli.registry import Registry
+
+# The single, preference-agnostic criterion of the traditional RLHF baseline (annotations/general.jsonl
+# -> rm/general -> policy/rlhf; the id matches rlphf_cli.training.GENERAL). Judged with the generic
+# templates by the LLM judges, and by an "overall quality" proxy by the rubric.
+GENERAL_PREFERENCE = Preference(
+    "general", "general", "general", "",
+    "Which response is better overall: more helpful, accurate and appropriate to the instruction?",
+)
 
 JudgeFactory = Callable[..., Judge]
 JUDGES: Registry[JudgeFactory] = Registry("judge")
@@ -46,4 +55,4 @@ def get_judge(name: str | None, recipe, cache_path: str | Path | None = None) ->
     return JUDGES.get(name or recipe.judge.backend)(recipe, cache_path)
 
 
-__all__ = ["JUDGES", "Judge", "JudgeRequest", "JudgeStats", "Judgment", "get_judge", "parse_verdict"]
+__all__ = ["GENERAL_PREFERENCE", "JUDGES", "Judge", "JudgeRequest", "JudgeStats", "Judgment", "get_judge", "parse_verdict"]

@@ -12,6 +12,8 @@ text measure with real libraries and prefers the response with more of it:
 | P3A  | friendliness: VADER compound sentiment + exclamation, emoji/emoticon, joke cues   |
 |      | - rude cues                                                                       |
 | P3B  | minus friendliness                                                                |
+| general | overall quality for the RLHF baseline: distinct content words (at most 40) times  |
+|      | the share of distinct words (substance without repetition)                        |
 
 Two measures whose relative difference |a - b| / max(|a|, |b|, 1) is below `judge.rubric.tie_margin`
 make a tie. It exists for CPU runs and tests; use the `openai` or `hf` judge for real labels.
@@ -89,6 +91,13 @@ def content_words(text: str) -> int:
     return len({w.lower() for w in words(text) if w.lower() not in STOP_WORDS})
 
 
+def overall_quality(text: str) -> float:
+    tokens = [w.lower() for w in words(text)]
+    if not tokens:
+        return 0.0
+    return min(content_words(text), 40) * len(set(tokens)) / len(tokens)
+
+
 MEASURES: dict[str, tuple[str, Callable[[str], float]]] = {
     "P1A": ("minus reading grade", lambda t: -reading_grade(t)),
     "P1B": ("reading grade", reading_grade),
@@ -96,6 +105,7 @@ MEASURES: dict[str, tuple[str, Callable[[str], float]]] = {
     "P2B": ("distinct content words", lambda t: float(content_words(t))),
     "P3A": ("friendliness", friendliness),
     "P3B": ("minus friendliness", lambda t: -friendliness(t)),
+    "general": ("overall quality", overall_quality),
 }
 
 
