@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rlphf_cli.errors import InputError
+from rlphf_cli.errors import InputError, did_you_mean
 from rlphf_cli.preferences import Preference, combination_name
 from rlphf_cli.recipe import Recipe
 from rlphf_cli.runs import RunDir, atomic_write_text, fingerprint, read_jsonl
@@ -342,11 +342,6 @@ class Pipeline:
 
     def execute(self, only: str | None = None, from_stage: str | None = None, force: bool = False) -> dict:
         stages = self.stages()
-        for name in (only, from_stage):
-            if name is not None and name not in stages:
-                from rlphf_cli.errors import did_you_mean
-
-                raise InputError(f"unknown stage '{name}'{did_you_mean(name, stages)}")
         start_at = stages.index(from_stage) if from_stage else 0
         summary: dict[str, Any] = {"stages": {}, "run_dir": str(self.run.root)}
         for index, stage in enumerate(stages):
@@ -444,6 +439,10 @@ def _jsonable(result: Any) -> Any:
 def run_pipeline(recipe: Recipe, *, only: str | None = None, from_stage: str | None = None, force: bool = False,
                  progress: Progress | None = None) -> dict:
     """Run (or resume) every stage of a recipe; return a summary with the report path."""
+    stages = [stage.name for stage in plan(recipe)]
+    for name in (only, from_stage):
+        if name is not None and name not in stages:
+            raise InputError(f"unknown stage '{name}'{did_you_mean(name, stages)}")
     return Pipeline(recipe, progress).execute(only=only, from_stage=from_stage, force=force)
 
 
