@@ -19,7 +19,7 @@ from pathlib import Path
 from rlphf_cli.errors import InputError, RlphfError
 from rlphf_cli.preferences import Preference
 from rlphf_cli.prompting import instruction_with_preferences
-from rlphf_cli.recipe import Recipe
+from rlphf_cli.recipe import Recipe, check_trainer_fields
 from rlphf_cli.runs import RunDir, read_jsonl
 from rlphf_cli.training import GENERAL, is_main_process
 from rlphf_cli.training.callbacks import ProgressFn, make_callbacks
@@ -112,6 +112,7 @@ def train_policy(recipe: Recipe, *, pref: str | None = None, mode: str | None = 
     from rlphf_cli.data import load_prompts
     from rlphf_cli.models import resolve_model
 
+    check_trainer_fields(recipe)
     mode = mode or recipe.train_policy.mode
     algo = algo or recipe.train_policy.algo
     if mode not in MODES:
@@ -258,6 +259,7 @@ def train_policies(recipe: Recipe, prefs: str | None = None, *, mode: str | None
                    out_dir: str | Path | None = None, **kwargs) -> dict[str, dict]:
     """Mode soup with several preferences ('all', 'P1A,concise') trains them in turn; other modes
     train their one policy. With several, `out_dir` is a parent folder (<out_dir>/<id>)."""
+    check_trainer_fields(recipe)
     mode = mode or recipe.train_policy.mode
     if mode != "soup":
         return {mode: train_policy(recipe, pref=prefs, mode=mode, out_dir=out_dir,

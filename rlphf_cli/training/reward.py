@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from rlphf_cli.errors import InputError, MissingArtifactError
-from rlphf_cli.recipe import Recipe
+from rlphf_cli.recipe import Recipe, check_trainer_fields
 from rlphf_cli.runs import RunDir
 from rlphf_cli.training import GENERAL, is_main_process
 from rlphf_cli.training.callbacks import ProgressFn, make_callbacks
@@ -66,6 +66,7 @@ def train_reward_model(recipe: Recipe, pref: str, data_path: str | Path | None =
 
     from rlphf_cli.models import resolve_model
 
+    check_trainer_fields(recipe)
     rm_id, alias = resolve_rm_name(recipe, pref)
     run = RunDir(recipe.resolved_run_dir())
     data_path = Path(data_path) if data_path else run.annotations(rm_id)
@@ -145,6 +146,7 @@ def train_reward_models(recipe: Recipe, prefs: str | Sequence[str], *, data_path
     """Train several reward models in turn ('all', 'P1A,concise', 'general'). With several, `out_dir`
     is a parent folder (<out_dir>/<id>) and `data_path` is not allowed. `progress_factory(id)` returns
     the progress callback of one model."""
+    check_trainer_fields(recipe)
     names = _rm_names(recipe, prefs)
     if len(names) > 1 and data_path is not None:
         raise InputError("--data names one annotations file: use it with a single --pref")

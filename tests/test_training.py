@@ -1,0 +1,342 @@
+"""train-rm / train-policy on the random tiny fixture: artifacts, metrics, errors, resume.
+
+Step counts are tiny: these check the plumbing (TRL + PEFT wiring, folders, messages), not learning;
+tests/test_training_slow.py checks learning on the embedded tiny model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from rlphf_cli.cli.main import app
+
+runner = CliRunner()
+WORDS = "plants sun water air rock hot gravity pulls friend great question".split()
+
+RECIPE = {
+    "seed": 0,
+    "train_rm": {"trl": {"learning_rate": 5.0e-3, "num_train_epochs": 1, "per_device_train_batch_size": 8,
+                         "max_length": 96}},
+    "train_policy": {
+        "rloo": {"learning_rate": 1.0e-3, "max_steps": 2, "per_device_train_batch_size": 4, "num_generations": 2,
+                 "max_completion_length": 8},
+        "dpo": {"learning_rate": 5.0e-4, "max_steps": 2, "per_device_train_batch_size": 4, "max_length": 96},
+    },
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Hidden-32 models: ops far too small for threads, and on a busy 2-core machine OpenMP spinning
+    makes them 5-10x slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def write_pairs(path: Path, pref: str, n: int = 24, seed: int = 0) -> Path:
+    """Short responses chosen over long ones (what the rubric's P2A measure prefers)."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        short = " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 4)))
+        long = " ".join(rng.choice(WORDS) for _ in range(rng.randint(12, 18)))
+        rows.append({"prompt": f"Explain {rng.choice(WORDS)} {i}", "chosen": short, "rejected": long,
+                     "id": f"p{i}", "preference": pref})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def setup(tmp_path):
+    """A run directory with P2A annotations, training prompts and a small recipe."""
+    run = tmp_path / "run"
+    write_pairs(run / "annotations" / "P2A.jsonl", "P2A")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"q{i}", "prompt": f"Explain topic {i}"}) + "\n" for i in range(8)))
+    recipe = dict(RECIPE, data={"train_prompts": str(prompts)})
+    recipe_path = tmp_path / "recipe.yaml"
+    recipe_path.write_text(yaml.safe_dump(recipe))
+    return {"run": run, "recipe": recipe_path, "prompts": prompts}
+
+
+def base_args(setup, model) -> list[str]:
+    return ["--recipe", str(setup["recipe"]), "--run-dir", str(setup["run"]), "--model", str(model)]
+
+
+def load(setup, *sets: str):
+    from rlphf_cli.recipe import load_recipe
+
+    return load_recipe(setup["recipe"], [f"run_dir={setup['run']}", *sets])
+
+
+def one_error_line(result, *expected: str) -> str:
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1, result.output
+    for text in expected:
+        assert text in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def other_tokenizer_model(tmp_path_factory):
+    """A second random model whose tokenizer differs from the fixture's (other texts, other vocab)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rlphf_cli.models.tokenizer import build_tokenizer
+
+    out = tmp_path_factory.mktemp("other-tokenizer")
+    texts = [f"{a} {b} {c}." for a in WORDS for b in WORDS for c in ("yes", "no", "maybe")]
+    tokenizer = build_tokenizer(texts, vocab_size=290)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
+    torch.manual_seed(1)
+    LlamaForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Pieces
+
+
+def test_trainer_config_device_defaults_and_pass_through(tmp_path, setup):
+    from rlphf_cli.training.config import trainer_config
+
+    recipe = load(setup, "train_policy.rloo.beta=0.1", "train_policy.rloo.learning_rate=5e-4")
+    config = trainer_config(recipe, "RLOOConfig", str(tmp_path / "out"))
+    assert config.bf16 is False and config.activation_checkpointing is False  # CPU defaults
+    assert config.beta == 0.1 and config.max_steps == 2
+    assert config.learning_rate == 5e-4  # YAML reads '5e-4' as a string; coerced for a float field
+    assert config.model_init_kwargs["dtype"] == "float32"
+    assert trainer_config(load(setup, "train_policy.rloo.bf16=false", "train_policy.rloo.gradient_checkpointing=true"),
+                          "RLOOConfig", str(tmp_path / "o")).activation_checkpointing is True
+
+
+def test_unknown_trl_key_is_named(setup, tiny_random_model):
+    result = runner.invoke(app, ["train-rm", "--pref", "P2A", *base_args(setup, tiny_random_model),
+                                 "--set", "train_rm.trl.lerning_rate=0.1"])
+    one_error_line(result, "train_rm.trl.lerning_rate", "unknown RewardConfig field", "learning_rate")
+
+
+def test_lora_configs_follow_the_recipe(setup):
+    from rlphf_cli.training.lora import lora_config
+
+    recipe = load(setup)
+    rm = lora_config(recipe.train_rm.lora, "SEQ_CLS")
+    assert (rm.r, rm.lora_alpha, rm.lora_dropout, rm.modules_to_save) == (8, 32, 0.1, ["score"])
+    policy = lora_config(recipe.train_policy.lora, "CAUSAL_LM")
+    assert (policy.r, policy.lora_alpha, policy.lora_dropout) == (16, 32, 0.05)
+
+
+def test_split_is_seeded_and_by_prompt():
+    from rlphf_cli.training.reward import split_pairs
+
+    pairs = [{"id": f"p{i // 2}", "n": i} for i in range(40)]  # two pairs per prompt
+    train, held = split_pairs(pairs, 0.25, seed=3)
+    assert (train, held) == split_pairs(pairs, 0.25, seed=3)
+    assert len(held) == 10 and not {p["id"] for p in train} & {p["id"] for p in held}
+    assert split_pairs(pairs, 0.25, seed=4)[1] != held
+
+
+def test_morl_reward_routes_each_sample_to_its_preferences():
+    from rlphf_cli.training.policy import RMReward
+
+    class Fake:
+        def __init__(self, value):
+            self.value, self.calls = value, []
+
+        def score(self, instructions, responses):
+            self.calls.append(list(instructions))
+            return [self.value] * len(responses)
+
+    fake = Fake(2.0)
+    reward = RMReward(fake, "P2A", route=True)
+    out = reward(prompts=["a", "b", "c"], completions=[[{"role": "assistant", "content": "x"}]] * 3,
+                 instruction=["i0", "i1", "i2"], prefs=[["P1A", "P2A"], ["P1A", "P2B"], ["P2A"]])
+    assert out == [2.0, None, 2.0] and fake.calls == [["i0", "i2"]]
+    assert reward.__name__ == "rm_P2A"
+    assert RMReward(fake, "P2A")(prompts=["a"], completions=["y"], instruction=["i"], prefs=[[]]) == [2.0]
+
+
+# --------------------------------------------------------------------------------------------
+# train-rm
+
+
+def test_train_rm_writes_adapter_metrics_and_scores(setup, tiny_random_model):
+    from rlphf_cli.training.reward import RewardScorer
+
+    result = runner.invoke(app, ["train-rm", "--pref", "concise", *base_args(setup, tiny_random_model)])
+    assert result.exit_code == 0, result.output
+    assert "P2A" in result.output and "held-out" in result.output
+    rm = setup["run"] / "rm" / "P2A"
+    adapter = json.loads((rm / "adapter_config.json").read_text())
+    assert adapter["task_type"] == "SEQ_CLS" and "score" in adapter["modules_to_save"]
+    assert (adapter["r"], adapter["lora_alpha"]) == (8, 32)
+    metrics = json.loads((rm / "metrics.json").read_text())
+    assert 0 <= metrics["accuracy"] <= 1 and metrics["pairs_eval"] >= 1
+    assert metrics["pairs_train"] + metrics["pairs_eval"] == 24
+    steps = [json.loads(line) for line in (rm / "metrics.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps] == list(range(1, metrics["steps"] + 1))
+    assert (rm / "tokenizer.json").exists() and (setup["run"] / "recipe.yaml").exists()
+    assert not [p for p in rm.parent.iterdir() if p.name.startswith(".")]  # no staging leftovers
+
+    scorer = RewardScorer(rm)
+    scores = scorer.score(["Explain sun"] * 2, ["sun hot", "sun hot water air rock hot gravity pulls friend"])
+    assert len(scores) == 2 and all(isinstance(s, float) for s in scores)
+    assert RewardScorer(rm).score(["Explain sun"], ["sun hot"])[0] == pytest.approx(scores[0], abs=1e-5)
+
+
+def test_train_rm_errors(setup, tiny_random_model):
+    result = runner.invoke(app, ["train-rm", "--pref", "friendly", *base_args(setup, tiny_random_model)])
+    one_error_line(result, "annotations for friendly not found", "rlphf annotate --prefs friendly")
+
+    result = runner.invoke(app, ["train-rm", "--pref", "all", *base_args(setup, tiny_random_model)])
+    one_error_line(result, "rlphf annotate --prefs elementary")  # checked before training anything
+    assert not (setup["run"] / "rm").exists()
+
+    bad = setup["run"] / "annotations" / "P2B.jsonl"
+    bad.write_text(json.dumps({"prompt": "x", "chosen": "same", "rejected": "same"}) + "\n{torn\n")
+    result = runner.invoke(app, ["train-rm", "--pref", "P2B", *base_args(setup, tiny_random_model)])
+    one_error_line(result, "no usable preference pairs", "2 lines skipped")
+
+    result = runner.invoke(app, ["train-rm", "--pref", "concize", *base_args(setup, tiny_random_model)])
+    one_error_line(result, "unknown preference 'concize'", "concise")
+
+
+# --------------------------------------------------------------------------------------------
+# train-policy
+
+
+@pytest.fixture(scope="module")
+def trained_rm(tmp_path_factory, tiny_random_model):
+    """One P2A reward model on the fixture, trained once for the policy tests."""
+    from rlphf_cli.recipe import load_recipe
+    from rlphf_cli.training.reward import train_reward_model
+
+    tmp = tmp_path_factory.mktemp("rm")
+    recipe_path = tmp / "recipe.yaml"
+    recipe_path.write_text(yaml.safe_dump(RECIPE))
+    recipe = load_recipe(recipe_path, [f"run_dir={tmp / 'run'}"])
+    return Path(train_reward_model(recipe, "P2A", write_pairs(tmp / "P2A.jsonl", "P2A"), tmp / "rm" / "P2A",
+                                   model=str(tiny_random_model))["out_dir"])
+
+
+@pytest.fixture
+def with_rm(setup, trained_rm):
+    shutil.copytree(trained_rm, setup["run"] / "rm" / "P2A")
+    return setup
+
+
+def test_train_policy_soup_writes_a_peft_adapter_and_metrics(with_rm, tiny_random_model):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    result = runner.invoke(app, ["train-policy", "--pref", "concise", *base_args(with_rm, tiny_random_model)])
+    assert result.exit_code == 0, result.output
+    assert "P2A" in result.output and "rloo" in result.output
+    policy = with_rm["run"] / "policy" / "P2A"
+    adapter = json.loads((policy / "adapter_config.json").read_text())
+    assert adapter["task_type"] == "CAUSAL_LM" and (adapter["r"], adapter["lora_alpha"]) == (16, 32)
+    lines = [json.loads(line) for line in (policy / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [1, 2]
+    for line in lines:
+        assert set(line["rewards"]) == {"P2A"} and "kl" in line and "completion_length" in line
+        assert line["wall_s"] > 0
+    summary = json.loads((policy / "training.json").read_text())
+    assert summary["steps"] == 2 and summary["mode"] == "soup" and summary["preferences"] == ["P2A"]
+    assert not [p for p in policy.parent.iterdir() if p.name.startswith(".")]  # checkpoints cleaned up
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_random_model), str(policy))
+
+
+def test_reward_model_with_another_tokenizer(with_rm, tiny_random_model, other_tokenizer_model):
+    """The policy's tokenizer and the RM's differ: each scores with its own tokenizer."""
+    from rlphf_cli.training.policy import train_policy
+    from rlphf_cli.training.reward import RewardScorer, train_reward_model
+
+    recipe = load(with_rm)
+    other_rm = with_rm["run"] / "rm-other"
+    train_reward_model(recipe, "P2A", out_dir=other_rm, model=str(other_tokenizer_model))
+    assert RewardScorer(other_rm).tokenizer.vocab_size != RewardScorer(with_rm["run"] / "rm" / "P2A").tokenizer.vocab_size
+    result = train_policy(recipe, pref="P2A", model=str(tiny_random_model), reward_model=other_rm,
+                          out_dir=with_rm["run"] / "policy" / "other")
+    assert result["steps"] == 2 and result["reward_models"] == {"P2A": str(other_rm)}
+
+
+def test_train_policy_errors(setup, tiny_random_model):
+    args = base_args(setup, tiny_random_model)
+    result = runner.invoke(app, ["train-policy", "--pref", "concise", *args])
+    one_error_line(result, "reward model for concise not found", "rlphf train-rm --pref concise")
+    result = runner.invoke(app, ["train-policy", "--mode", "rlhf", *args])
+    one_error_line(result, "rlphf train-rm --pref general")
+    result = runner.invoke(app, ["train-policy", "--mode", "morl", *args])
+    one_error_line(result, "rlphf train-rm --pref elementary")
+    result = runner.invoke(app, ["train-policy", *args])
+    one_error_line(result, "give --pref")
+    result = runner.invoke(app, ["train-policy", "--mode", "morl", "--pref", "P2A", *args])
+    one_error_line(result, "--pref does not apply to mode morl")
+    result = runner.invoke(app, ["train-policy", "--mode", "morl", "--algo", "dpo", *args])
+    one_error_line(result, "--algo dpo", "soup or rlhf")
+    result = runner.invoke(app, ["train-policy", "--pref", "friendly", "--algo", "dpo", *args])
+    one_error_line(result, "rlphf annotate --prefs friendly")
+    result = runner.invoke(app, ["train-policy", "--pref", "P2A", "--algo", "ppo", *args])
+    one_error_line(result, "train_policy.algo", "rloo")
+
+
+def test_dpo_and_morl_run(with_rm, tiny_random_model):
+    """DPO from the annotations; morl over two preferences of one dimension (P2B's RM is a copy)."""
+    from rlphf_cli.training.policy import train_policy
+
+    recipe = load(with_rm, "preferences.use=[P2A,P2B]")
+    dpo = train_policy(recipe, pref="concise", algo="dpo", model=str(tiny_random_model),
+                       out_dir=with_rm["run"] / "policy" / "dpo")
+    assert dpo["steps"] == 2 and "margin_end" in dpo
+    shutil.copytree(with_rm["run"] / "rm" / "P2A", with_rm["run"] / "rm" / "P2B")
+    morl = train_policy(recipe, mode="morl", model=str(tiny_random_model))
+    assert morl["name"] == "morl" and morl["preferences"] == ["P2A", "P2B"]
+    lines = [json.loads(line) for line in (with_rm["run"] / "policy" / "morl" / "metrics.jsonl").read_text().splitlines()]
+    assert set(lines[0]["rewards"]) == {"P2A", "P2B"}
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_continues(with_rm, tiny_random_model):
+    from rlphf_cli.training.policy import TrainingInterrupted, train_policy
+
+    recipe = load(with_rm, "train_policy.rloo.max_steps=4")
+    out = with_rm["run"] / "policy" / "P2A"
+
+    sent = []
+
+    def interrupt_at_two(done, total):
+        if done == 2 and not sent:  # one Ctrl-C (a second one stops at once)
+            sent.append(done)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(TrainingInterrupted, match="interrupted at step 2.*--resume"):
+        train_policy(recipe, pref="P2A", model=str(tiny_random_model), progress=interrupt_at_two)
+    assert not out.exists()
+    assert (out.parent / ".P2A.checkpoints" / "checkpoint-2").is_dir()
+
+    seen = []
+    result = train_policy(recipe, pref="P2A", model=str(tiny_random_model), resume=True,
+                          progress=lambda done, total: seen.append(done))
+    assert result["resumed_from"] == 2 and result["steps"] == 4
+    assert seen[0] == 2 and seen[-1] == 4
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [1, 2, 3, 4]
+    assert lines[2]["wall_s"] >= lines[1]["wall_s"]
