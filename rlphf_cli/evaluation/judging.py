@@ -181,6 +181,7 @@ def judge_files(recipe, a_path: Paths, b_path: Paths, criteria: str | Sequence[s
             agree = len(set(outcomes)) == 1 if both else None
             outcome = outcomes[0] if len(set(outcomes)) == 1 else "tie"
         key = _key(record)
+        # verdicts: one per order, from A's side ("A" = system A's response was preferred).
         items.append({"id": key[0], "combo": key[1], "criterion": pref.id, "outcome": outcome,
                       "verdicts": verdicts, "agree": agree,
                       "failed": any(judgments[n * step + k].error for k in range(step))})
@@ -190,7 +191,8 @@ def judge_files(recipe, a_path: Paths, b_path: Paths, criteria: str | Sequence[s
         "a": _label(a_path), "b": _label(b_path),
         "system_a": system_name(pairs[0][0], a_path), "system_b": system_name(pairs[0][1], b_path),
         "judge": judge.describe(), "both_orders": both,
-        "criteria": criteria if isinstance(criteria, str) or criteria is None else ",".join(map(str, criteria)),
+        "criteria": criteria if isinstance(criteria, str) or criteria is None
+        else ",".join(c.id if isinstance(c, Preference) else str(c) for c in criteria),
         "pairs": len(pairs), "judgments": len(items),
         "overall": _summary(items, samples, seed),
         "per_criterion": {p.id: _summary([i for i in items if i["criterion"] == p.id], samples, seed) for p in used},

@@ -37,7 +37,8 @@ class HFJudge(BaseJudge):
         return self.cfg.model
 
     def describe(self) -> dict:
-        return {"backend": self.name, "model": self.cfg.model}
+        # truncated: prompts cut from the left to fit the model's context
+        return {"backend": self.name, "model": self.cfg.model, "truncated": self.truncated}
 
     def _load(self) -> None:
         if self._model is not None:
