@@ -135,8 +135,13 @@ def read_adapter(path: str | Path) -> AdapterInput:
     except (SafetensorError, OSError, ValueError) as exc:
         raise InputError(f"{weights_path}: not a valid safetensors file ({str(exc).splitlines()[0]})") from None
     _index_tensors(adapter, shapes, weights_path)
-    adapter.sha256 = {CONFIG_FILE: file_sha256(config_path), WEIGHTS_FILE: file_sha256(weights_path)}
     return adapter
+
+
+def hash_inputs(inputs: list[AdapterInput]) -> None:
+    """sha256 of every input file, for the card (run in a thread while the merge computes)."""
+    for adapter in inputs:
+        adapter.sha256 = {name: file_sha256(adapter.path / name) for name in (CONFIG_FILE, WEIGHTS_FILE)}
 
 
 def _index_tensors(adapter: AdapterInput, shapes: dict[str, tuple[int, ...]], weights_path: Path) -> None:
