@@ -102,6 +102,7 @@ class Pipeline:
         self.progress = progress or _quiet
         self.fp: dict[str, str] = {}  # unit key -> fingerprint, for downstream inputs
         self._model_path: str | None = None
+        self._base_generator = None
 
     # The base model, resolved once ('tiny' builds the embedded model on first use).
     @property
@@ -111,6 +112,14 @@ class Pipeline:
 
             self._model_path = resolve_model(self.recipe.model.name)
         return self._model_path
+
+    def base_generator(self):
+        """The base model, loaded once for every unit that decodes without an adapter."""
+        if self._base_generator is None:
+            from rlphf_cli.generation import Generator
+
+            self._base_generator = Generator.load(self.recipe, system="base")
+        return self._base_generator
 
     def _section(self, *names: str) -> dict:
         dumped = self.recipe.model_dump(mode="json")
@@ -133,8 +142,8 @@ class Pipeline:
             from rlphf_cli.generation import generate_file
 
             prompts = load_prompts(self.recipe.data.train_prompts, self.recipe.data.max_train_prompts)
-            return generate_file(self.recipe, prompts, self.run.rollouts(), model=self.model_path, prefs=(),
-                                 system="base", num_samples=self.recipe.annotate.num_samples,
+            return generate_file(self.recipe, prompts, self.run.rollouts(), prefs=(), system="base",
+                                 num_samples=self.recipe.annotate.num_samples, generator=self.base_generator(),
                                  progress=self._unit_progress)
 
         inputs = {**self._section("model", "data", "generate", "seed"), "num_samples": self.recipe.annotate.num_samples}
@@ -148,6 +157,13 @@ class Pipeline:
             prefs.append(GENERAL_PREFERENCE)
         return prefs
 
+    def _annotator_inputs(self) -> dict:
+        """What annotation verdicts depend on: the annotate section, its judge backend and templates."""
+        judge = self.recipe.judge
+        backend = getattr(judge, self.recipe.annotate.judge, None)
+        return {**self._section("annotate", "seed"), "templates": judge.templates,
+                "backend": backend.model_dump(mode="json") if backend is not None else None}
+
     def _units_annotate(self) -> list[Unit]:
         units = []
         for pref in self._annotation_prefs():
@@ -157,8 +173,7 @@ class Pipeline:
                 return annotate_rollouts(self.recipe, self.run.rollouts(), [pref], self.run.path("annotations"),
                                          progress=self._unit_progress)
 
-            inputs = {"rollouts": self.fp.get("rollouts"), "pref": pref.to_dict(),
-                      **self._section("annotate", "judge", "seed")}
+            inputs = {"rollouts": self.fp.get("rollouts"), "pref": pref.to_dict(), **self._annotator_inputs()}
             units.append(Unit(f"annotate/{pref.id}", pref.id, inputs, work, [self.run.annotations(pref.id)]))
         return units
 
@@ -250,9 +265,10 @@ class Pipeline:
                 from rlphf_cli.generation import generate_file
 
                 prefs_objs = [self.prefs.get(p) for p in prefs]
-                return generate_file(self.recipe, prompts, out, model=self.model_path, prefs=prefs_objs,
-                                     adapter=adapter, system=system if adapter is None else f"{system}:{name}",
-                                     num_samples=1, progress=self._unit_progress)
+                generator = self.base_generator() if adapter is None else None
+                return generate_file(self.recipe, prompts, out, prefs=prefs_objs, adapter=adapter,
+                                     system=system if adapter is None else f"{system}:{name}", num_samples=1,
+                                     generator=generator, progress=self._unit_progress)
 
             inputs = {**base_inputs, "prefs": prefs, "adapter": self.fp.get(upstream) if upstream else None}
             units.append(Unit(f"evaluate/{system}/{name}", f"{system} {name}", inputs, work, [out]))
@@ -351,6 +367,7 @@ class Pipeline:
             self.progress("stage", index, len(stages), stage, len(units))
             summary["stages"][stage] = self._run_stage(stage, units, selected, redo)
         summary["report"] = str(self.run.report_dir() / "report.md")
+        summary["report_summary"] = str(self.run.report_dir() / "summary.json")
         return summary
 
     def _run_stage(self, stage: str, units: list[Unit], selected: bool, redo: bool) -> dict:

@@ -87,9 +87,33 @@ def run_command(
     for stage, counts in summary["stages"].items():
         table.add_row(stage, str(counts["units"]), str(counts["ran"]), str(counts["skipped"]))
     console.print(table)
-    if summary.get("headline"):
-        console.print(summary["headline"], highlight=False)
+    _print_results(summary["report_summary"])
     console.print(f"report: [bold]{summary['report']}[/]")
+
+
+def _print_results(path) -> None:
+    """The headline numbers of report/summary.json: win rates against the base model and the checks."""
+    import json
+    from pathlib import Path
+
+    from rich.table import Table
+
+    if not Path(path).exists():
+        return
+    results = json.loads(Path(path).read_text())
+    table = Table(title="win rate against the base model (ties half)")
+    for column in ("system", "win rate", "95% CI", "judgments"):
+        table.add_column(column, justify="left" if column == "system" else "right")
+    for system, s in results.get("overall_vs_base", {}).items():
+        table.add_row(system, f"{100 * s['win_rate']:.1f}%", f"{100 * s['ci_low']:.1f}-{100 * s['ci_high']:.1f}%"
+                      if s.get("ci_low") is not None else "-", str(s["n"]))
+    for pref, rate in results.get("experts_vs_base", {}).items():
+        table.add_row(f"expert {pref} (own criterion)", "-" if rate is None else f"{100 * rate:.1f}%", "", "")
+    if table.row_count:
+        console.print(table)
+    for check in results.get("checks", []):
+        mark = "[green]pass[/]" if check["pass"] else "[red]FAIL[/]"
+        console.print(f"{mark} {check['check']}: {check['detail']}", highlight=False)
 
 
 def register(app: typer.Typer) -> None:
