@@ -345,12 +345,14 @@ def test_recipe_names_an_unknown_merge_method(tmp_path):
 
 
 def test_cli_merges_adapter_folders(adapters, tmp_path):
-    out = tmp_path / "soup"
+    out, full = tmp_path / "soup", tmp_path / "full"
     result = runner.invoke(app, ["merge", str(adapters["a0"]), str(adapters["a1"]), str(adapters["a2"]),
-                                 "--weights", "0.4,0.3,0.3", "--method", "average", "--out", str(out)])
+                                 "--weights", "0.4,0.3,0.3", "--method", "average", "--out", str(out),
+                                 "--into-base", str(full)])
     assert result.exit_code == 0, result.output
     assert "average" in result.output and str(out) in result.output.replace("\n", "")
     assert json.loads((out / "soup.json").read_text())["weights"] == [0.4, 0.3, 0.3]
+    assert (full / "config.json").is_file() and list(full.glob("*.safetensors"))
 
 
 def test_cli_merges_preferences_from_a_run_directory(adapters, tmp_path):
@@ -469,6 +471,13 @@ def test_cli_missing_policy_names_the_command(adapters, tmp_path):
     assert not (run / "soups").exists()
     result = runner.invoke(app, ["merge", "--run-dir", str(tmp_path / "empty")])
     assert result.exit_code == 2 and "rlphf train-policy --pref all" in result.output
+    result = runner.invoke(app, ["merge", "--prefs", "concize", "--run-dir", str(run)])
+    assert result.exit_code == 2 and "did you mean 'concise'" in result.output
+    shutil.copytree(adapters["a1"], run / "policy" / "P3A")
+    shutil.copytree(adapters["a2"], run / "policy" / "P1A")
+    result = runner.invoke(app, ["merge", "--weights", "0.5,0.5", "--run-dir", str(run)])
+    assert result.exit_code == 2 and "policies found: P1A, P2A, P3A" in result.output
+    assert not (run / "soups").exists()
 
 
 def test_output_folder_guards(adapters, tmp_path):

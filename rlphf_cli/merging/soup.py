@@ -250,7 +250,13 @@ def merge_from_recipe(
             if not chosen:
                 raise MissingArtifactError("per-preference policies", run.path("policy"),
                                            "rlphf train-policy --pref all")
-        parsed = parse_weights(weights, len(chosen))
+        try:
+            parsed = parse_weights(weights, len(chosen))
+        except InputError as exc:
+            if prefs or "weights for" not in str(exc):
+                raise
+            found = ", ".join(p.id for p in chosen)
+            raise InputError(f"{exc} (the trained policies found: {found}); pick some with --prefs") from None
         order = {p.id: i for i, p in enumerate(available)}
         # Catalog order, so 'friendly,concise' and 'concise,friendly' name the same soup.
         pairs = sorted(zip(chosen, parsed, strict=True), key=lambda pw: order[pw[0].id])
