@@ -236,7 +236,7 @@ def test_openai_runs_requests_concurrently(monkeypatch):
         judge = fast_judge(openai_recipe(server, concurrency=8), None)
         start = time.perf_counter()
         judge.judge_many(requests_for(8))
-        assert time.perf_counter() - start < 1.5  # one at a time would take 2.4 s
+        assert time.perf_counter() - start < 2.0  # one at a time would take 2.4 s
 
 
 KILL_SCRIPT = """
