@@ -11,6 +11,7 @@ The KL reference is the base model itself: the LoRA adapter switched off, no sec
 
 from __future__ import annotations
 
+import json
 import random
 import shutil
 import time
@@ -136,6 +137,11 @@ def train_policy(recipe: Recipe, *, pref: str | None = None, mode: str | None = 
     out_dir = Path(out_dir) if out_dir else run.policy(name)
     config_name, trainer_name = ALGOS[algo]
     rm_ids = _reward_ids(recipe, mode, preference)
+    ckpt_dir = staging_dir(out_dir, "checkpoints")
+    last = get_last_checkpoint(str(ckpt_dir)) if resume and ckpt_dir.is_dir() else None
+    if resume and not last and (out_dir / SUMMARY).is_file():
+        # Finished before the interruption (e.g. the first policies of `--pref all`): keep it.
+        return {**json.loads((out_dir / SUMMARY).read_text()), "out_dir": str(out_dir), "already_done": True}
 
     # Check every input before loading any model.
     if algo == "dpo":
@@ -155,7 +161,6 @@ def train_policy(recipe: Recipe, *, pref: str | None = None, mode: str | None = 
     tokenizer.padding_side = "left"
     fmt = recipe.model.prompt_format
 
-    ckpt_dir = staging_dir(out_dir, "checkpoints")
     section = getattr(recipe.train_policy, algo)
     defaults = {"save_strategy": "steps", "save_total_limit": 2}
     fixed: dict = {}
@@ -181,9 +186,8 @@ def train_policy(recipe: Recipe, *, pref: str | None = None, mode: str | None = 
     metrics_file = ckpt_dir / "metrics.jsonl"
     metrics_cb, progress_cb, interrupt_cb = make_callbacks(metrics_file, progress,
                                                            {f"rm_{rm_id}": rm_id for rm_id in rm_ids})
-    last = get_last_checkpoint(str(ckpt_dir)) if resume and ckpt_dir.is_dir() else None
     if last:
-        metrics_cb.truncate_after(int(Path(last).name.rsplit("-", 1)[-1]))
+        metrics_cb.truncate_after(_step_of(last))
     elif is_main_process() and ckpt_dir.exists():
         shutil.rmtree(ckpt_dir)  # a fresh start: old checkpoints would mix two runs
 
@@ -211,7 +215,7 @@ def train_policy(recipe: Recipe, *, pref: str | None = None, mode: str | None = 
                                   f"{saved}rerun the same command with --resume to continue")
 
     records_logged = read_jsonl(metrics_file) if metrics_file.exists() else metrics_cb.records
-    steps_run = trainer.state.global_step - (int(Path(last).name.rsplit("-", 1)[-1]) if last else start_step)
+    steps_run = trainer.state.global_step - (_step_of(last) if last else start_step)
     summary = {
         "name": name,
         "mode": mode,
@@ -221,7 +225,7 @@ def train_policy(recipe: Recipe, *, pref: str | None = None, mode: str | None = 
         "base_model": model_path,
         "prompt_format": fmt,
         "steps": trainer.state.global_step,
-        "resumed_from": last and int(Path(last).name.rsplit("-", 1)[-1]),
+        "resumed_from": _step_of(last) if last else None,
         "wall_s": round(wall, 3),
         "s_per_step": round(wall / max(1, steps_run), 4),
         **_trend(records_logged),
@@ -231,6 +235,10 @@ def train_policy(recipe: Recipe, *, pref: str | None = None, mode: str | None = 
         shutil.rmtree(ckpt_dir, ignore_errors=True)
     summary["out_dir"] = str(out_dir)
     return summary
+
+
+def _step_of(checkpoint: str) -> int:
+    return int(Path(checkpoint).name.rsplit("-", 1)[-1])
 
 
 def _reward_ids(recipe: Recipe, mode: str, preference: Preference | None) -> list[str]:
