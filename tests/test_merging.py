@@ -127,6 +127,32 @@ def test_uniform_average_is_the_papers_code_bit_for_bit(adapters, tmp_path):
         (adapters["a0"] / "adapter_config.json").read_text())
 
 
+def test_bfloat16_and_mixed_dtypes(adapters, tmp_path):
+    """bf16 adapters: the paper's average in bf16, bit for bit; a bf16 extra tensor next to float32
+    factors (the writer's fallback path) keeps its dtype."""
+    from safetensors.torch import save_file
+
+    halves, mixed = [], []
+    for name in ("a0", "a1"):
+        tensors = load(adapters[name])
+        for kind, convert in (("bf16", lambda t: t.bfloat16()), ("mixed", lambda t: t)):
+            folder = tmp_path / f"{name}-{kind}"
+            shutil.copytree(adapters[name], folder)
+            out = {k: convert(v) for k, v in tensors.items()}
+            if kind == "mixed":
+                out["base_model.model.extra.weight"] = torch.full((3, 5), float(name[-1]), dtype=torch.bfloat16)
+            save_file(out, str(folder / "adapter_model.safetensors"))
+            (halves if kind == "bf16" else mixed).append(folder)
+    ours = load(merge_adapters(halves, None, "average", tmp_path / "soup-bf16"))
+    inputs = [load(d) for d in halves]
+    for key, value in ours.items():
+        assert value.dtype == torch.bfloat16 and torch.equal(value, (inputs[0][key] + inputs[1][key]) / 2), key
+    soup = load(merge_adapters(mixed, [0.25, 0.75], "exact", tmp_path / "soup-mixed"))
+    assert soup["base_model.model.extra.weight"].dtype == torch.bfloat16
+    assert torch.equal(soup["base_model.model.extra.weight"], torch.full((3, 5), 0.75, dtype=torch.bfloat16))
+    assert all(v.dtype == torch.float32 for k, v in soup.items() if "lora_" in k)
+
+
 def test_weighted_average_averages_a_and_b_separately(adapters, tmp_path):
     out = merge_adapters([adapters["a0"], adapters["a1"]], "3,1", "average", tmp_path / "soup")
     a0, a1, ours = load(adapters["a0"]), load(adapters["a1"]), load(out)

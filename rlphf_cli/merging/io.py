@@ -56,7 +56,7 @@ class AdapterInput:
     config: dict
     modules: dict[str, LoraModule] = field(default_factory=dict)
     full: dict[str, tuple[int, ...]] = field(default_factory=dict)  # modules_to_save etc.: key -> shape
-    dtypes: set[str] = field(default_factory=set)
+    dtypes: dict[str, str] = field(default_factory=dict)  # key -> safetensors dtype ('F32', 'BF16', ...)
     sha256: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -131,7 +131,7 @@ def read_adapter(path: str | Path) -> AdapterInput:
     try:
         with safe_open(str(weights_path), framework="pt") as handle:
             shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
-            adapter.dtypes = {handle.get_slice(key).get_dtype() for key in shapes}
+            adapter.dtypes = {key: handle.get_slice(key).get_dtype() for key in shapes}
     except (SafetensorError, OSError, ValueError) as exc:
         raise InputError(f"{weights_path}: not a valid safetensors file ({str(exc).splitlines()[0]})") from None
     _index_tensors(adapter, shapes, weights_path)
@@ -278,3 +278,74 @@ def copy_tokenizer(source: Path, dest: Path) -> list[str]:
             shutil.copy2(source / name, dest / name)
             copied.append(name)
     return copied
+
+
+_ITEMSIZE = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
+             "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+class SafetensorsWriter:
+    """Write a .safetensors file one tensor at a time, so the merged adapter never sits whole in memory.
+
+    The header (names, dtypes, shapes, offsets) is written first, from shapes known in advance;
+    each tensor's bytes then go straight from its memory to the file, in header order. When the
+    dtypes have different sizes, later tensors could be misaligned for zero-copy loading, so the
+    tensors are collected and written by safetensors' own save_file instead.
+    """
+
+    def __init__(self, path: Path, entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str]):
+        import struct
+
+        self.path, self.entries, self.metadata = path, entries, metadata
+        self._next = 0
+        self._collected: dict | None = None
+        self._file = None
+        if len({_ITEMSIZE.get(dtype, 0) for _, dtype, _ in entries}) > 1 or any(d not in _ITEMSIZE for _, d, _ in entries):
+            self._collected = {}
+            return
+        header: dict = {"__metadata__": metadata}
+        offset = 0
+        for key, dtype, shape in entries:
+            size = math.prod(shape) * _ITEMSIZE[dtype]
+            header[key] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
+            offset += size
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)  # tensor data starts 8-byte aligned
+        self._file = open(path, "wb")
+        self._file.write(struct.pack("<Q", len(blob)) + blob)
+
+    def write(self, key: str, tensor) -> None:
+        import torch
+
+        expected, dtype, shape = self.entries[self._next]
+        if key != expected or tuple(tensor.shape) != tuple(shape):
+            raise RuntimeError(f"safetensors writer: got {key} {tuple(tensor.shape)}, expected {expected} {shape}")
+        self._next += 1
+        tensor = tensor.to(_torch_dtype(dtype)).contiguous()
+        if self._collected is not None:
+            self._collected[key] = tensor
+        elif tensor.numel():
+            self._file.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
+
+    def close(self) -> None:
+        if self._collected is not None:
+            from safetensors.torch import save_file
+
+            save_file(self._collected, str(self.path), metadata=self.metadata)
+        self.release()
+        if self._next != len(self.entries):
+            raise RuntimeError(f"safetensors writer: {len(self.entries) - self._next} tensors were not written")
+
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    return {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+            "BOOL": torch.bool}.get(name) or getattr(torch, {"F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}[name])

@@ -58,7 +58,15 @@ class MergeMethod:
                                      "negative weights (preference subtraction) work with --method exact or svd")
         return list(weights)
 
+    def prepare(self, inputs: list) -> None:
+        """Called with the checked inputs (rlphf_cli.merging.io.AdapterInput) before the first module."""
+
+    def output_rank(self, ranks: list[int]) -> int:
+        """The merged rank of a module whose inputs have these ranks."""
+        return ranks[0]
+
     def merge_module(self, module: str, As: list, Bs: list, scales: list[float], weights: list[float]):
+        """The merged (A, B) of one module, in the dtype of the first input's tensors."""
         raise NotImplementedError
 
     def finish(self) -> None:
@@ -158,6 +166,9 @@ class Exact(MergeMethod):
     negative_weights = True
     same_rank = False
 
+    def output_rank(self, ranks):
+        return sum(ranks)
+
     def merge_module(self, module, As, Bs, scales, weights):
         import torch
 
@@ -195,12 +206,17 @@ class SVD(MergeMethod):
             raise InputError(f"--rank must be a positive integer, got {rank!r}")
         self._errors: list[float] = []
 
+    def prepare(self, inputs):
+        self.values.setdefault("rank", max(m.rank for a in inputs for m in a.modules.values()))
+
+    def output_rank(self, ranks):
+        return self.values["rank"]
+
     def merge_module(self, module, As, Bs, scales, weights):
         import torch
 
         a_shape, b_shape, dtype = As[0].shape, Bs[0].shape, As[0].dtype
-        rank = self.values.get("rank") or max(a.shape[0] for a in As)
-        self.values.setdefault("rank", rank)
+        rank = self.values["rank"]
         b_cat = torch.cat([_as_matrix(b).double() for b in Bs], dim=1)
         a_cat = torch.cat([_as_matrix(a).double() * (w * s) for a, w, s in zip(As, weights, scales, strict=True)], dim=0)
         q_b, r_b = torch.linalg.qr(b_cat)

@@ -17,6 +17,7 @@ from rlphf_cli.merging.io import (
     CONFIG_FILE,
     WEIGHTS_FILE,
     AdapterInput,
+    SafetensorsWriter,
     check_compatible,
     check_out_dir,
     copy_tokenizer,
@@ -93,7 +94,9 @@ def merge_adapters(
 
     params: rank (svd), density (ties, dare), seed (dare); a parameter a method does not use is
     ignored (so callers may pass the recipe's whole `merge` section). Only the adapter files are
-    read, one module at a time; every check runs before anything is written.
+    read, one module at a time, and each merged module is written out at once, so peak memory is
+    one module's tensors (inputs + output), not the adapters' size. Every check runs before
+    anything is written; the folder appears only when complete (temporary folder + rename).
     """
     start = time.perf_counter()
     dirs = list(adapter_dirs)
@@ -110,39 +113,46 @@ def merge_adapters(
     out = check_out_dir(out_dir, inputs)
 
     from safetensors import safe_open
-    from safetensors.torch import save_file
 
     first = inputs[0]
+    merger.prepare(inputs)
     names = sorted(first.modules)
     full_keys = sorted(first.full)
     total = len(names) + len(full_keys)
-    tensors = {}
-    ranks: dict[str, int] | None = {} if merger.folds_scale else None
+    ranks = {name: merger.output_rank([a.modules[name].rank for a in inputs]) for name in names}
+    entries = []
+    for name in names:
+        mod, r = first.modules[name], ranks[name]
+        entries.append((mod.a_key, first.dtypes[mod.a_key], (r, *mod.a_shape[1:])))
+        entries.append((mod.b_key, first.dtypes[mod.b_key], (mod.b_shape[0], r, *mod.b_shape[2:])))
+    entries += [(key, first.dtypes[key], first.full[key]) for key in full_keys]
+
     with contextlib.ExitStack() as stack:
+        tmp = stack.enter_context(atomic_dir(out))  # removed on any error: nothing is left behind
         # Hashing (for the card) overlaps with the merge: hashlib releases the GIL.
         hashing = stack.enter_context(ThreadPoolExecutor(max_workers=1)).submit(hash_inputs, inputs)
         stack.enter_context(_single_thread())
         handles = [stack.enter_context(safe_open(str(a.weights_file), framework="pt")) for a in inputs]
+        writer = SafetensorsWriter(tmp / WEIGHTS_FILE, entries, {"format": "pt"})
+        stack.callback(writer.release)
         for done, name in enumerate(names, 1):
             As = _read_all(handles, inputs, lambda a, name=name: a.modules[name].a_key)
             Bs = _read_all(handles, inputs, lambda a, name=name: a.modules[name].b_key)
             A, B = merger.merge_module(name, As, Bs, [a.scale(name) for a in inputs], used)
-            tensors[first.modules[name].a_key] = A.contiguous()
-            tensors[first.modules[name].b_key] = B.contiguous()
-            if ranks is not None:
-                ranks[name] = A.shape[0]
+            writer.write(first.modules[name].a_key, A)
+            writer.write(first.modules[name].b_key, B)
             if progress:
                 progress(done, total)
         for done, key in enumerate(full_keys, len(names) + 1):
-            tensors[key] = merge_full(_read_all(handles, inputs, lambda a, key=key: key), used).contiguous()
+            writer.write(key, merge_full(_read_all(handles, inputs, lambda a, key=key: key), used))
             if progress:
                 progress(done, total)
+        writer.close()
         hashing.result()
-    merger.finish()
-    config = output_config(first, ranks)
-    card = build_card(merger, inputs, given, used, config, len(full_keys), time.perf_counter() - start, card_extra)
-    with atomic_dir(out) as tmp:
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        merger.finish()
+        config = output_config(first, ranks if merger.folds_scale else None)
+        card = build_card(merger, inputs, given, used, config, len(full_keys), time.perf_counter() - start,
+                          card_extra)
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         copy_tokenizer(first.path, tmp)
         (tmp / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
