@@ -21,6 +21,8 @@ import argparse
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 import warnings
@@ -37,6 +39,28 @@ SHAPES = {  # module -> (out, in)
 }
 TARGETS = [name.split(".")[1] for name in SHAPES]
 PARAMS_7B = 6.74e9
+
+
+PEAK_MEMORY = """
+import sys, threading, time
+import torch, safetensors.torch  # imported before the baseline
+from rlphf_cli.merging import merge_adapters
+def anon():
+    for line in open("/proc/self/status"):
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) / 1024
+base, peak, done = anon(), [0.0], threading.Event()
+def sample():
+    while not done.is_set():
+        peak[0] = max(peak[0], anon())
+        time.sleep(0.002)
+thread = threading.Thread(target=sample)
+thread.start()
+merge_adapters(sys.argv[1:4], [0.4, 0.3, 0.3], "exact", sys.argv[4])
+done.set()
+thread.join()
+print(peak[0] - base)
+"""
 
 
 def write_adapter(folder: Path, seed: int, layers: int = LAYERS) -> Path:
@@ -125,6 +149,14 @@ def main() -> None:
         n_modules = LAYERS * len(SHAPES)
         print(f"ours  svd r={RANK}  32 layers: {ours['svd']:6.2f} s wall, {cpu:5.2f} s CPU  "
               f"({ours['svd'] / n_modules * 1e3:6.1f} ms/module)")
+
+        # Peak memory of one merge, in a fresh process: anonymous memory (RssAnon, sampled every
+        # 2 ms; the inputs' mmapped file pages are page cache, not the process's own memory). The
+        # inputs are read and the output written one module at a time.
+        peak = subprocess.run([sys.executable, "-c", PEAK_MEMORY, *map(str, dirs), str(work / "soup-mem")],
+                              capture_output=True, text=True, check=True).stdout.strip()
+        print(f"ours  exact peak memory above the imports: {float(peak):.0f} MB (inputs {size / 1e6:.0f} MB, "
+              f"output {size / 1e6:.0f} MB)")
 
         # 2. peft on a model with the same layer shapes
         from peft import PeftModel
