@@ -133,7 +133,10 @@ def main() -> None:
     print(f"torch threads: {torch.get_num_threads()}, cpus: {os.cpu_count()}, load average: "
           f"{os.getloadavg()[0]:.1f}, work dir: {work}")
     try:
+        default_threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # generating random data is faster without contended threads
         t, dirs = timed(lambda: [write_adapter(work / f"a{i}", seed=i) for i in range(3)])
+        torch.set_num_threads(default_threads)
         size = sum((d / "adapter_model.safetensors").stat().st_size for d in dirs)
         print(f"3 synthetic adapters, Llama-2-7B shapes, r={RANK}, float32: {size / 1e6:.0f} MB written in {t:.1f} s")
 
@@ -184,7 +187,6 @@ def main() -> None:
         print(f"peft  base ({layers} layers, {base_bytes / 1e9:.2f} GB bf16) + 3 adapters load: {t_load:.2f} s; "
               f"7B base (13.5 GB) estimate: {load_7b:.0f} s at the same throughput")
         names = ["a0", "a1", "a2"]
-        default_threads = torch.get_num_threads()
         for method, kind in (("average", "linear"), ("exact", "cat")):
             t = float("inf")
             for threads in sorted({1, default_threads}):  # peft's best of 1 thread and the default
@@ -221,9 +223,15 @@ def main() -> None:
         layer = one.base_model.model.q_proj
         for i, (a, b) in enumerate(factors):
             layer.lora_A[f"a{i}"].weight.data, layer.lora_B[f"a{i}"].weight.data = a.clone(), b.clone()
-        print("peft  svd on one 4096 x 4096 module (dense update + full SVD; slow on 2 cores) ...", flush=True)
+        # On a loaded machine, LAPACK's threads stall each other (measured 2.5x slower with 2 threads
+        # at load 5 on 2 cores): give peft's SVD one thread then, its faster setting.
+        contended = os.getloadavg()[0] > (os.cpu_count() or 1)
+        torch.set_num_threads(1 if contended else default_threads)
+        print(f"peft  svd on one 4096 x 4096 module (dense update + full SVD; {torch.get_num_threads()} thread(s); "
+              "slow on 2 cores) ...", flush=True)
         t_peft, _ = timed(lambda: one.add_weighted_adapter(names, weights, "svd", combination_type="svd",
                                                           svd_rank=RANK))
+        torch.set_num_threads(default_threads)
         scale = ALPHA / RANK
         exact = sum(w * scale * b.double() @ a.double() for w, (a, b) in zip(weights, factors, strict=True))
         peft_update = layer.lora_B["svd"].weight.double() @ layer.lora_A["svd"].weight.double()  # alpha = r
