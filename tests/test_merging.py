@@ -23,6 +23,15 @@ runner = CliRunner()
 TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
 
 
+@pytest.fixture(autouse=True)
+def single_torch_thread():
+    """Tiny tensors: one thread is faster, and on a shared CI machine threads stall each other."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def make_adapter(base: Path, out: Path, r: int = 4, alpha: float = 8, seed: int = 0, std: float = 0.1,
                  targets=TARGETS, task: str = "CAUSAL_LM", **extra) -> Path:
     """A LoRA adapter on the tiny base with random, non-zero A and B (peft would init B = 0)."""
@@ -307,17 +316,16 @@ def test_generated_text_follows_the_weight(tiny_random_model, tmp_path):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             peft.save_pretrained(tmp_path / folder)
+    tokenizer.padding_side = "left"
+    enc = tokenizer(["Explain photosynthesis.", "What is a volcano?", "Hey friend!"], return_tensors="pt",
+                    padding=True)
     scores = []
     for w in (0.0, 0.25, 0.5, 0.75, 1.0):
         out = merge_adapters([tmp_path / "x", tmp_path / "y"], [1 - w, w], "average", tmp_path / f"w{w}")
         model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(tiny_random_model), str(out)).eval()
-        score = 0
-        for prompt in ("Explain photosynthesis.", "What is a volcano?", "Hey friend!"):
-            enc = tokenizer(prompt, return_tensors="pt")
-            ids = model.generate(**enc, max_new_tokens=12, do_sample=False)[0, enc.input_ids.shape[1]:]
-            text = tokenizer.decode(ids)
-            score += text.count(words["x"]) - text.count(words["y"])  # the measure of the text
-        scores.append(score)
+        ids = model.generate(**enc, max_new_tokens=12, do_sample=False)[:, enc.input_ids.shape[1]:]
+        texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
+        scores.append(sum(t.count(words["x"]) - t.count(words["y"]) for t in texts))  # the measure of the text
     assert scores[0] > 0 > scores[-1], scores
     assert all(b <= a for a, b in zip(scores[:-1], scores[1:], strict=True)), scores
 
