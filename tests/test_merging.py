@@ -422,6 +422,10 @@ def corrupt(tmp_path: Path, adapters, what: str) -> Path:
         config = json.loads((bad / "adapter_config.json").read_text())
         config["base_model_name_or_path"] = "someone/else"
         (bad / "adapter_config.json").write_text(json.dumps(config))
+    elif what == "alpha":
+        config = json.loads((bad / "adapter_config.json").read_text())
+        config["lora_alpha"] = 16
+        (bad / "adapter_config.json").write_text(json.dumps(config))
     elif what == "targets":
         config = json.loads((bad / "adapter_config.json").read_text())
         config["target_modules"] = ["q_proj", "v_proj"]
@@ -463,6 +467,7 @@ ERROR_CASES = [
     (["a0", "a1"], ["--weights", "1.5,-0.5"], "negative weight -0.5"),
     (["a0", "a1"], ["--weights", "1.5,-0.5", "--method", "ties", "--density", "0.5"], "negative weight"),
     (["a0", "r8"], [], "use --method exact"),
+    (["a0", "bad:alpha"], [], "different lora_alpha (16 vs 8)"),
     (["a0", "a1"], ["--method", "averge"], "unknown merge method 'averge' (did you mean 'average'?)"),
     (["a0", "a1"], ["--method", "ties"], "needs --density"),
     (["a0", "a1"], ["--method", "dare", "--density", "1.5"], "merge.density"),
