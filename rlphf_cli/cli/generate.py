@@ -2,20 +2,146 @@
 
 from __future__ import annotations
 
-import typer
+from pathlib import Path
+from typing import Annotated, Optional
 
-from rlphf_cli.cli.common import RecipeOption, RunDirOption, SetOption, cli_errors, resolve_recipe
-from rlphf_cli.errors import NotAvailableYet
+import typer
+from rich.table import Table
+
+from rlphf_cli.cli.common import RecipeOption, RunDirOption, SetOption, cli_errors, console, resolve_recipe
+from rlphf_cli.errors import InputError
+
+
+def _opt(*names: str, help: str, **kw):
+    return typer.Option(*names, help=help, show_default=False, **kw)
 
 
 @cli_errors
-def generate_command(recipe: RecipeOption = None, run_dir: RunDirOption = None, set_: SetOption = None) -> None:
+def generate_command(
+    model: Annotated[Optional[str], _opt("--model", help="'tiny', a local folder or a hub name (model.name).")] = None,
+    adapter: Annotated[Optional[str], _opt("--adapter", help="One LoRA adapter folder, or a preference name "
+                                           "meaning the run's policy for it.")] = None,
+    soup: Annotated[Optional[str], _opt("--soup", help="Merge the run's policies, e.g. concise=0.5,friendly=0.5.")] = None,
+    adapters: Annotated[Optional[str], _opt("--adapters", help="Comma-separated adapter folders to merge.")] = None,
+    weights: Annotated[Optional[str], _opt("--weights", help="Weights for --adapters, e.g. 0.7,0.3 (default: equal).")] = None,
+    prefs: Annotated[Optional[str], _opt("--prefs", help="Preference prompts appended to each instruction, e.g. P1A,concise.")] = None,
+    combos: Annotated[Optional[str], _opt("--combos", help="'all' or names like P1A+P2A+P3A: one file per combination.")] = None,
+    prompts: Annotated[Optional[str], _opt("--prompts", help="Prompts: JSON/JSONL/HF dataset folder/builtin:NAME/hf:NAME "
+                                           "(default: training prompts for rollouts, evaluation prompts otherwise).")] = None,
+    limit: Annotated[Optional[int], _opt("--limit", help="Use only the first N prompts.", min=1)] = None,
+    num_samples: Annotated[Optional[int], _opt("--num-samples", help="Responses per prompt (generate.num_samples; "
+                                               "rollouts: annotate.num_samples).", min=1)] = None,
+    out: Annotated[Optional[Path], _opt("--out", help="Output .jsonl (a folder with --combos). Default: the run "
+                                        "directory's rollouts.jsonl or generations/<system>/<combo>.jsonl.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Skip prompts already in the output file.")] = False,
+    system: Annotated[Optional[str], _opt("--system", help="System name written in the records (default: "
+                                          "base, adapter:<name> or soup:<names>).")] = None,
+    temperature: Annotated[Optional[float], _opt("--temperature", help="0 means greedy.", min=0)] = None,
+    top_p: Annotated[Optional[float], _opt("--top-p", help="Nucleus sampling.")] = None,
+    top_k: Annotated[Optional[int], _opt("--top-k", help="Top-k sampling (0: off).")] = None,
+    max_new_tokens: Annotated[Optional[int], _opt("--max-new-tokens", help="Longest response in tokens.")] = None,
+    min_new_tokens: Annotated[Optional[int], _opt("--min-new-tokens", help="Shortest response in tokens.")] = None,
+    no_repeat_ngram_size: Annotated[Optional[int], _opt("--no-repeat-ngram-size", help="Forbid repeated n-grams.")] = None,
+    repetition_penalty: Annotated[Optional[float], _opt("--repetition-penalty", help="> 1 discourages repeats.")] = None,
+    batch_size: Annotated[Optional[int], _opt("--batch-size", help="Sequences decoded together.")] = None,
+    seed: Annotated[Optional[int], _opt("--seed", help="Sampling seed (the recipe's seed).")] = None,
+    recipe: RecipeOption = None,
+    run_dir: RunDirOption = None,
+    set_: SetOption = None,
+) -> None:
     """Generate responses with the base model, one adapter or a soup.
 
+    With no adapter, soup or preferences it writes the rollouts for annotation (training prompts,
+    N samples each) to the run directory. An adapter or soup is merged into the weights first, so
+    a soup decodes at the base model's speed. Records are appended as they are generated; --resume
+    continues an interrupted file.
+
     Example: [bold]rlphf generate --soup concise=0.5,friendly=0.5 --prefs P2A,P3A[/]
+    Example: [bold]rlphf generate --combos all --num-samples 2[/]
     """
-    resolve_recipe(recipe, set_, run_dir)
-    raise NotAvailableYet("'rlphf generate' is not available yet (issue #3)")
+    from rlphf_cli import generation
+    from rlphf_cli.data import load_prompts
+    from rlphf_cli.runs import RunDir
+
+    cfg = resolve_recipe(
+        recipe, set_, run_dir, model__name=model, generate__temperature=temperature, generate__top_p=top_p,
+        generate__top_k=top_k, generate__max_new_tokens=max_new_tokens, generate__min_new_tokens=min_new_tokens,
+        generate__no_repeat_ngram_size=no_repeat_ngram_size, generate__repetition_penalty=repetition_penalty,
+        generate__batch_size=batch_size, generate__num_samples=num_samples, seed=seed,
+    )
+    given = [name for name, value in (("--adapter", adapter), ("--soup", soup), ("--adapters", adapters)) if value]
+    if len(given) > 1:
+        raise InputError(f"{' and '.join(given)}: give one of --adapter, --soup, --adapters")
+    if weights and not adapters:
+        raise InputError("--weights goes with --adapters (for --soup write name=weight)")
+    if prefs and combos:
+        raise InputError("--prefs and --combos: give one (--combos writes one file per combination)")
+    soup_spec = generation.parse_soup(soup) if soup else None
+    if adapters:
+        soup_spec = generation.soup_from_adapters([a.strip() for a in adapters.split(",") if a.strip()],
+                                                  generation.parse_weights(weights) if weights else None)
+    pref_list = cfg.preference_set().resolve(prefs) if prefs else []
+    combinations = generation.resolve_combinations(cfg, combos) if combos else None
+    rollouts = not (adapter or soup_spec or pref_list or combinations)
+    spec = prompts or (cfg.data.train_prompts if rollouts else cfg.data.eval_prompts)
+    default_limit = cfg.data.max_train_prompts if rollouts else cfg.data.max_eval_prompts
+    records = load_prompts(spec, limit or (None if prompts else default_limit))
+    if rollouts and num_samples is None:
+        cfg.generate.num_samples = max(cfg.generate.num_samples, cfg.annotate.num_samples)
+
+    loaded = generation.Generator.load(cfg, adapter=adapter, soup=soup_spec, system=system)
+    run = None
+    if out is None:
+        run = RunDir.open(cfg.resolved_run_dir(), cfg)
+    system_dir = loaded.system.replace(":", "-")
+
+    progress_bar, progress = _progress()
+    with progress_bar:
+        if combinations is not None:
+            out_dir = out or run.path("generations", system_dir)
+            summaries = list(generation.generate_combinations(
+                cfg, records, out_dir, combos=[generation.combination_name(c) for c in combinations],
+                resume=resume, progress=progress, generator=loaded).values())
+        else:
+            path = out or (run.rollouts() if rollouts else run.generations(
+                system_dir, generation.combination_name(pref_list) or "none"))
+            summaries = [generation.generate_file(cfg, records, path, prefs=pref_list, resume=resume,
+                                                  progress=progress, generator=loaded)]
+    _print_summary(summaries)
+
+
+def _progress():
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), console=console, transient=True)
+    tasks: dict[str, tuple[int, float, int]] = {}  # label -> (task id, start time, tokens at start)
+
+    def progress(label: str, done: int, total: int, tokens: int) -> None:
+        import time
+
+        if label not in tasks:
+            tasks[label] = (bar.add_task(label, total=total, completed=done, rate=""), time.time(), tokens)
+        task, start, _ = tasks[label]
+        elapsed = time.time() - start
+        rate = f"{tokens / elapsed:,.0f} tok/s" if elapsed > 0 and tokens else ""
+        bar.update(task, completed=done, total=total, rate=rate)
+
+    return bar, progress
+
+
+def _print_summary(summaries: list[dict]) -> None:
+    table = Table(title=f"generate: {summaries[0]['system']}")
+    for column in ("file", "prompts", "new", "resumed", "samples", "distinct", "tokens", "tok/s"):
+        table.add_column(column, justify="left" if column == "file" else "right")
+    for s in summaries:
+        table.add_row(Path(s["path"]).name, str(s["prompts"]), str(s["generated"]), str(s["resumed"]),
+                      str(s["num_samples"]), f"{s['distinct_fraction']:.0%}", f"{s['tokens']:,}",
+                      f"{s['tokens_per_s']:,.0f}")
+    console.print(table)
+    folders = sorted({str(Path(s["path"]).parent) for s in summaries})
+    where = summaries[0]["path"] if len(summaries) == 1 else ", ".join(folders)
+    console.print(f"wrote {where}", soft_wrap=True, highlight=False)
 
 
 def register(app: typer.Typer) -> None:

@@ -1,0 +1,303 @@
+"""`rlphf generate` and rlphf_cli.generation on the random fixture model (seconds)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from rlphf_cli.cli.main import app
+from rlphf_cli.errors import InputError
+from rlphf_cli.recipe import load_recipe
+from rlphf_cli.runs import read_jsonl
+
+runner = CliRunner()
+PROMPTS = [
+    {"id": f"p{i}", "instruction": text}
+    for i, text in enumerate([
+        "Explain photosynthesis.", "What is a volcano?", "Describe gravity in simple words.",
+        "Tell me about black holes and why nothing escapes them.", "Hi.",
+    ])
+]
+
+
+def recipe_for(model: Path, run: Path, **overrides):
+    return load_recipe(None, [], {"model.name": str(model), "run_dir": str(run), "generate.max_new_tokens": 8,
+                                  **overrides})
+
+
+def make_adapter(base: Path, out: Path, seed: int, r: int = 4) -> Path:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    config = LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear", init_lora_weights=False,
+                        task_type="CAUSAL_LM")
+    get_peft_model(model, config).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def other_base(tmp_path_factory):
+    """A random model of another shape: adapters made for it must be refused."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("other-base")
+    torch.manual_seed(1)
+    LlamaForCausalLM(LlamaConfig(vocab_size=320, hidden_size=48, intermediate_size=96, num_hidden_layers=1,
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(out)
+    return out
+
+
+def write_prompts(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def one_error_line(result) -> str:
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1, result.output
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+# --------------------------------------------------------------------------------------------
+# Library
+
+
+def test_generate_file_records_match_the_shared_format(tiny_random_model, tmp_path):
+    from rlphf_cli.generation import generate_file
+
+    recipe = recipe_for(tiny_random_model, tmp_path / "run")
+    out = tmp_path / "out.jsonl"
+    seen = []
+    summary = generate_file(recipe, PROMPTS, out, num_samples=2, progress=lambda *a: seen.append(a))
+    records = read_jsonl(out)
+    assert [r["id"] for r in records] == [p["id"] for p in PROMPTS]  # prompt order, whatever the batching
+    for record, prompt in zip(records, PROMPTS, strict=True):
+        assert set(record) >= {"id", "instruction", "preferences", "combo", "system", "response", "responses",
+                               "prompt_tokens", "response_tokens", "sampling"}
+        assert record["instruction"] == prompt["instruction"]
+        assert record["preferences"] == [] and record["combo"] == "" and record["system"] == "base"
+        assert len(record["responses"]) == 2 and record["response"] == record["responses"][0]
+        assert len(set(record["responses"])) == 2
+        assert all(0 <= n <= 8 for n in record["response_tokens"])
+        assert record["sampling"]["temperature"] == 1.0 and record["sampling"]["max_new_tokens"] == 8
+    # Longer prompts have more tokens: the mapping back from length-sorted batches is right.
+    assert records[3]["prompt_tokens"] > records[4]["prompt_tokens"]
+    assert summary["prompts"] == 5 and summary["generated"] == 5 and summary["distinct_fraction"] == 1.0
+    assert summary["tokens"] > 0 and summary["tokens_per_s"] > 0
+    assert seen[0][1] == 0 and seen[-1][1:3] == (5, 5)
+
+
+def test_seed_and_greedy(tiny_random_model, tmp_path):
+    import dataclasses
+
+    from rlphf_cli.generation import Generator
+
+    gen = Generator.load(recipe_for(tiny_random_model, tmp_path))
+    texts = [gen.prompt_text(p["instruction"]) for p in PROMPTS]
+    default = gen.sampling
+
+    def responses(**sampling):
+        gen.sampling = dataclasses.replace(default, **sampling)
+        return [r[0][0] for r in gen.generate(texts)[0]]
+
+    assert responses(seed=3) == responses(seed=3)
+    assert responses(seed=3) != responses(seed=4)
+    assert responses(temperature=0, seed=1) == responses(temperature=0, seed=2)
+
+
+def test_resume_skips_done_prompts_and_drops_a_torn_line(tiny_random_model, tmp_path):
+    from rlphf_cli.generation import generate_file
+
+    recipe = recipe_for(tiny_random_model, tmp_path / "run")
+    out = tmp_path / "out.jsonl"
+    generate_file(recipe, PROMPTS[:2], out)
+    first = read_jsonl(out)
+    out.write_text(out.read_text() + '{"id": "p2", "instruc')  # killed mid-write
+    summary = generate_file(recipe, PROMPTS, out, resume=True)
+    records = read_jsonl(out)
+    assert [r["id"] for r in records] == [p["id"] for p in PROMPTS]
+    assert records[:2] == first
+    assert summary["resumed"] == 2 and summary["generated"] == 3
+    assert len(out.read_text().splitlines()) == 5
+
+
+def test_resume_refuses_a_file_of_another_system(tiny_random_model, tmp_path):
+    from rlphf_cli.generation import generate_file
+
+    recipe = recipe_for(tiny_random_model, tmp_path / "run")
+    out = tmp_path / "out.jsonl"
+    generate_file(recipe, PROMPTS[:1], out, prefs="P2A")
+    with pytest.raises(InputError, match="combination"):
+        generate_file(recipe, PROMPTS, out, prefs="P2B", resume=True)
+
+
+def test_preference_prompts_are_appended(tiny_random_model, tmp_path):
+    from rlphf_cli.generation import Generator, generate_file
+
+    recipe = recipe_for(tiny_random_model, tmp_path / "run")
+    gen = Generator.load(recipe)
+    plain = generate_file(recipe, PROMPTS[:2], tmp_path / "a.jsonl", generator=gen)
+    with_prefs = generate_file(recipe, PROMPTS[:2], tmp_path / "b.jsonl", prefs="concise,P3A", generator=gen)
+    a, b = read_jsonl(plain["path"]), read_jsonl(with_prefs["path"])
+    assert b[0]["preferences"] == ["P2A", "P3A"] and b[0]["combo"] == "P2A+P3A"
+    assert b[0]["instruction"] == a[0]["instruction"] == PROMPTS[0]["instruction"]
+    assert b[0]["prompt_tokens"] > a[0]["prompt_tokens"] + 10
+    assert "concise and to the point" in gen.prompt_text("x", recipe.preference_set().resolve("P2A"))
+
+
+def test_tulu_prompt_format(tiny_random_model, tmp_path):
+    from rlphf_cli.generation import Generator
+
+    gen = Generator.load(recipe_for(tiny_random_model, tmp_path, **{"model.prompt_format": "tulu"}))
+    prefs = load_recipe().preference_set().resolve("P1A")
+    assert gen.prompt_text("Explain X.", prefs) == f"<|user|>\nExplain X. {prefs[0].prompt}\n<|assistant|>\n"
+
+
+def test_samples_are_resampled_until_distinct(tiny_random_model, tmp_path, monkeypatch):
+    from rlphf_cli.generation import Generator
+
+    gen = Generator.load(recipe_for(tiny_random_model, tmp_path))
+    answers = iter(["same", "same", "same", "new"])
+
+    def fake_decode(batch_ids, num_samples, seed_offset):
+        return [(next(answers), 1) for _ in range(len(batch_ids) * num_samples)], 2
+
+    monkeypatch.setattr(gen, "_decode", fake_decode)
+    results, _ = gen.generate(["one prompt"], num_samples=2)
+    assert [text for text, _ in results[0]] == ["same", "new"]
+
+
+def test_adapter_is_merged_before_decoding(tiny_random_model, tmp_path):
+    from rlphf_cli.generation import Generator
+
+    adapter = make_adapter(tiny_random_model, tmp_path / "my-lora", seed=5)
+    recipe = recipe_for(tiny_random_model, tmp_path, **{"generate.temperature": 0})
+    merged = Generator.load(recipe, adapter=adapter)
+    unmerged = Generator.load(recipe, adapter=adapter, merge=False)
+    base = Generator.load(recipe)
+    assert merged.system == "adapter:my-lora"
+    assert not any("lora" in name for name, _ in merged.model.named_modules())
+    texts = [merged.prompt_text(p["instruction"]) for p in PROMPTS]
+    out_merged = merged.generate(texts)[0]
+    assert out_merged == unmerged.generate(texts)[0]
+    assert out_merged != base.generate(texts)[0]
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+
+
+def test_cli_rollouts_by_default(tiny_random_model, tmp_path):
+    run = tmp_path / "run"
+    result = runner.invoke(app, ["generate", "--model", str(tiny_random_model), "--run-dir", str(run),
+                                 "--limit", "3", "--max-new-tokens", "6"])
+    assert result.exit_code == 0, result.output
+    records = read_jsonl(run / "rollouts.jsonl")
+    assert len(records) == 3 and all(len(r["responses"]) == 2 for r in records)  # annotate.num_samples
+    assert records[0]["id"].startswith("train-") and records[0]["topic"]
+    assert (run / "recipe.yaml").is_file()
+    assert "rollouts.jsonl" in result.output
+
+
+def test_cli_combos_all_writes_one_file_per_combination(tiny_random_model, tmp_path):
+    out = tmp_path / "gens"
+    result = runner.invoke(app, ["generate", "--model", str(tiny_random_model), "--run-dir", str(tmp_path / "run"),
+                                 "--combos", "all", "--num-samples", "2", "--limit", "2", "--max-new-tokens", "5",
+                                 "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    files = sorted(p.name for p in out.glob("*.jsonl"))
+    assert len(files) == 8 and "P1A+P2A+P3A.jsonl" in files and "P1B+P2B+P3B.jsonl" in files
+    for file in out.glob("*.jsonl"):
+        records = read_jsonl(file)
+        assert len(records) == 2 and records[0]["combo"] == file.stem
+        assert records[0]["id"].startswith("eval-")  # evaluation prompts by default
+        assert all(len(set(r["responses"])) == 2 for r in records)
+
+
+def test_cli_prompts_file_with_instruction_and_input(tiny_random_model, tmp_path):
+    prompts = tmp_path / "p.json"
+    prompts.write_text(json.dumps([{"instruction": "Summarize.", "input": "A long text."},
+                                   {"instruction": "Greet me."}]))
+    out = tmp_path / "o.jsonl"
+    result = runner.invoke(app, ["generate", "--model", str(tiny_random_model), "--run-dir", str(tmp_path / "run"),
+                                 "--prompts", str(prompts), "--prefs", "P1B", "--temperature", "0",
+                                 "--max-new-tokens", "4", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    records = read_jsonl(out)
+    assert records[0]["instruction"] == "Summarize.\n\nA long text." and records[0]["sampling"]["temperature"] == 0
+
+
+def test_cli_adapters_with_weights_make_a_soup(tiny_random_model, tmp_path):
+    pytest.importorskip("rlphf_cli.merging")
+    a = make_adapter(tiny_random_model, tmp_path / "a", seed=1)
+    b = make_adapter(tiny_random_model, tmp_path / "b", seed=2)
+    out = tmp_path / "soup.jsonl"
+    result = runner.invoke(app, ["generate", "--model", str(tiny_random_model), "--run-dir", str(tmp_path / "run"),
+                                 "--adapters", f"{a},{b}", "--weights", "0.7,0.3", "--limit", "2",
+                                 "--max-new-tokens", "4", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert read_jsonl(out)[0]["system"] == "soup:a=0.7+b=0.3"
+
+
+def test_cli_soup_of_the_runs_policies(tiny_random_model, tmp_path):
+    pytest.importorskip("rlphf_cli.merging")
+    from rlphf_cli.generation import Generator
+
+    run = tmp_path / "run"
+    make_adapter(tiny_random_model, run / "policy" / "P2A", seed=1)
+    make_adapter(tiny_random_model, run / "policy" / "P3A", seed=2)
+    result = runner.invoke(app, ["generate", "--model", str(tiny_random_model), "--run-dir", str(run),
+                                 "--soup", "concise=0.5,friendly=0.5", "--prefs", "P2A,P3A", "--limit", "2",
+                                 "--max-new-tokens", "4"])
+    assert result.exit_code == 0, result.output
+    records = read_jsonl(run / "generations" / "soup-P2A+P3A" / "P2A+P3A.jsonl")
+    assert records[0]["system"] == "soup:P2A+P3A" and records[0]["preferences"] == ["P2A", "P3A"]
+
+    # The merged soup decodes like peft's unmerged soup adapter, and not like the base model.
+    recipe = recipe_for(tiny_random_model, run, **{"generate.temperature": 0})
+    merged = Generator.load(recipe, soup="concise,friendly")
+    unmerged = Generator.load(recipe, soup="concise,friendly", merge=False)
+    texts = [merged.prompt_text(p["instruction"]) for p in PROMPTS]
+    assert merged.generate(texts)[0] == unmerged.generate(texts)[0]
+    assert merged.generate(texts)[0] != Generator.load(recipe).generate(texts)[0]
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--prompts", "missing.jsonl"], "missing.jsonl: file not found"),
+        (["--prompts", "EMPTY"], "no prompts"),
+        (["--prefs", "P2A,concize"], "unknown preference 'concize' (did you mean 'concise'?)"),
+        (["--combos", "P1A+P1B"], "picks two preferences of one dimension"),
+        (["--adapters", "A,B", "--weights", "0.5"], "1 weights for 2 adapters"),
+        (["--soup", "concise=0.5,friendly=0.5"], "make it with: rlphf train-policy --pref concise"),
+        (["--soup", "concise=half"], "weight 'half' is not a number"),
+        (["--adapter", "OTHER"], "made for another base model"),
+        (["--adapter", "NOT_ADAPTER"], "not a PEFT adapter folder"),
+        (["--adapter", "nowhere"], "no such adapter folder"),
+        (["--prefs", "P1A", "--combos", "all"], "give one"),
+    ],
+)
+def test_cli_bad_input_is_one_line_and_writes_nothing(tiny_random_model, other_base, tmp_path, args, expected):
+    run = tmp_path / "run"
+    out = tmp_path / "out.jsonl"
+    fill = {"EMPTY": str(write_prompts(tmp_path / "empty.jsonl", [])), "NOT_ADAPTER": str(tmp_path),
+            "A": str(tmp_path / "a"), "B": str(tmp_path / "b")}
+    if "OTHER" in args:
+        fill["OTHER"] = str(make_adapter(other_base, tmp_path / "other-lora", seed=0))
+    args = [fill.get(a, a) for a in args]
+    result = runner.invoke(app, ["generate", "--model", str(tiny_random_model), "--run-dir", str(run),
+                                 "--out", str(out), *args])
+    line = one_error_line(result)
+    assert expected in line, line
+    assert not out.exists()
+    assert not (run / "generations").exists() and not (run / "rollouts.jsonl").exists()
