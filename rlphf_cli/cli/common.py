@@ -33,8 +33,16 @@ SetOption = Annotated[
 ]
 
 
+_debug_flag = False  # --debug of the current invocation
+
+
+def set_debug(enabled: bool) -> None:
+    global _debug_flag
+    _debug_flag = enabled
+
+
 def debug_enabled() -> bool:
-    return os.environ.get("RLPHF_DEBUG", "") not in ("", "0")
+    return _debug_flag or os.environ.get("RLPHF_DEBUG", "") not in ("", "0")
 
 
 def resolve_recipe(recipe: str | None, sets: list[str] | None, run_dir: Path | None = None, **flags: Any):

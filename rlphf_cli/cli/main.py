@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from typing import Annotated, Optional
 
 import typer
 
 from rlphf_cli import __version__
 from rlphf_cli.cli import annotate, generate, judge, merge, run, tiny_model, train_policy, train_rm
+from rlphf_cli.cli.common import set_debug
 
 app = typer.Typer(
     name="rlphf",
@@ -35,8 +35,8 @@ def main_callback(
     ] = None,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks instead of one-line errors.")] = False,
 ) -> None:
-    if debug:
-        os.environ["RLPHF_DEBUG"] = "1"
+    # Set on every invocation, so one `--debug` run does not leak into the next in the same process.
+    set_debug(debug)
 
 
 for module in (tiny_model, generate, annotate, train_rm, train_policy, merge, judge, run):
