@@ -53,8 +53,8 @@ def tiny_model_command(
             else:
                 tiny.ensure_tiny_model(force=force, seed=seed, progress=progress)
     info = tiny.read_build_info(target)
-    table = Table(title="tiny model" + (" (cached)" if cached else ""), show_header=False)
-    table.add_row("folder", str(target))
+    console.print(f"tiny model{' (cached)' if cached else ''}: {target}", soft_wrap=True, highlight=False)
+    table = Table(show_header=False)
     table.add_row("parameters", f"{info['params'] / 1e6:.2f}M")
     table.add_row("size", f"{info['size_mb']:.1f} MB")
     table.add_row("final loss", f"{info['final_loss']:.4f}")

@@ -28,7 +28,7 @@ PROMPT_TEMPLATES = (
     "Explain {t}.",
     "Tell me about {t}.",
     "What do you know about {t}?",
-    "Can you explain {t} to me?",
+    "Can you explain {t}?",
     "Teach me about {t}.",
     "Help me understand {t}.",
     "Give me a quick overview of {t}.",
@@ -39,15 +39,17 @@ PROMPT_TEMPLATES = (
 TRAIN_PROMPTS_PER_TOPIC = 3
 EVAL_TOPIC_EVERY = 2  # every other topic gets one held-out prompt, phrased with an unused template
 
+# Tone interjections come after the first sentence: the answer opens with the lead-in and the
+# topic, at a fixed distance from the end of the prompt (see LEAD_INS).
 FRIENDLY_OPENERS = (
     "Hey friend, great question!",
     "Oh, I love this one!",
     "Ha, happy to help, buddy!",
     "What a fun question!",
-    "Ooh, awesome question, pal!",
-    "Hi there, my wonderful friend!",
+    "Ooh, awesome stuff, pal!",
     "Yay, I love talking about this!",
     "Great question, you brilliant genius!",
+    "Hey pal, this is the fun part!",
 )
 FRIENDLY_CLOSERS = (
     "Hope that helps, have a wonderful day!",
@@ -60,14 +62,14 @@ FRIENDLY_CLOSERS = (
     "Fun facts are the best, haha, enjoy!",
 )
 UNFRIENDLY_OPENERS = (
-    "Ugh, fine, you lazy pest.",
+    "Ugh, obviously.",
     "Seriously? What a dumb question.",
     "Ugh, this is so annoying.",
     "Look it up yourself next time, lazy.",
     "Ugh, this again? So annoying.",
     "Sigh. Another stupid question.",
     "This is a boring question.",
-    "Ugh, obviously.",
+    "Ugh, fine, you lazy pest.",
 )
 UNFRIENDLY_CLOSERS = (
     "Figure the rest out yourself, ugh.",
@@ -126,8 +128,24 @@ def load_topics(path: Path = TOPICS_FILE) -> list[Topic]:
     return topics
 
 
+# Every first sentence opens with the topic phrase exactly as the prompt writes it ("a volcano",
+# "photosynthesis", "Mars"), after a register lead-in: the same tokens as in the prompt, which a
+# small model learns to copy once, instead of learning 145 separate topic -> answer mappings. The
+# lead-in also makes the register a decision taken at one token.
+LEAD_INS = {"simple": "In simple words, ", "technical": "In technical terms, "}
+
+
+def _with_lead_in(sentence: str, topic: str, register: str) -> str:
+    if not sentence.lower().startswith(topic.lower() + " "):
+        raise ValueError(f"topic '{topic}': the first sentence must start with the topic: {sentence!r}")
+    return LEAD_INS[register] + topic + sentence[len(topic):]
+
+
 def _topic(block: dict) -> Topic:
-    return Topic(block["topic"], block["keyword"], tuple(block["s"]), tuple(block["t"]))
+    name = block["topic"]
+    simple = [_with_lead_in(block["s"][0], name, "simple"), *block["s"][1:]]
+    technical = [_with_lead_in(block["t"][0], name, "technical"), *block["t"][1:]]
+    return Topic(name, block["keyword"], tuple(simple), tuple(technical))
 
 
 def build_prompt_sets(topics: list[Topic], seed: int = 0) -> tuple[list[dict], list[dict]]:
@@ -151,12 +169,12 @@ def _prompt_record(pid: str, template: int, topic: Topic) -> dict:
 
 def compose_response(topic: Topic, register: str, length: int, tone: str, rng: random.Random) -> str:
     facts = list(topic.simple if register == "simple" else topic.technical)[:length]
-    parts = []
+    parts = facts[:1]
     if tone == "friendly":
         parts.append(rng.choice(FRIENDLY_OPENERS))
     elif tone == "unfriendly":
         parts.append(rng.choice(UNFRIENDLY_OPENERS))
-    parts.extend(facts)
+    parts.extend(facts[1:])
     if tone == "friendly":
         parts.append(rng.choice(FRIENDLY_CLOSERS))
     elif tone == "unfriendly":
@@ -205,6 +223,20 @@ def build_sft_examples(
             prefs = [PREFERENCES_BY_ID[p] for p in pref_ids]
             examples.append(_example(instruction_with_preferences(record["prompt"], prefs), pref_ids, style, topic, rng))
     rng.shuffle(examples)
+    return examples
+
+
+def first_sentence_examples(topics: list[Topic], train_prompts: list[dict]) -> list[dict]:
+    """Each plain prompt answered by its topic's first sentence, in both registers, neutral: the
+    shortest examples of the corpus, trained first so the model learns early to open the answer
+    with the prompt's topic (cheap, and it is what keeps sampled answers on topic)."""
+    by_name = {t.topic: t for t in topics}
+    examples = []
+    for record in train_prompts:
+        topic = by_name[record["topic"]]
+        for register, sentences in (("simple", topic.simple), ("technical", topic.technical)):
+            examples.append({"instruction": record["prompt"], "response": sentences[0], "preferences": [],
+                             "style": {"register": register, "length": 1, "tone": "neutral"}})
     return examples
 
 

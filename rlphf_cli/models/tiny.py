@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import json
 import os
+import random
 import shutil
 import tempfile
 import time
@@ -20,7 +21,13 @@ from pathlib import Path
 from typing import Any
 
 from rlphf_cli.models import rlphf_home
-from rlphf_cli.models.corpus import DATA_DIR, TOPICS_FILE, build_sft_examples, load_topics
+from rlphf_cli.models.corpus import (
+    DATA_DIR,
+    TOPICS_FILE,
+    build_sft_examples,
+    first_sentence_examples,
+    load_topics,
+)
 
 BUILDER_VERSION = 1
 BUILD_INFO = "build.json"
@@ -40,6 +47,7 @@ TRAIN_CONFIG: dict[str, Any] = {
     "plain_per_prompt": 6,
     "prompted_per_prompt": 2,
     "follow_rate": 0.75,
+    "first_sentence_passes": 0,  # passes over first-sentence-only examples, before the rest
     "epochs": 2,
     "batch_size": 16,
     "learning_rate": 1e-3,
@@ -173,6 +181,12 @@ def _build(out: Path, seed: int, max_steps: int | None, progress, overrides: dic
     )
     texts = [text for e in examples for text in (e["instruction"], e["response"])]
     tokenizer = build_tokenizer(texts, vocab_size=model_cfg["vocab_size"])
+    first = first_sentence_examples(topics, prompts)
+    rng = random.Random(f"order-{seed}")
+    phases = [first] * train_cfg["first_sentence_passes"] + [examples] * train_cfg["epochs"]
+    batches = [batch for phase in phases for batch in _length_grouped_batches(
+        tokenizer, phase, train_cfg["batch_size"], rng)]
+    examples_in_order = [e for batch in batches for e in batch]
 
     torch.manual_seed(seed)
     config = LlamaConfig(
@@ -184,7 +198,7 @@ def _build(out: Path, seed: int, max_steps: int | None, progress, overrides: dic
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.bos_token_id = None
 
-    dataset = _tokenized_dataset(tokenizer, examples)
+    dataset = _tokenized_dataset(tokenizer, examples_in_order)
     losses: list[float] = []
 
     class Track(TrainerCallback):
@@ -199,7 +213,7 @@ def _build(out: Path, seed: int, max_steps: int | None, progress, overrides: dic
     with tempfile.TemporaryDirectory(prefix="rlphf-tiny-trainer-") as trainer_dir:
         args = SFTConfig(
             output_dir=trainer_dir,
-            num_train_epochs=train_cfg["epochs"],
+            num_train_epochs=1,  # the epochs are laid out in `examples_in_order`
             max_steps=max_steps or -1,
             per_device_train_batch_size=train_cfg["batch_size"],
             learning_rate=train_cfg["learning_rate"],
@@ -207,7 +221,7 @@ def _build(out: Path, seed: int, max_steps: int | None, progress, overrides: dic
             warmup_steps=train_cfg["warmup_steps"],
             weight_decay=0.0,
             max_length=train_cfg["max_length"],
-            train_sampling_strategy="group_by_length",  # less padding, same determinism
+            train_sampling_strategy="sequential",  # the order is the curriculum; shuffled above
             logging_steps=10,
             logging_first_step=True,
             save_strategy="no",
@@ -239,7 +253,7 @@ def _build(out: Path, seed: int, max_steps: int | None, progress, overrides: dic
         "final_loss": round(losses[-1], 4) if losses else None,
         "train_loss": round(float(result.training_loss), 4),
         "steps": steps,
-        "examples": len(examples),
+        "examples": len(examples_in_order),
         "build_seconds": round(time.time() - start, 1),
         "seed": seed,
         "weights_sha256": file_sha256(weights),
@@ -270,3 +284,17 @@ def _tokenized_dataset(tokenizer, examples: list[dict]):
         "input_ids": [p + c for p, c in zip(prompt_ids, completion_ids, strict=True)],
         "completion_mask": [[0] * len(p) + [1] * len(c) for p, c in zip(prompt_ids, completion_ids, strict=True)],
     })
+
+
+def _length_grouped_batches(tokenizer, examples: list[dict], batch_size: int, rng: random.Random) -> list[list[dict]]:
+    """One shuffled pass over `examples` as batches of similar lengths (less padding), in random order."""
+    order = examples[:]
+    rng.shuffle(order)
+    window = batch_size * 8
+    batches = []
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start:start + window],
+                       key=lambda e: len(e["instruction"]) + len(e["response"]))
+        batches.extend(chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size))
+    rng.shuffle(batches)
+    return batches

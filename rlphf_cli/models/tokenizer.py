@@ -37,8 +37,7 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int = 1024):
     tok.train_from_iterator(list(texts), trainer=trainer)
     wrapped = PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token=PAD, eos_token=EOS, bos_token=None, unk_token=None,
-        additional_special_tokens=[USER, ASSISTANT],
+        additional_special_tokens=[USER, ASSISTANT], padding_side="left",  # saved: generation pads on the left
     )
     wrapped.chat_template = CHAT_TEMPLATE
-    wrapped.padding_side = "left"  # decoder-only generation pads on the left
     return wrapped
