@@ -14,7 +14,18 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-N_TRAIN_PROMPTS = 192
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """On a busy 2-core machine two torch threads make these models 5-20x slower (OpenMP waits)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+N_TRAIN_PROMPTS = None  # all 435: ~400 pairs, as in the demo
 MAX_NEW_TOKENS = 48
 
 
@@ -75,7 +86,7 @@ def tiny_run(tiny_model, tmp_path_factory):
                      "preference": "P2A"})
     (run / "annotations").mkdir()
     (run / "annotations" / "P2A.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    recipe = load_recipe(None, [f"run_dir={run}", "train_rm.eval_fraction=0.2"])
+    recipe = load_recipe(None, [f"run_dir={run}", "train_rm.eval_fraction=0.2"])  # ~80 held-out pairs
     metrics = train_reward_model(recipe, "P2A", model=str(tiny_model))
     return {"run": run, "recipe": recipe, "rm": metrics, "pairs": len(rows)}
 
@@ -84,7 +95,7 @@ def test_p2a_reward_model_is_accurate_on_held_out_pairs(tiny_run):
     metrics = tiny_run["rm"]
     print(f"P2A RM: {metrics['accuracy']:.1%} held-out accuracy on {metrics['pairs_eval']} pairs "
           f"({metrics['pairs_train']} train, {metrics['train_s']:.1f} s, {metrics['s_per_step']:.3f} s/step)")
-    assert metrics["pairs_eval"] >= 25
+    assert metrics["pairs_eval"] >= 50
     assert metrics["accuracy"] >= 0.85
     assert metrics["mean_margin"] > 0
 
@@ -117,13 +128,13 @@ def test_dpo_and_morl_write_loadable_adapters(tiny_run, tiny_model):
     from rlphf_cli.training.policy import train_policy
 
     run = tiny_run["run"]
-    recipe = load_recipe(None, [f"run_dir={run}", "preferences.use=[P2A,P2B]", "train_policy.dpo.max_steps=8",
-                                "train_policy.rloo.max_steps=4"])
+    recipe = load_recipe(None, [f"run_dir={run}", "preferences.use=[P2A,P2B]", "train_policy.dpo.max_steps=4",
+                                "train_policy.rloo.max_steps=3"])
     dpo = train_policy(recipe, pref="P2A", algo="dpo", model=str(tiny_model), out_dir=run / "policy" / "dpo-P2A")
-    assert dpo["steps"] == 8
+    assert dpo["steps"] == 4
     if not (run / "rm" / "P2B").exists():  # morl routing needs one RM per preference; a copy will do here
         shutil.copytree(run / "rm" / "P2A", run / "rm" / "P2B")
     morl = train_policy(recipe, mode="morl", model=str(tiny_model))
-    assert morl["steps"] == 4 and set(morl["rewards_end"]) <= {"P2A", "P2B"}
+    assert morl["steps"] == 3 and set(morl["rewards_end"]) <= {"P2A", "P2B"}
     for folder in (dpo["out_dir"], morl["out_dir"]):
         PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_model)), folder)
