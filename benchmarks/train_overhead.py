@@ -22,8 +22,6 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-RLOO = {"learning_rate": 1.0e-3, "per_device_train_batch_size": 16, "num_generations": 4,
-        "max_completion_length": 48, "beta": 0.05}
 
 
 def make_pairs(path: Path, prompts: list[dict], seed: int = 0) -> None:
@@ -38,7 +36,8 @@ def make_pairs(path: Path, prompts: list[dict], seed: int = 0) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def plain_trl(model_path: str, rm_dir: Path, records: list[dict], steps: int, seed: int, out: Path) -> float:
+def plain_trl(model_path: str, rm_dir: Path, records: list[dict], steps: int, seed: int, rloo: dict,
+              out: Path) -> float:
     """What a user would write with TRL alone."""
     import torch
     from datasets import Dataset
@@ -55,7 +54,7 @@ def plain_trl(model_path: str, rm_dir: Path, records: list[dict], steps: int, se
     dataset = Dataset.from_dict({"prompt": [[{"role": "user", "content": r["instruction"]}] for r in records]})
     args = RLOOConfig(output_dir=str(out / "ckpt"), max_steps=steps, seed=seed, bf16=False,
                       activation_checkpointing=False, report_to="none", save_strategy="no",
-                      model_init_kwargs={"dtype": "float32"}, **RLOO)
+                      model_init_kwargs={"dtype": "float32"}, **rloo)
     trainer = RLOOTrainer(model=model_path, reward_funcs=rm, reward_processing_classes=rm_tokenizer, args=args,
                           train_dataset=dataset, processing_class=tokenizer,
                           peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear",
@@ -103,9 +102,9 @@ def main() -> None:
         prompts_file = tmp / "prompts.jsonl"
         prompts_file.write_text("".join(json.dumps({"id": r["id"], "prompt": r["instruction"]}) + "\n"
                                         for r in records))
-        sets = [f"run_dir={tmp / 'run'}", f"train_policy.rloo.max_steps={args.steps}", "train_policy.rloo.logging_steps=1"]
-        sets += [f"train_policy.rloo.{k}={v}" for k, v in RLOO.items()]
-        recipe = load_recipe(None, sets)
+        # The tiny recipe's RLOO settings (batch, generations, lengths, lr, beta) for both runs.
+        recipe = load_recipe("tiny", [f"run_dir={tmp / 'run'}", f"train_policy.rloo.max_steps={args.steps}"])
+        rloo = {k: v for k, v in recipe.train_policy.rloo.items() if k != "max_steps"}
         make_pairs(tmp / "P2A.jsonl", records)
         rm_dir = tmp / "rm"
         rm = train_reward_model(recipe, "P2A", tmp / "P2A.jsonl", rm_dir, model=model_path)
@@ -114,7 +113,7 @@ def main() -> None:
         plain_times, our_times = [], []
         for i in range(args.repeats):
             release_shared_models()
-            plain_times.append(plain_trl(model_path, rm_dir, records, args.steps, recipe.seed, tmp / f"p{i}"))
+            plain_times.append(plain_trl(model_path, rm_dir, records, args.steps, recipe.seed, rloo, tmp / f"p{i}"))
             release_shared_models()
             our_times.append(ours(recipe, model_path, rm_dir, str(prompts_file), tmp / f"o{i}"))
             print(f"run {i + 1}: plain TRL {plain_times[-1]:.1f} s, rlphf train_policy {our_times[-1]:.1f} s")
