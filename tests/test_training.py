@@ -202,6 +202,12 @@ def test_train_rm_writes_adapter_metrics_and_scores(setup, tiny_random_model):
     assert len(scores) == 2 and all(isinstance(s, float) for s in scores)
     assert RewardScorer(rm).score(["Explain sun"], ["sun hot"])[0] == pytest.approx(scores[0], abs=1e-5)
 
+    # Retrained in place (same process, same folder): the scorer loads the new weights.
+    from rlphf_cli.training.reward import train_reward_model
+
+    train_reward_model(load(setup, "train_rm.trl.learning_rate=0.02"), "P2A", model=str(tiny_random_model))
+    assert RewardScorer(rm).score(["Explain sun"], ["sun hot"])[0] != pytest.approx(scores[0], abs=1e-5)
+
 
 def test_train_rm_errors(setup, tiny_random_model):
     result = runner.invoke(app, ["train-rm", "--pref", "friendly", *base_args(setup, tiny_random_model)])

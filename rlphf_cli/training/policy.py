@@ -226,6 +226,7 @@ def train_policy(recipe: Recipe, *, pref: str | None = None, mode: str | None = 
         "prompt_format": fmt,
         "steps": trainer.state.global_step,
         "resumed_from": _step_of(last) if last else None,
+        **({"pairs": len(pairs), "pairs_skipped": skipped} if algo == "dpo" else {"prompts": len(records)}),
         "wall_s": round(wall, 3),
         "s_per_step": round(wall / max(1, steps_run), 4),
         **_trend(records_logged),

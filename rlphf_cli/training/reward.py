@@ -12,6 +12,7 @@ import random
 import shutil
 import threading
 import time
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -247,7 +248,10 @@ class RewardScorer:
         if dtype is None:
             dtype = "bfloat16" if torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
         self.name = "rm_" + "".join(c if c.isalnum() else "_" for c in self.rm_dir.name)
-        self._adapter = f"{self.name}_{abs(hash(str(self.rm_dir.resolve()))) % 10**8}"
+        # Named after the folder and its weights file, so a retrained RM is loaded again, not reused.
+        weights = next(self.rm_dir.glob("adapter_model.*"), self.rm_dir / "adapter_config.json").stat()
+        key = f"{self.rm_dir.resolve()}:{weights.st_mtime_ns}:{weights.st_size}"
+        self._adapter = f"{self.name}_{zlib.crc32(key.encode()):08x}"
         self.model = self._load(torch.device(device), getattr(torch, dtype))
 
     def _load(self, device, dtype):
