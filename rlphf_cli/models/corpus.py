@@ -226,20 +226,6 @@ def build_sft_examples(
     return examples
 
 
-def first_sentence_examples(topics: list[Topic], train_prompts: list[dict]) -> list[dict]:
-    """Each plain prompt answered by its topic's first sentence, in both registers, neutral: the
-    shortest examples of the corpus, trained first so the model learns early to open the answer
-    with the prompt's topic (cheap, and it is what keeps sampled answers on topic)."""
-    by_name = {t.topic: t for t in topics}
-    examples = []
-    for record in train_prompts:
-        topic = by_name[record["topic"]]
-        for register, sentences in (("simple", topic.simple), ("technical", topic.technical)):
-            examples.append({"instruction": record["prompt"], "response": sentences[0], "preferences": [],
-                             "style": {"register": register, "length": 1, "tone": "neutral"}})
-    return examples
-
-
 def _example(instruction: str, prefs: list[str], style: dict, topic: Topic, rng: random.Random) -> dict:
     response = compose_response(topic, style["register"], style["length"], style["tone"], rng)
     return {"instruction": instruction, "response": response, "preferences": prefs, "style": style}
