@@ -34,8 +34,10 @@ class MissingArtifactError(RlphfError):
 
     def __init__(self, what: str, path, command: str):
         super().__init__(f"{what} not found at {path}; make it with: {command}")
-        self.path = path
-        self.command = command
+        self.what, self.path, self.command = what, path, command
+
+    def __reduce__(self):  # pipeline worker processes send it back pickled
+        return type(self), (self.what, self.path, self.command)
 
 
 class NotAvailableYet(RlphfError):

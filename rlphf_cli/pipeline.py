@@ -48,7 +48,8 @@ class Unit:
     outputs: list[Path] = field(default_factory=list)
 
 
-# A progress sink gets ("stage", index, total, name, n_units), ("unit", done, n_units, label), ("log", text).
+# A progress sink gets ("stage", index, total, name, n_units), ("unit-start", label),
+# ("unit", done, n_units, label), ("inner", done, total) and ("stage-end", name, counts, seconds).
 Progress = Callable[..., None]
 
 
@@ -365,7 +366,9 @@ class Pipeline:
             selected = (only is None or stage == only) and index >= start_at
             redo = force and selected or (from_stage is not None and index >= start_at)
             self.progress("stage", index, len(stages), stage, len(units))
+            started = time.time()
             summary["stages"][stage] = self._run_stage(stage, units, selected, redo)
+            self.progress("stage-end", stage, summary["stages"][stage], time.time() - started)
         summary["report"] = str(self.run.report_dir() / "report.md")
         summary["report_summary"] = str(self.run.report_dir() / "summary.json")
         return summary
@@ -400,7 +403,7 @@ class Pipeline:
             return
         # Per-preference training jobs are independent: split the cores between worker processes.
         threads = max(1, (os.cpu_count() or 1) // parallel)
-        with ProcessPoolExecutor(max_workers=parallel, initializer=_limit_threads, initargs=(threads,)) as pool:
+        with ProcessPoolExecutor(max_workers=parallel, initializer=_worker_setup, initargs=(threads,)) as pool:
             futures = [(unit, pool.submit(unit.work.func, *unit.work.args)) for unit in units]
             for unit, future in futures:
                 yield unit, future.result() or {}
@@ -421,10 +424,13 @@ class _Job:
         return self.func(*self.args)
 
 
-def _limit_threads(threads: int) -> None:
+def _worker_setup(threads: int) -> None:
     import torch
 
+    from rlphf_cli.training import quiet_libraries
+
     torch.set_num_threads(threads)
+    quiet_libraries()
 
 
 def _train_rm_job(recipe: Recipe, pref_id: str, run_root: str, model_path: str) -> dict:

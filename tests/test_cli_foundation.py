@@ -196,6 +196,19 @@ def test_stage_markers_and_atomic_dir(tmp_path):
         (tmp / "half.txt").write_text("x")
         raise RuntimeError("crash")
     assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == [tmp_path / "run"]
+    with atomic_dir(tmp_path / "out") as tmp:
+        (tmp / "whole.txt").write_text("x")
+    assert (tmp_path / "out" / "whole.txt").exists()
+    assert (tmp_path / "out").stat().st_mode & 0o777 == (tmp_path / "run").stat().st_mode & 0o777  # not 0700
+
+
+def test_missing_artifact_error_survives_a_worker_process():
+    import pickle
+
+    from rlphf_cli.errors import MissingArtifactError
+
+    error = pickle.loads(pickle.dumps(MissingArtifactError("reward model", "runs/x/rm/P2A", "rlphf train-rm --pref P2A")))
+    assert str(error).endswith("make it with: rlphf train-rm --pref P2A") and error.command.startswith("rlphf")
 
 
 def test_fixture_model_loads_with_auto_classes(tiny_random_model):

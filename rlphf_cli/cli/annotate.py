@@ -2,41 +2,25 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from rlphf_cli.cli.common import RecipeOption, RunDirOption, SetOption, cli_errors, console, resolve_recipe
+from rlphf_cli.cli.common import (
+    RecipeOption,
+    RunDirOption,
+    SetOption,
+    cli_errors,
+    console,
+    one_progress_bar,
+    resolve_recipe,
+)
 
 JudgeOption = Annotated[
     Optional[str], typer.Option("--judge", help="Judge backend: rubric (offline proxy), openai or hf.",
                                 show_default=False)
 ]
-
-
-@contextlib.contextmanager
-def judge_progress(description: str) -> Iterator:
-    """A Rich progress bar fed by the library's progress(done, total) callback."""
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TimeRemainingColumn(), console=console, transient=True) as progress:
-        task = progress.add_task(description, total=None)
-
-        def update(done: int, total: int) -> None:
-            progress.update(task, completed=done, total=total)
-
-        yield update
 
 
 @cli_errors
@@ -73,7 +57,7 @@ def annotate_command(
         run = RunDir.open(resolved.resolved_run_dir(), resolved)
         rollouts = rollouts or run.rollouts()
         out = out or run.path("annotations")
-    with judge_progress(f"annotating with the {resolved.annotate.judge} judge") as update:
+    with one_progress_bar(f"annotating with the {resolved.annotate.judge} judge") as update:
         summary = annotate_rollouts(resolved, rollouts, None, out, progress=update)
     _print_summary(summary)
 

@@ -5,8 +5,10 @@ Commands are thin: parse options, resolve the recipe, call one library function,
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -54,6 +56,37 @@ def resolve_recipe(recipe: str | None, sets: list[str] | None, run_dir: Path | N
     if run_dir is not None:
         overrides["run_dir"] = str(run_dir)
     return load_recipe(recipe, sets, overrides)
+
+
+def progress_bar(*extra: Any, transient: bool = True, eta: bool = True):
+    """Every command's progress display: description, bar, done/total, `extra` columns (format
+    strings or Rich columns), elapsed and (with `eta`) remaining time."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               *(TextColumn(c) if isinstance(c, str) else c for c in extra), TimeElapsedColumn()]
+    if eta:
+        columns.append(TimeRemainingColumn())
+    return Progress(*columns, console=console, transient=transient)
+
+
+@contextlib.contextmanager
+def one_progress_bar(description: str) -> Iterator[Callable[[int, int], None]]:
+    """One bar fed by a library's progress(done, total) callback."""
+    with progress_bar() as bar:
+        task = bar.add_task(description, total=None)
+
+        def update(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield update
 
 
 def cli_errors(func):

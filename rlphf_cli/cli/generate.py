@@ -8,7 +8,15 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from rlphf_cli.cli.common import RecipeOption, RunDirOption, SetOption, cli_errors, console, resolve_recipe
+from rlphf_cli.cli.common import (
+    RecipeOption,
+    RunDirOption,
+    SetOption,
+    cli_errors,
+    console,
+    progress_bar,
+    resolve_recipe,
+)
 from rlphf_cli.errors import InputError
 
 
@@ -111,10 +119,7 @@ def generate_command(
 
 
 def _progress():
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), console=console, transient=True)
+    bar = progress_bar("{task.fields[rate]}")
     tasks: dict[str, tuple[int, float, int]] = {}  # label -> (task id, start time, tokens at start)
 
     def progress(label: str, done: int, total: int, tokens: int) -> None:

@@ -7,8 +7,16 @@ from typing import Annotated, Optional
 
 import typer
 
-from rlphf_cli.cli.annotate import JudgeOption, judge_progress
-from rlphf_cli.cli.common import RecipeOption, RunDirOption, SetOption, cli_errors, console, resolve_recipe
+from rlphf_cli.cli.annotate import JudgeOption
+from rlphf_cli.cli.common import (
+    RecipeOption,
+    RunDirOption,
+    SetOption,
+    cli_errors,
+    console,
+    one_progress_bar,
+    resolve_recipe,
+)
 
 
 @cli_errors
@@ -47,7 +55,7 @@ def judge_command(
                               judge__bootstrap_samples=bootstrap_samples)
     if out is None:
         out = default_out(RunDir.open(resolved.resolved_run_dir(), resolved), a, b)
-    with judge_progress(f"judging with the {resolved.judge.backend} judge") as update:
+    with one_progress_bar(f"judging with the {resolved.judge.backend} judge") as update:
         result = judge_files(resolved, a, b, criteria, out, progress=update)
     _print_result(result, out)
 

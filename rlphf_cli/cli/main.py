@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Annotated, Optional
 
 import typer
@@ -39,8 +40,18 @@ def main_callback(
     set_debug(debug)
 
 
+def _reflowed(doc: str) -> str:
+    """Rich help keeps a docstring's line breaks, which wrap raggedly in a narrow terminal: join the
+    lines of each paragraph so Rich wraps them to the terminal's width."""
+    paragraphs = inspect.cleandoc(doc).split("\n\n")
+    return "\n\n".join(" ".join(line.strip() for line in p.splitlines()) for p in paragraphs)
+
+
 for module in (tiny_model, generate, annotate, train_rm, train_policy, merge, judge, run):
     module.register(app)
+for command in app.registered_commands:
+    if command.help is None and command.callback.__doc__:
+        command.help = _reflowed(command.callback.__doc__)
 
 
 def main() -> None:

@@ -7,7 +7,15 @@ from typing import Annotated, Optional
 
 import typer
 
-from rlphf_cli.cli.common import RecipeOption, RunDirOption, SetOption, cli_errors, console, resolve_recipe
+from rlphf_cli.cli.common import (
+    RecipeOption,
+    RunDirOption,
+    SetOption,
+    cli_errors,
+    console,
+    one_progress_bar,
+    resolve_recipe,
+)
 
 
 @cli_errors
@@ -45,7 +53,6 @@ def merge_command(
 
     Example: [bold]rlphf merge --prefs elementary,concise,friendly --weights 0.4,0.3,0.3[/]
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
     from rich.table import Table
 
     from rlphf_cli.merging import merge_from_recipe
@@ -53,12 +60,11 @@ def merge_command(
     resolved = resolve_recipe(recipe, set_, run_dir, merge__method=method, merge__rank=rank,
                               merge__density=density, merge__seed=seed, model__name=model)
     explicit = [name for name, value in (("rank", rank), ("density", density), ("seed", seed)) if value is not None]
-    with Progress(TextColumn("merging"), BarColumn(), MofNCompleteColumn(), console=console, transient=True) as bar:
-        task = bar.add_task("merge", total=None)
+    with one_progress_bar("merging") as update:
         card = merge_from_recipe(
             resolved, adapters=[str(a) for a in adapters or []], prefs=prefs, weights=weights, out_dir=out,
             force=force, into_base=into_base, base_model=resolved.model.name if model else None, explicit=explicit,
-            progress=lambda done, total: bar.update(task, completed=done, total=total),
+            progress=update,
         )
 
     table = Table(title=f"soup: {card['method']}", title_justify="left")

@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from rlphf_cli.cli.common import RunDirOption, SetOption, cli_errors, console, resolve_recipe
+from rlphf_cli.cli.common import RunDirOption, SetOption, cli_errors, console, progress_bar, resolve_recipe
 
 
 class PipelineDisplay:
@@ -30,6 +30,11 @@ class PipelineDisplay:
         elif kind == "unit":
             done, total, label = args
             p.update(self.unit_task, completed=done, total=total, visible=True, description=f"  {label}")
+        elif kind == "stage-end":
+            # A line per stage stays on screen (and in a CI log, where the live display is not drawn).
+            name, counts, seconds = args
+            done = f"{counts['ran']} ran, {counts['skipped']} skipped" if counts["ran"] else "up to date"
+            p.console.print(f"[green]✓[/] {name}: {done} ({seconds:.1f} s)", highlight=False)
         elif kind == "inner":
             completed, total = kwargs.get("completed"), kwargs.get("total")
             if completed is None and len(args) >= 2 and all(isinstance(a, (int, float)) for a in args[:2]):
@@ -66,19 +71,12 @@ def run_command(
             console.print(f"{i:>2}. [bold]{stage.name}[/]: {stage.description}", highlight=False)
         return
 
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
     from rich.table import Table
 
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=True) as progress:
+    from rlphf_cli.training import quiet_libraries
+
+    quiet_libraries()
+    with progress_bar() as progress:
         summary = run_pipeline(resolved, only=only, from_stage=from_, force=force, progress=PipelineDisplay(progress))
 
     table = Table(title=f"rlphf run: {summary['run_dir']}")

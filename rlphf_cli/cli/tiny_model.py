@@ -8,7 +8,15 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from rlphf_cli.cli.common import RecipeOption, RunDirOption, SetOption, cli_errors, console, resolve_recipe
+from rlphf_cli.cli.common import (
+    RecipeOption,
+    RunDirOption,
+    SetOption,
+    cli_errors,
+    console,
+    one_progress_bar,
+    resolve_recipe,
+)
 from rlphf_cli.errors import InputError
 
 
@@ -39,15 +47,7 @@ def tiny_model_command(
     cached = tiny.is_built(target) and not force and (
         out is None or tiny.read_build_info(target).get("fingerprint") == tiny.build_fingerprint(seed))
     if not cached:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        with Progress(TextColumn("SFT"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      console=console, transient=True) as bar:
-            task = bar.add_task("sft", total=None)
-
-            def progress(step: int, total: int) -> None:
-                bar.update(task, completed=step, total=total)
-
+        with one_progress_bar("SFT") as progress:
             if out is not None:
                 tiny.build_tiny_model(out, seed=seed, progress=progress)
             else:

@@ -8,7 +8,15 @@ from typing import Annotated, Optional
 
 import typer
 
-from rlphf_cli.cli.common import RecipeOption, RunDirOption, SetOption, cli_errors, console, resolve_recipe
+from rlphf_cli.cli.common import (
+    RecipeOption,
+    RunDirOption,
+    SetOption,
+    cli_errors,
+    console,
+    progress_bar,
+    resolve_recipe,
+)
 
 PrefOption = Annotated[
     str, typer.Option("--pref", help="Preference id or alias, a comma list, 'all', or 'general' (the RLHF baseline).")
@@ -22,17 +30,13 @@ ModelOption = Annotated[
 @contextlib.contextmanager
 def training_progress(unit: str = "steps"):
     """A Rich progress bar; yields a factory: name -> progress(done, total, info) callback."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from rlphf_cli.training import is_main_process, quiet_libraries
 
     quiet_libraries()
     if not is_main_process():
         yield lambda name: None
         return
-    columns = (TextColumn("{task.description:<12}"), BarColumn(), MofNCompleteColumn(), TextColumn(unit),
-               TimeElapsedColumn(), TextColumn("{task.fields[info]}"))
-    with Progress(*columns, console=console, transient=False) as bar:
+    with progress_bar(unit, "{task.fields[info]}", transient=False) as bar:
         def factory(name: str):
             task = None  # added on the first update, so an input error leaves no empty bar behind
 
