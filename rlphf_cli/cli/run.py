@@ -111,7 +111,7 @@ def _print_results(path) -> None:
         console.print(table)
     for check in results.get("checks", []):
         mark = "[green]pass[/]" if check["pass"] else "[red]FAIL[/]"
-        console.print(f"{mark} {check['check']}: {check['detail']}", highlight=False)
+        console.print(f"{mark} {check['check']}: {check['detail']}", highlight=False, soft_wrap=True)
 
 
 def register(app: typer.Typer) -> None:
