@@ -13,7 +13,6 @@ import hashlib
 import json
 import os
 import random
-import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -122,23 +121,13 @@ def build_tiny_model(
     `max_steps` and `overrides` (MODEL_CONFIG / TRAIN_CONFIG keys) exist for fast tests; the
     cached model always uses the defaults. `progress(step, total)` is called after each step.
     """
+    from rlphf_cli.runs import atomic_dir
+
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         info = _build(tmp, seed, max_steps, progress, overrides)
         info["fingerprint"] = build_fingerprint(seed, **overrides, **({"max_steps": max_steps} if max_steps else {}))
         (tmp / BUILD_INFO).write_text(json.dumps(info, indent=2) + "\n")
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}-{time.monotonic_ns()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     info["path"] = str(out)
     return info
 
