@@ -7,6 +7,7 @@ Two uses: `annotate` (two-way: a or b) and `evaluate` (three-way: a, b or TIE).
 
 from __future__ import annotations
 
+import abc
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -157,7 +158,7 @@ def parse_verdict(text: str) -> Verdict:
     return "invalid"
 
 
-class BaseJudge:
+class BaseJudge(abc.ABC):
     """Cache lookup, in-batch de-duplication, counters and progress; a backend implements
     `_judge_uncached(items, deliver)` calling `deliver(index, judgment)` as each result arrives."""
 
@@ -261,5 +262,6 @@ class BaseJudge:
                 "confidence": judgment.confidence,
                 "prompt_tokens": judgment.prompt_tokens, "completion_tokens": judgment.completion_tokens}
 
+    @abc.abstractmethod
     def _judge_uncached(self, items: list[tuple[int, JudgeRequest]], deliver: Callable[[int, Judgment], None]) -> None:
-        raise NotImplementedError
+        """Judge the requests the cache did not answer; call `deliver(index, judgment)` for each."""

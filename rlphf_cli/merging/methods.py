@@ -14,6 +14,7 @@ torch is imported inside functions: this module is imported by the recipe check.
 
 from __future__ import annotations
 
+import abc
 import math
 import zlib
 
@@ -27,7 +28,7 @@ METHODS: Registry[type[MergeMethod]] = Registry("merge method")
 PARAMETERS = ("rank", "density", "seed")
 
 
-class MergeMethod:
+class MergeMethod(abc.ABC):
     """Base class: subclasses set the class attributes and implement `merge_module`."""
 
     name = ""
@@ -58,18 +59,18 @@ class MergeMethod:
                                      "negative weights (preference subtraction) work with --method exact or svd")
         return list(weights)
 
-    def prepare(self, inputs: list) -> None:
+    def prepare(self, inputs: list) -> None:  # noqa: B027 (an optional hook)
         """Called with the checked inputs (rlphf_cli.merging.io.AdapterInput) before the first module."""
 
     def output_rank(self, ranks: list[int]) -> int:
         """The merged rank of a module whose inputs have these ranks."""
         return ranks[0]
 
+    @abc.abstractmethod
     def merge_module(self, module: str, As: list, Bs: list, scales: list[float], weights: list[float]):
         """The merged (A, B) of one module, in the dtype of the first input's tensors."""
-        raise NotImplementedError
 
-    def finish(self) -> None:
+    def finish(self) -> None:  # noqa: B027 (an optional hook)
         """Called after the last module (summary statistics for the card)."""
 
 
