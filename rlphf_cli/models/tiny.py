@@ -25,8 +25,8 @@ from rlphf_cli.models.corpus import DATA_DIR, TOPICS_FILE, build_sft_examples, l
 BUILDER_VERSION = 1
 BUILD_INFO = "build.json"
 
-# hidden 256 / 4 layers is what keeps sampled answers on topic; see FINDINGS.md.
-# Measured on the held-out prompts at T=1 (on topic): 544 steps 88%, 680 steps 94%; 435 steps 10%.
+# Hidden 128, 4 layers, 680 steps: 95% of answers sampled at T=1 on the held-out prompts are on
+# topic (544 steps 88%, 435 steps 10%).
 # Sample efficiency decides: a narrow model, tied embeddings (copying the prompt's topic is easy
 # when input and output embeddings are one matrix), and the highest learning rate that is stable
 # (6e-3 fails).
