@@ -10,7 +10,6 @@ import os
 import platform
 import shutil
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from importlib import metadata
@@ -58,10 +57,10 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Path
     """Yield a temporary folder next to `path`; on success it replaces `path`, on error it is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    tmp = _tmp_sibling(path)
+    tmp.mkdir()  # not mkdtemp: its 0700 would be published with the folder
     try:
         yield tmp
-        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700; publish it like any mkdir
         if path.exists():
             if not overwrite:
                 raise FileExistsError(path)
@@ -74,12 +73,6 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Path
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 class JsonlAppender:

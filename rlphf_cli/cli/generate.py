@@ -103,8 +103,8 @@ def generate_command(
         run = RunDir.open(cfg.resolved_run_dir(), cfg)
     system_dir = loaded.system.replace(":", "-")
 
-    progress_bar, progress = _progress()
-    with progress_bar:
+    bar, progress = _progress()
+    with bar:
         if combinations is not None:
             out_dir = out or run.path("generations", system_dir)
             summaries = list(generation.generate_combinations(

@@ -32,7 +32,7 @@ def tiny_model_command(
 ) -> None:
     """Build the embedded tiny instruction model (CPU, offline).
 
-    A byte-level BPE tokenizer and a ~3M-parameter Llama, SFT'd with TRL on the shipped corpus
+    A byte-level BPE tokenizer and a ~1M-parameter Llama, SFT'd with TRL on the shipped corpus
     (145 topics; responses vary in register, length and tone). `model: tiny` in a recipe builds it
     on first use; this command builds it ahead of time and prints where it is.
 
