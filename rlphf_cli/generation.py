@@ -20,7 +20,7 @@ from typing import Any
 
 from rlphf_cli.errors import InputError, MissingArtifactError
 from rlphf_cli.preferences import Preference, combination_name
-from rlphf_cli.prompting import instruction_with_preferences, render_prompt
+from rlphf_cli.prompting import instruction_with_preferences, render_prompt, text_ids
 from rlphf_cli.runs import JsonlAppender, RunDir, atomic_write_text, read_jsonl
 
 # progress(label, prompts done, prompts total, tokens generated so far): called after each batch.
@@ -236,12 +236,15 @@ class Generator:
     def prompt_text(self, instruction: str, prefs: Sequence[Preference] = ()) -> str:
         return render_prompt(self.tokenizer, instruction_with_preferences(instruction, prefs), self.prompt_format)
 
+    def prompt_ids(self, text: str) -> list[int]:
+        return text_ids(self.tokenizer, text, self.prompt_format)
+
     def generate(self, texts: Sequence[str], num_samples: int = 1,
                  on_batch: Callable[[list[int], list[list[tuple[str, int]]], int], None] | None = None
                  ) -> tuple[list[list[tuple[str, int]]], list[int]]:
         """Sample `num_samples` responses per text. Returns ([[(response, n_tokens), ...] per text],
         prompt token counts). `on_batch(indices, results, new_tokens)` is called per finished batch."""
-        encoded = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        encoded = [self.prompt_ids(t) for t in texts]
         prompt_tokens = [len(ids) for ids in encoded]
         results: list[list[tuple[str, int]]] = [[] for _ in texts]
         order = sorted(range(len(texts)), key=lambda i: (-prompt_tokens[i], i))  # longest first: fail early
@@ -349,7 +352,7 @@ class Generator:
                 if progress:
                     progress(label, completed, len(prompts), tokens_total)
 
-            prompt_tokens = [len(self.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+            prompt_tokens = [len(self.prompt_ids(t)) for t in texts]
             if todo:
                 self.generate(texts, num_samples, on_batch)
         ordered = [done[str(p["id"])] for p in prompts]

@@ -55,10 +55,10 @@ class HFJudge(BaseJudge):
         self._model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(self._device).eval()
 
     def _prompt_ids(self, request: JudgeRequest) -> list[int]:
-        from rlphf_cli.prompting import render_prompt
+        from rlphf_cli.prompting import render_prompt, text_ids
 
         text = render_prompt(self._tokenizer, self.templates.render(request), "chat")
-        return self._tokenizer(text, add_special_tokens=False).input_ids
+        return text_ids(self._tokenizer, text, "chat")
 
     def _judge_uncached(self, items: list[tuple[int, JudgeRequest]], deliver) -> None:
         import torch

@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 from rlphf_cli.errors import InputError, MissingArtifactError
-from rlphf_cli.prompting import TULU_TEMPLATE
+from rlphf_cli.prompting import TULU_TEMPLATE, text_ids, uses_chat_template
 from rlphf_cli.runs import atomic_dir, atomic_write_json, atomic_write_text
 from rlphf_cli.training import is_main_process
 
@@ -43,11 +43,6 @@ def load_tokenizer(model_path: str, *, revision: str | None = None, trust_remote
     return tokenizer
 
 
-def uses_chat_template(tokenizer, prompt_format: str) -> bool:
-    """The same rule as rlphf_cli.prompting.render_prompt: 'chat' needs a chat template, else Tulu."""
-    return prompt_format != "tulu" and getattr(tokenizer, "chat_template", None) is not None
-
-
 def prompt_example(tokenizer, content: str, prompt_format: str):
     """A TRL prompt: conversational messages (TRL applies the chat template) or a Tulu string."""
     if uses_chat_template(tokenizer, prompt_format):
@@ -77,9 +72,9 @@ def conversation_text(tokenizer, instruction: str, response: str, prompt_format:
 
 
 def encode(tokenizer, text: str, prompt_format: str, max_length: int | None) -> list[int]:
-    """Token ids; a chat template already holds the special tokens. Too long: keep the end, where
-    the reward is read."""
-    ids = tokenizer(text, add_special_tokens=not uses_chat_template(tokenizer, prompt_format))["input_ids"]
+    """Token ids by the one rule of rlphf_cli.prompting.text_ids. Too long: keep the end, where the
+    reward is read."""
+    ids = text_ids(tokenizer, text, prompt_format)
     if max_length is not None and len(ids) > max_length:
         ids = ids[-max_length:]
     return ids
