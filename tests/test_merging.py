@@ -222,15 +222,30 @@ def test_svd_error_is_the_optimal_rank_r_error(adapters, tmp_path, rank):
     assert "relative_truncation_error_max" in json.loads((out / "soup.json").read_text())["stats"]
 
 
-def test_ties_matches_peft(adapters, tiny_random_model, tmp_path):
-    names, weights = ["a0", "a1", "a2"], [0.5, 0.3, 0.2]
-    ours = load(merge_adapters([adapters[n] for n in names], weights, "ties", tmp_path / "soup", density=0.5))
+def test_ties_matches_peft_at_uniform_weights(adapters, tiny_random_model, tmp_path):
+    """peft's weights multiply the disjoint mean; ours are normalized inside it: our soup at 1/n
+    each is peft's at weight 1 each (peft at 1/n would return 1/n of the update)."""
+    names = ["a0", "a1", "a2"]
+    ours = load(merge_adapters([adapters[n] for n in names], [1 / 3] * 3, "ties", tmp_path / "soup", density=0.5))
     model = peft_model(tiny_random_model, {n: adapters[n] for n in names})
-    model.add_weighted_adapter(names, weights, "t", combination_type="ties", density=0.5)
+    model.add_weighted_adapter(names, [1.0] * 3, "t", combination_type="ties", density=0.5)
     for name, module in model.named_modules():
         if f"{name}.lora_A.weight" in ours:
             assert torch.allclose(ours[f"{name}.lora_A.weight"], module.lora_A["t"].weight, atol=1e-6)
             assert torch.allclose(ours[f"{name}.lora_B.weight"], module.lora_B["t"].weight, atol=1e-6)
+
+
+def test_ties_is_a_weighted_disjoint_mean(adapters, tmp_path):
+    """Where both inputs agree in sign, the merged entry is their weighted mean (scaling folded in)."""
+    merged = load(merge_adapters([adapters["a0"], adapters["a1"]], [3, 1], "ties", tmp_path / "soup", density=1))
+    a0, a1, root = load(adapters["a0"]), load(adapters["a1"]), (8 / 4) ** 0.5
+    for key, value in merged.items():
+        x, y = a0[key] * root, a1[key] * root
+        agree = x.sign() == y.sign()
+        assert torch.allclose(value[agree], (0.75 * x + 0.25 * y)[agree], atol=1e-6)
+        elected = torch.where(x + y >= 0, 1.0, -1.0)
+        lone = ~agree & (x.sign() == elected)  # only a0 has the elected sign: a0's value alone
+        assert torch.allclose(value[lone], x[lone], atol=1e-6)
 
 
 def test_dare_is_seeded_and_drops_then_rescales(adapters, tmp_path):
@@ -239,17 +254,44 @@ def test_dare_is_seeded_and_drops_then_rescales(adapters, tmp_path):
     other = load(merge_adapters([adapters["a0"]], [1.0], "dare", tmp_path / "s3", density=0.3, seed=2))
     assert all(torch.equal(one[k], again[k]) for k in one)
     assert any(not torch.equal(one[k], other[k]) for k in one)
-    source, scale = load(adapters["a0"]), (8 / 4) ** 0.5  # sqrt(w s) on each factor, peft's convention
+    source, scale = load(adapters["a0"]), (8 / 4) ** 0.5  # sqrt(s) on each factor: alpha = r in the output
     kept = total = 0
     for key, merged in one.items():
         mask = merged != 0
         kept, total = kept + int(mask.sum()), total + mask.numel()
         assert torch.allclose(merged[mask], source[key][mask] * scale / 0.3, rtol=1e-5)
     assert 0.25 < kept / total < 0.35
-    full = load(merge_adapters([adapters["a0"], adapters["a1"]], [0.5, 0.5], "dare", tmp_path / "s4", density=1))
-    a0, a1 = load(adapters["a0"]), load(adapters["a1"])
-    for key in full:  # density 1 keeps everything: peft's 'linear'
-        assert torch.allclose(full[key], (0.5 * 2) ** 0.5 * (a0[key] + a1[key]), atol=1e-6)
+
+
+def test_dare_matches_peft_dare_linear_at_squared_weights(adapters, tiny_random_model, tmp_path):
+    """At density 1 nothing is dropped: ours at weights w is peft's dare_linear at w^2 (peft puts
+    sqrt(w) on each factor), and our soup at 0.5/0.5 is the mean of the inputs, not twice it."""
+    names, weights = ["a0", "a1"], [0.7, 0.3]
+    ours = load(merge_adapters([adapters[n] for n in names], weights, "dare", tmp_path / "soup", density=1))
+    model = peft_model(tiny_random_model, {n: adapters[n] for n in names})
+    model.add_weighted_adapter(names, [w * w for w in weights], "d", combination_type="dare_linear", density=1.0)
+    for name, module in model.named_modules():
+        if f"{name}.lora_A.weight" in ours:
+            assert torch.allclose(ours[f"{name}.lora_A.weight"], module.lora_A["d"].weight, atol=1e-6)
+            assert torch.allclose(ours[f"{name}.lora_B.weight"], module.lora_B["d"].weight, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["average", "exact", "svd", "ties", "dare"])
+@pytest.mark.parametrize("n", [2, 3])
+def test_identical_inputs_at_weights_summing_to_one_give_the_adapter_back(adapters, tmp_path, method, n):
+    """A soup of n copies of one policy is that policy, whatever the method: the scale of a merge
+    does not depend on how many preferences went in."""
+    weights = [1 / n] * n if n == 2 else [0.5, 0.3, 0.2]
+    out = merge_adapters([adapters["a0"]] * n, weights, method, tmp_path / "soup", rank=4, density=1.0)
+    expected = updates(adapters["a0"])
+    for module, update in updates(out).items():
+        assert rel(update, expected[module]) < 1e-6, (method, module)
+
+
+def test_ties_trims_n_identical_inputs_like_one(adapters, tmp_path):
+    three = load(merge_adapters([adapters["a1"]] * 3, [0.2, 0.2, 0.6], "ties", tmp_path / "s3", density=0.4))
+    one = load(merge_adapters([adapters["a1"]], [1.0], "ties", tmp_path / "s1", density=0.4))
+    assert all(torch.allclose(three[k], one[k], atol=1e-7) for k in one)
 
 
 # --------------------------------------------------------------------------------------------
@@ -330,18 +372,39 @@ def test_generated_text_follows_the_weight(tiny_random_model, tmp_path):
     assert all(b <= a for a, b in zip(scores[:-1], scores[1:], strict=True)), scores
 
 
-def test_modules_to_save_are_averaged_and_load(tiny_random_model, tmp_path):
+@pytest.fixture(scope="module")
+def reward_adapters(tiny_random_model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("rms")
+    return [make_adapter(tiny_random_model, root / f"rm{i}", seed=10 + i, task="SEQ_CLS", modules_to_save=["score"])
+            for i in range(2)]
+
+
+def test_modules_to_save_are_averaged_and_load(reward_adapters, tiny_random_model, tmp_path):
     from peft import PeftModel
     from transformers import LlamaForSequenceClassification
 
-    rms = [make_adapter(tiny_random_model, tmp_path / f"rm{i}", seed=10 + i, task="SEQ_CLS", modules_to_save=["score"])
-           for i in range(2)]
+    rms = reward_adapters
     out = merge_adapters(rms, [0.25, 0.75], "exact", tmp_path / "soup")
     heads = [load(d)["base_model.model.score.weight"] for d in (*rms, out)]
     assert torch.allclose(heads[2], 0.25 * heads[0] + 0.75 * heads[1], atol=1e-7)
     model = PeftModel.from_pretrained(LlamaForSequenceClassification.from_pretrained(tiny_random_model, num_labels=1),
                                       str(out))
     assert torch.allclose(model.base_model.model.score.modules_to_save["default"].weight, heads[2])
+
+
+@pytest.mark.parametrize("method", ["average", "ties", "dare"])
+def test_score_heads_get_the_normalized_weights_of_the_update(reward_adapters, tmp_path, method):
+    out = merge_adapters(reward_adapters, [1.0, 3.0], method, tmp_path / "soup", density=1.0)
+    heads = [load(d)["base_model.model.score.weight"] for d in (*reward_adapters, out)]
+    assert torch.allclose(heads[2], 0.25 * heads[0] + 0.75 * heads[1], atol=1e-7)
+    assert json.loads((out / "soup.json").read_text())["weights_used"] == [0.25, 0.75]
+
+
+def test_full_tensors_refuse_weights_not_summing_to_one_under_exact(reward_adapters, tmp_path):
+    """exact at (1, 1) adds two updates; two score heads cannot be added without the base's head."""
+    with pytest.raises(InputError, match="sum to 2"):
+        merge_adapters(reward_adapters, [1.0, 1.0], "exact", tmp_path / "soup")
+    assert not (tmp_path / "soup").exists()
 
 
 def test_merge_into_base_writes_an_equivalent_full_model(adapters, tiny_random_model, tmp_path):

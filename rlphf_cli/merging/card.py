@@ -38,8 +38,8 @@ def build_card(method: MergeMethod, inputs: list[AdapterInput], weights: list[fl
             "base_model_name_or_path": config.get("base_model_name_or_path"),
             "task_type": config.get("task_type"),
         },
-        "full_tensors_rule": "tensors that are not LoRA factors (modules_to_save, saved embeddings) are averaged "
-                             "with the weights normalized to sum 1; identical ones are copied",
+        "full_tensors_rule": "tensors that are not LoRA factors (modules_to_save, saved embeddings) get the weights "
+                             "the LoRA update uses (weights_used), which must sum to 1; identical ones are copied",
         "seconds": round(seconds, 4),
     }
     if method.stats:

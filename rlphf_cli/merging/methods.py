@@ -5,9 +5,15 @@ s_i = alpha_i / r_i (alpha_i / sqrt(r_i) with rsLoRA), so its update is s_i B_i 
 the user's weights. Every method returns the merged (A, B); methods other than `average` fold
 the scaling into the factors and the output config sets lora_alpha = r (scaling 1).
 
+Weights: `average`, `ties` and `dare` normalize the weights to sum to 1 (a weighted mean), so n
+identical inputs give the input back at any weights; `exact` and `svd` use them as given (the
+update is sum_i w_i s_i B_i A_i, so weights may be negative or sum to more than 1).
+
 Tensors that are not LoRA factors (modules_to_save such as a reward model's score head, saved
-embeddings) are averaged with the weights normalized to sum to 1 (`merge_full`), whatever the
-method; identical tensors are copied unchanged.
+embeddings) are full weights, not updates: they get the same weights as the LoRA update,
+sum_i w_i T_i (`merge_full`). Under `exact`/`svd` that equals base + sum_i w_i (T_i - base) only
+when the weights sum to 1, and the base is never loaded, so other sums are refused there unless
+the tensors are identical (identical tensors are copied unchanged under every method).
 
 torch is imported inside functions: this module is imported by the recipe check.
 """
@@ -99,18 +105,29 @@ def paper_average(tensors: list):
 
 
 def merge_full(tensors: list, weights: list[float]):
-    """A non-LoRA tensor (modules_to_save, saved embeddings): sum_i w_i T_i / sum_i w_i.
-    Identical tensors are copied unchanged; uniform weights reproduce the paper's average."""
+    """A non-LoRA tensor (modules_to_save, saved embeddings): sum_i w_i T_i with the weights the
+    method's LoRA update uses. Identical tensors are copied unchanged; uniform weights reproduce the
+    paper's average bit for bit."""
     import torch
 
     if all(torch.equal(tensors[0], t) for t in tensors[1:]):
         return tensors[0]
     total = sum(weights)
-    if total <= 0:
-        raise InputError("the weights sum to <= 0, so the full tensors (modules_to_save) cannot be averaged")
+    if abs(total - 1) > 1e-6:
+        raise InputError(f"the weights sum to {total:g}: tensors that are not LoRA factors (e.g. a reward model's "
+                         "score head) are full weights and can only be combined with weights summing to 1 "
+                         "without the base model; rescale the weights")
     if len(set(weights)) == 1:
         return paper_average(tensors)
-    return weighted_sum(tensors, [w / total for w in weights])
+    return weighted_sum(tensors, weights)
+
+
+def normalized(weights: list[float], method: str) -> list[float]:
+    """Weights scaled to sum to 1, for the methods that take a weighted mean."""
+    total = sum(weights)
+    if total <= 0:
+        raise InputError(f"the weights sum to {total:g}: method '{method}' needs at least one positive weight")
+    return [w / total for w in weights]
 
 
 def _as_matrix(tensor):
@@ -139,11 +156,8 @@ class Average(MergeMethod):
 
     def check_weights(self, weights):
         weights = super().check_weights(weights)
-        total = sum(weights)
-        if total <= 0:
-            raise InputError("the weights sum to 0: method 'average' needs at least one positive weight")
         self.uniform = len(set(weights)) == 1
-        return [w / total for w in weights]
+        return normalized(weights, self.name)
 
     def merge_module(self, module, As, Bs, scales, weights):
         if self.uniform:
@@ -242,11 +256,9 @@ class SVD(MergeMethod):
                           "relative_truncation_error_mean": sum(self._errors) / len(self._errors)}
 
 
-def _factor_weights(weights, scales):
-    """peft's convention for per-factor methods: sqrt(|w s|) on each factor, the sign on A."""
-    wa = [math.copysign(math.sqrt(abs(w * s)), w * s) for w, s in zip(weights, scales, strict=True)]
-    wb = [math.sqrt(abs(w * s)) for w, s in zip(weights, scales, strict=True)]
-    return wa, wb
+def _factor_scales(scales):
+    """Each input's scaling, folded into both of its factors: sqrt(s_i) on A and on B."""
+    return [math.sqrt(s) for s in scales]
 
 
 def _check_density(values: dict, name: str) -> float:
@@ -261,21 +273,23 @@ def _check_density(values: dict, name: str) -> float:
 @METHODS.register("ties")
 class Ties(MergeMethod):
     """TIES-merging (Yadav et al. 2023) applied to each factor separately, as peft's
-    add_weighted_adapter(combination_type="ties") does (not to the dense update).
+    add_weighted_adapter(combination_type="ties") does (not to the dense update), with a weighted
+    disjoint mean so that the result is on the scale of the inputs.
 
-        for X in (A, B), with per-factor weights v_i = sqrt(w_i s_i) (peft's convention):
-          trim:  T_i = X_i keeping its top `density` fraction of entries by magnitude, 0 elsewhere
+        weights normalized to sum 1; for X in (A, B), with the scaling folded in, sqrt(s_i) X_i:
+          trim:  T_i = sqrt(s_i) X_i keeping its top `density` fraction of entries by magnitude
           elect: g = sign(sum_i T_i)  (+1 where the sum is 0)
-          merge: X = sum_i [sign(T_i) == g] v_i T_i / max(1, sum_i [sign(T_i) == g])
+          merge: X = sum_i [sign(T_i) == g] w_i T_i / sum_i [sign(T_i) == g] w_i
         lora_alpha = r
 
-    Deterministic. Acting on the factors keeps the cost and memory of one module's factors;
-    TIES on the dense update would need the out x in matrix of every module. Equal ranks required.
+    n identical inputs give the input back (at density 1) at any weights. With uniform weights it
+    equals peft's ties at weights 1 (peft's weights multiply the disjoint mean, so at the weights
+    1/n of a soup peft returns 1/n of the update). Deterministic. Equal ranks required.
     """
 
     name = "ties"
-    formula = ("per factor X in {A, B}, v_i = sqrt(w_i s_i): T_i = top-density(|X_i|) of X_i; g = sign(sum_i T_i); "
-               "X = sum_i [sign T_i = g] v_i T_i / max(1, #agreeing); alpha = r")
+    formula = ("w normalized to sum 1; per factor X in {A, B}: T_i = top-density(|sqrt(s_i) X_i|) of sqrt(s_i) X_i; "
+               "g = sign(sum_i T_i); X = sum_i [sign T_i = g] w_i T_i / sum_i [sign T_i = g] w_i; alpha = r")
     params = ("density",)
     same_rank = True
 
@@ -283,13 +297,16 @@ class Ties(MergeMethod):
         super().__init__(**params)
         self.density = _check_density(self.values, self.name)
 
-    def _ties(self, tensors, weights):
+    def check_weights(self, weights):
+        return normalized(super().check_weights(weights), self.name)
+
+    def _ties(self, tensors, scales, weights):
         import torch
 
         dtype = tensors[0].dtype
         trimmed = []
-        for t in tensors:
-            t = t.to(_compute_dtype(dtype))
+        for t, scale in zip(tensors, scales, strict=True):
+            t = t.to(_compute_dtype(dtype)) * scale
             if self.density < 1:
                 k = int(self.density * t.numel())
                 mask = torch.zeros(t.numel(), dtype=t.dtype)
@@ -298,31 +315,35 @@ class Ties(MergeMethod):
             trimmed.append(t)
         stacked = torch.stack(trimmed)
         elected = torch.where(stacked.sum(dim=0) >= 0, 1, -1)
-        agree = stacked.sign() == elected
-        v = torch.tensor(weights, dtype=stacked.dtype).reshape(-1, *([1] * (stacked.dim() - 1)))
-        merged = (stacked * v * agree).sum(dim=0) / agree.sum(dim=0).clamp(min=1)
+        agree = (stacked.sign() == elected).to(stacked.dtype)
+        w = torch.tensor(weights, dtype=stacked.dtype).reshape(-1, *([1] * (stacked.dim() - 1)))
+        total = (agree * w).sum(dim=0)
+        merged = (stacked * agree * w).sum(dim=0) / torch.where(total > 0, total, torch.ones_like(total))
         return merged.to(dtype)
 
     def merge_module(self, module, As, Bs, scales, weights):
-        wa, wb = _factor_weights(weights, scales)
-        return self._ties(As, wa), self._ties(Bs, wb)
+        roots = _factor_scales(scales)
+        return self._ties(As, roots, weights), self._ties(Bs, roots, weights)
 
 
 @METHODS.register("dare")
 class Dare(MergeMethod):
-    """DARE (Yu et al. 2024, "drop and rescale") + linear merge on each factor, as peft's
+    """DARE (Yu et al. 2024, "drop and rescale") + a weighted mean on each factor, as peft's
     add_weighted_adapter(combination_type="dare_linear") does (not on the dense update).
 
-        for X in (A, B), with per-factor weights v_i = sqrt(w_i s_i) (peft's convention):
-          M_i ~ Bernoulli(density) elementwise,   X = sum_i v_i (M_i * X_i) / density
+        weights normalized to sum 1; for X in (A, B), with the scaling folded in, sqrt(s_i) X_i:
+          M_i ~ Bernoulli(density) elementwise,   X = sum_i w_i sqrt(s_i) (M_i * X_i) / density
         lora_alpha = r
 
-    Seeded and reproducible: the mask of (module, factor, input i) comes from its own generator,
-    seeded with crc32("seed:module:factor:i"), so it does not depend on processing order.
+    n identical inputs give the input back (at density 1; in expectation below it) at any weights.
+    peft's dare_linear puts sqrt(w_i) on each factor, so at the weights 1/n of a soup it returns
+    n times the update; it equals this at weights w_i^2. Seeded and reproducible: the mask of
+    (module, factor, input i) comes from its own generator, seeded with crc32("seed:module:factor:i"),
+    so it does not depend on processing order.
     """
 
     name = "dare"
-    formula = ("per factor X in {A, B}, v_i = sqrt(w_i s_i): X = sum_i v_i (M_i * X_i) / density, "
+    formula = ("w normalized to sum 1; per factor X in {A, B}: X = sum_i w_i sqrt(s_i) (M_i * X_i) / density, "
                "M_i ~ Bernoulli(density) seeded by (seed, module, factor, i); alpha = r")
     params = ("density", "seed")
     same_rank = True
@@ -331,6 +352,9 @@ class Dare(MergeMethod):
         super().__init__(**params)
         self.density = _check_density(self.values, self.name)
         self.values.setdefault("seed", 0)
+
+    def check_weights(self, weights):
+        return normalized(super().check_weights(weights), self.name)
 
     def _dare(self, module, factor, tensors, weights):
         import torch
@@ -346,5 +370,5 @@ class Dare(MergeMethod):
         return out.to(dtype)
 
     def merge_module(self, module, As, Bs, scales, weights):
-        wa, wb = _factor_weights(weights, scales)
-        return self._dare(module, "A", As, wa), self._dare(module, "B", Bs, wb)
+        per_factor = [w * root for w, root in zip(weights, _factor_scales(scales), strict=True)]
+        return self._dare(module, "A", As, per_factor), self._dare(module, "B", Bs, per_factor)
