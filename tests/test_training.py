@@ -145,6 +145,27 @@ def test_lora_configs_follow_the_recipe(setup):
     assert (policy.r, policy.lora_alpha, policy.lora_dropout) == (16, 32, 0.05)
 
 
+def test_lora_dropout_survives_trls_disable_dropout(tiny_random_model):
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoModelForSequenceClassification
+    from trl.trainer.utils import disable_dropout_in_model
+
+    from rlphf_cli.recipe import LoraSection
+    from rlphf_cli.training.lora import lora_config
+    from rlphf_cli.training.reward import restore_lora_dropout
+
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_random_model, num_labels=1)
+    base.model.layers[0].self_attn.attention_dropout = 0.0
+    extra = base.model.extra_dropout = torch.nn.Dropout(0.2)  # stands for a base model's own dropout
+    model = get_peft_model(base, lora_config(LoraSection(lora_dropout=0.1), "SEQ_CLS"))
+    disable_dropout_in_model(model)  # what RewardTrainer does with disable_dropout=True
+    lora = [m for n, m in model.named_modules() if ".lora_dropout." in f"{n}." and isinstance(m, torch.nn.Dropout)]
+    assert lora and all(m.p == 0 for m in lora)
+    assert restore_lora_dropout(model, 0.1) == 0.1
+    assert all(m.p == 0.1 for m in lora) and extra.p == 0
+
+
 def test_split_is_seeded_and_by_prompt():
     from rlphf_cli.training.reward import split_pairs
 
@@ -191,6 +212,7 @@ def test_train_rm_writes_adapter_metrics_and_scores(setup, tiny_random_model):
     assert (adapter["r"], adapter["lora_alpha"]) == (8, 32)
     metrics = json.loads((rm / "metrics.json").read_text())
     assert 0 <= metrics["accuracy"] <= 1 and metrics["pairs_eval"] >= 1
+    assert metrics["lora_dropout"] == 0.1  # train_rm.lora.lora_dropout, despite TRL's disable_dropout
     assert metrics["pairs_train"] + metrics["pairs_eval"] == 24
     steps = [json.loads(line) for line in (rm / "metrics.jsonl").read_text().splitlines()]
     assert [s["step"] for s in steps] == list(range(1, metrics["steps"] + 1))

@@ -104,6 +104,7 @@ def train_reward_model(recipe: Recipe, pref: str, data_path: str | Path | None =
         callbacks=[cb for cb in (metrics_cb, progress_cb, interrupt_cb) if cb is not None],
     )
     quiet_trainer(trainer)
+    lora_dropout = restore_lora_dropout(trainer.model, recipe.train_rm.lora.lora_dropout)
     try:
         result = trainer.train()
     finally:
@@ -131,6 +132,7 @@ def train_reward_model(recipe: Recipe, pref: str, data_path: str | Path | None =
         "base_model": model_path,
         "prompt_format": fmt,
         "max_length": max_length,
+        "lora_dropout": lora_dropout,
         "data": str(data_path),
     }
     publish(trainer, out_dir, {RM_INFO: metrics}, copies={"metrics.jsonl": metrics_file})
@@ -139,6 +141,21 @@ def train_reward_model(recipe: Recipe, pref: str, data_path: str | Path | None =
         shutil.rmtree(args.output_dir, ignore_errors=True)
     metrics["out_dir"] = str(out_dir)
     return metrics
+
+
+def restore_lora_dropout(model, p: float) -> float:
+    """TRL's RewardConfig.disable_dropout (default true) sets every dropout to 0, the LoRA dropout
+    the recipe asks for included. Keep the base model's dropout off (TRL's reason: a reward margin
+    read through dropout is noisy) but give the LoRA layers their dropout back. Returns the LoRA
+    dropout in effect."""
+    import torch
+
+    effective = []
+    for name, module in model.named_modules():
+        if ".lora_dropout." in f"{name}." and isinstance(module, torch.nn.Dropout):
+            module.p = p
+            effective.append(module.p)
+    return max(effective, default=0.0)
 
 
 def train_reward_models(recipe: Recipe, prefs: str | Sequence[str], *, data_path: str | Path | None = None,
