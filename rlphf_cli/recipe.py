@@ -425,6 +425,30 @@ def load_recipe(
 
 
 # --------------------------------------------------------------------------------------------
+# Settings that run but probably are not what the user meant
+
+
+def recipe_warnings(recipe: Recipe) -> list[str]:
+    """One line per setting that is valid but likely to skew results (printed, not refused)."""
+    import dataclasses
+
+    import trl
+
+    out = []
+    algo = recipe.train_policy.algo
+    if algo in ("rloo", "grpo"):
+        section = getattr(recipe.train_policy, algo)
+        default = next(f.default for f in dataclasses.fields(getattr(trl, TRAINER_SECTIONS[f"train_policy.{algo}"]))
+                       if f.name == "max_completion_length")
+        length = section.get("max_completion_length", default)
+        if isinstance(length, int) and length < recipe.generate.max_new_tokens:
+            out.append(f"{recipe.source}: train_policy.{algo}.max_completion_length {length} < generate.max_new_tokens "
+                       f"{recipe.generate.max_new_tokens}: RL completions are cut shorter than the answers evaluated; "
+                       "cut ones are scored as unfinished (see clipped_ratio in training.json)")
+    return out
+
+
+# --------------------------------------------------------------------------------------------
 # TRL pass-through sections
 
 TRAINER_SECTIONS = {

@@ -316,3 +316,20 @@ def test_win_rate_ties_count_half_and_bootstrap_interval():
     assert summarize(outcomes, samples=500, seed=1) == summary  # seeded
     assert bootstrap_ci([[1.0]] * 5, samples=100) == (1.0, 1.0)
     assert bootstrap_ci([], samples=100) == (None, None)
+
+
+def test_judge_intervals_resample_prompts_with_all_their_combinations():
+    """One prompt judged in 8 combinations is one draw from the prompt distribution, not 8: the
+    interval is the cluster bootstrap over prompts, wider than treating (prompt, combination) as
+    independent when a prompt's outcomes agree across combinations."""
+    from rlphf_cli.evaluation.judging import _summary
+
+    rng = __import__("random").Random(0)
+    per_prompt = {f"q{i}": rng.choice(["win", "win", "loss", "tie"]) for i in range(40)}
+    items = [{"id": q, "combo": f"c{c}", "outcome": o, "agree": True, "failed": False}
+             for q, o in per_prompt.items() for c in range(8)]
+    summary = _summary(items, 1000, 0)
+    by_prompt = summarize([(i["id"], i["outcome"]) for i in items], 1000, 0)
+    by_cell = summarize([(f"{i['id']}/{i['combo']}", i["outcome"]) for i in items], 1000, 0)
+    assert (summary["ci_low"], summary["ci_high"]) == (by_prompt["ci_low"], by_prompt["ci_high"])
+    assert summary["ci_high"] - summary["ci_low"] > 2 * (by_cell["ci_high"] - by_cell["ci_low"])

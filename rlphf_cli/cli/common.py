@@ -58,6 +58,11 @@ def resolve_recipe(recipe: str | None, sets: list[str] | None, run_dir: Path | N
     return load_recipe(recipe, sets, overrides)
 
 
+def print_warnings(lines: list[str]) -> None:
+    for line in lines:
+        err_console.print(f"[yellow]warning:[/] {line}", highlight=False, markup=True, soft_wrap=True)
+
+
 def progress_bar(*extra: Any, transient: bool = True, eta: bool = True):
     """Every command's progress display: description, bar, done/total, `extra` columns (format
     strings or Rich columns), elapsed and (with `eta`) remaining time."""

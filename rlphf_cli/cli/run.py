@@ -6,7 +6,15 @@ from typing import Annotated, Optional
 
 import typer
 
-from rlphf_cli.cli.common import RunDirOption, SetOption, cli_errors, console, progress_bar, resolve_recipe
+from rlphf_cli.cli.common import (
+    RunDirOption,
+    SetOption,
+    cli_errors,
+    console,
+    print_warnings,
+    progress_bar,
+    resolve_recipe,
+)
 
 
 class PipelineDisplay:
@@ -59,10 +67,11 @@ def run_command(
     Example: [bold]rlphf run recipes/tiny.yaml --dry-run[/]
     """
     from rlphf_cli.pipeline import plan, run_pipeline
-    from rlphf_cli.recipe import check_trainer_fields
+    from rlphf_cli.recipe import check_trainer_fields, recipe_warnings
 
     resolved = resolve_recipe(recipe, set_, run_dir)
     check_trainer_fields(resolved)
+    print_warnings(recipe_warnings(resolved))
     if dry_run:
         console.print(f"# resolved recipe ({resolved.source})", style="dim")
         console.print(resolved.to_yaml(), highlight=False, markup=False)

@@ -7,7 +7,15 @@ from typing import Annotated, Optional
 
 import typer
 
-from rlphf_cli.cli.common import RecipeOption, RunDirOption, SetOption, cli_errors, console, resolve_recipe
+from rlphf_cli.cli.common import (
+    RecipeOption,
+    RunDirOption,
+    SetOption,
+    cli_errors,
+    console,
+    print_warnings,
+    resolve_recipe,
+)
 from rlphf_cli.cli.train_rm import ModelOption, training_progress
 
 
@@ -52,13 +60,16 @@ def train_policy_command(
     """
     from rich.table import Table
 
+    from rlphf_cli.recipe import check_trainer_fields, recipe_warnings
     from rlphf_cli.runs import RunDir
     from rlphf_cli.training import is_main_process
     from rlphf_cli.training.policy import train_policies
 
     resolved = resolve_recipe(recipe, set_, run_dir, model__name=model, train_policy__algo=algo,
                               train_policy__mode=mode, data__train_prompts=prompts)
+    check_trainer_fields(resolved)
     if is_main_process():
+        print_warnings(recipe_warnings(resolved))
         RunDir.open(resolved.resolved_run_dir(), resolved)
     with training_progress() as progress_factory:
         results = train_policies(resolved, pref, out_dir=out, reward_model=reward_model, resume=resume,
@@ -66,14 +77,15 @@ def train_policy_command(
     if not is_main_process():
         return
     table = Table(title="policies")
-    for column in ("policy", "algo", "steps", "reward start → end", "KL end", "length start → end", "s/step"):
+    for column in ("policy", "algo", "steps", "reward start → end", "KL end", "length start → end", "clipped",
+                   "s/step"):
         table.add_column(column, justify="left" if column in ("policy", "algo") else "right")
     for name, m in results.items():
         key = "reward" if "reward_start" in m else "margin"  # DPO logs its implicit reward margin
         trend = f"{_fmt(m.get(key + '_start'))} → {_fmt(m.get(key + '_end'))}" + (" (margin)" if key == "margin" else "")
         table.add_row(name, m["algo"], str(m["steps"]), trend, _fmt(m.get("kl_end"), ".4f"),
                       f"{_fmt(m.get('completion_length_start'), '.1f')} → {_fmt(m.get('completion_length_end'), '.1f')}",
-                      _fmt(m["s_per_step"]))
+                      _fmt(m.get("clipped_ratio_mean"), ".0%"), _fmt(m["s_per_step"]))
     console.print(table)
     for name, m in results.items():
         console.print(f"{name}: {m['out_dir']}", highlight=False, soft_wrap=True)

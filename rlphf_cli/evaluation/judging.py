@@ -233,7 +233,10 @@ def system_name(record: dict, path: Paths) -> str:
 
 
 def _summary(items: list[dict], samples: int, seed: int) -> dict:
-    summary = summarize([(f"{i['id']}\x00{i['combo']}", i["outcome"]) for i in items], samples, seed)
+    # The bootstrap resamples prompts, each with every combination and criterion it was judged on:
+    # the evaluation set is a sample of prompts, and one prompt's outcomes move together (the base
+    # model's answer is the same in every combination).
+    summary = summarize([(i["id"], i["outcome"]) for i in items], samples, seed)
     judged = [i["agree"] for i in items if i["agree"] is not None]
     summary["agreement"] = round(sum(judged) / len(judged), 4) if judged else None
     summary["failed"] = sum(i["failed"] for i in items)
@@ -267,7 +270,8 @@ def markdown(result: dict) -> str:
         "",
         f"Judge: {judge['backend']}" + (f" ({judge['model']})" if judge.get("model") else "")
         + f"; both orders: {'yes' if result['both_orders'] else 'no'}; {result['pairs']} matched records. "
-        "Win rate of A: ties count half; 95% bootstrap interval over prompts."
+        "Win rate of A: ties count half; 95% bootstrap interval resampling prompts (each with all its "
+        "combinations and criteria)."
         + (" Both orders must agree for a win or a loss." if result["both_orders"] else ""),
         "",
         "| scope | wins | ties | losses | invalid | win rate | 95% CI | order agreement |",

@@ -1,8 +1,8 @@
 """Win / tie / loss tallies, win rate (a tie counts half) and a bootstrap 95% interval.
 
 Outcomes are from system A's side: "win", "tie", "loss"; "invalid" is counted but left out of
-the rate. The bootstrap resamples *units* (a prompt and its combination) with replacement, so the
-outcomes of one prompt judged on several criteria move together.
+the rate. The bootstrap resamples *units* with replacement, so the outcomes of one unit move together;
+`rlphf judge` makes each prompt a unit, with all its combinations and criteria.
 """
 
 from __future__ import annotations

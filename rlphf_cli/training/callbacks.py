@@ -32,7 +32,7 @@ def _accepts_info(progress: ProgressFn) -> bool:
 
 
 def normalize_logs(logs: dict[str, Any], reward_names: dict[str, str] | None = None) -> dict[str, Any]:
-    """TRL's log keys plus short names: reward, rewards{<rm>: mean}, kl, completion_length."""
+    """TRL's log keys plus short names: reward, rewards{<rm>: mean}, kl, completion_length, clipped_ratio."""
     out: dict[str, Any] = {}
     rewards = {}
     for key, value in logs.items():
@@ -50,6 +50,8 @@ def normalize_logs(logs: dict[str, Any], reward_names: dict[str, str] | None = N
             out[short] = logs[key]
     if "completions/mean_length" in logs:
         out["completion_length"] = logs["completions/mean_length"]
+    if "completions/clipped_ratio" in logs:  # completions cut at max_completion_length
+        out["clipped_ratio"] = logs["completions/clipped_ratio"]
     out.update(logs)
     return out
 

@@ -52,26 +52,34 @@ class TrainingInterrupted(RlphfError):
 
 class RMReward:
     """A TRL reward function backed by one reward model. It scores the plain instruction (the
-    dataset's `instruction` column) + the completion with the RM's own tokenizer. With `route`, it
-    scores only samples whose `prefs` column holds its preference and returns None for the others
-    (TRL's weighted nansum then averages the matching reward models)."""
+    dataset's `instruction` column) + the completion with the RM's own tokenizer. A completion that
+    does not end in a stop token was cut at max_completion_length: it is scored as unfinished
+    (`stop_ids`, set from the trainer's own eos ids, TRL's rule for `completions/clipped_ratio`).
+    With `route`, it scores only samples whose `prefs` column holds its preference and returns None
+    for the others (TRL's weighted nansum then averages the matching reward models)."""
 
     def __init__(self, scorer: RewardScorer, pref_id: str, route: bool = False):
         self.scorer = scorer
         self.pref_id = pref_id
         self.route = route
+        self.stop_ids: set[int] | None = None  # None: every completion counts as finished
         self.__name__ = f"rm_{pref_id}"  # the name TRL logs rewards under
+
+    def finished(self, completion_ids) -> list[bool] | None:
+        if self.stop_ids is None or completion_ids is None:
+            return None
+        return [bool(ids) and ids[-1] in self.stop_ids for ids in completion_ids]
 
     def __call__(self, prompts, completions, completion_ids=None, instruction=None, prefs=None, **_):
         texts = [completion_text(c) for c in completions]
         if instruction is None:
             raise InputError("the training dataset has no 'instruction' column")
-        if not self.route:
-            return self.scorer.score(list(instruction), texts)
-        picked = [i for i, ids in enumerate(prefs) if self.pref_id in ids]
+        finished = self.finished(completion_ids) or [True] * len(texts)
+        picked = [i for i, ids in enumerate(prefs) if self.pref_id in ids] if self.route else range(len(texts))
         out: list[float | None] = [None] * len(texts)
         if picked:
-            scores = self.scorer.score([instruction[i] for i in picked], [texts[i] for i in picked])
+            scores = self.scorer.score([instruction[i] for i in picked], [texts[i] for i in picked],
+                                       [finished[i] for i in picked])
             for i, score in zip(picked, scores, strict=True):
                 out[i] = score
         return out
@@ -202,6 +210,9 @@ def train_policy(recipe: Recipe, *, pref: str | None = None, mode: str | None = 
         **reward_kwargs,
     )
     quiet_trainer(trainer)
+    stop_ids = set(getattr(trainer, "eos_token_ids", []) or []) | {tokenizer.pad_token_id}
+    for func in reward_kwargs.get("reward_funcs", []):
+        func.stop_ids = stop_ids
     start = time.monotonic()
     start_step = trainer.state.global_step
     try:
@@ -251,13 +262,16 @@ def _reward_ids(recipe: Recipe, mode: str, preference: Preference | None) -> lis
 
 
 def _trend(records: list[dict], window: int = 3) -> dict:
-    """Mean reward / KL / length over the first and last few logged steps."""
+    """Mean reward / KL / length / clipped ratio over the first and last few logged steps (and the
+    clipped ratio over all of them)."""
     out: dict = {}
-    for key in ("reward", "kl", "completion_length", "loss", "margin", "accuracy"):
+    for key in ("reward", "kl", "completion_length", "clipped_ratio", "loss", "margin", "accuracy"):
         values = [r[key] for r in records if isinstance(r.get(key), (int, float))]
         if values:
             out[f"{key}_start"] = sum(values[:window]) / len(values[:window])
             out[f"{key}_end"] = sum(values[-window:]) / len(values[-window:])
+            if key == "clipped_ratio":
+                out["clipped_ratio_mean"] = sum(values) / len(values)
     rewards = [r["rewards"] for r in records if isinstance(r.get("rewards"), dict)]
     if rewards:
         out["rewards_end"] = rewards[-1]
