@@ -29,6 +29,7 @@ TRAINED_BASELINES = ("morl", "rlhf")
 SWEEP_SYSTEM = "sweep"
 BASE_PLAIN = "plain"  # generations/base/plain.jsonl: the base model, no preference prompt
 EXPERTS_SYSTEM = "experts"
+PROMPTED = "prompted"  # the base model with the preference prompts
 
 
 @dataclass(frozen=True)
@@ -287,6 +288,8 @@ class Pipeline:
                 add(mode, name, ids, self.run.policy(mode), f"baselines/{mode}")
         for pref in self.prefs:
             add(EXPERTS_SYSTEM, pref.id, [pref.id], self.run.policy(pref.id), f"train-policy/{pref.id}")
+            # What training adds over prompting: each expert against the base model given the same prompt.
+            add(PROMPTED, pref.id, [pref.id], None, None)
         if self.recipe.evaluation.sweep:
             a, b = self.sweep_prefs()
             for weight in self.sweep_weights():
@@ -295,12 +298,11 @@ class Pipeline:
         return units
 
     def judged_pairs(self) -> list[tuple[str, str]]:
-        """(system, baseline): every system against every baseline, and the experts against base."""
+        """(system, baseline): every system against every baseline; the experts against the base
+        model with their preference prompt (the expert check) and without any prompt."""
         baselines = self.recipe.evaluation.baselines
         pairs = [(system, baseline) for system in self.systems() for baseline in baselines if system != baseline]
-        if "base" in baselines:
-            pairs.append((EXPERTS_SYSTEM, "base"))
-        return pairs
+        return pairs + [(EXPERTS_SYSTEM, PROMPTED), (EXPERTS_SYSTEM, "base")]
 
     def _generations_for_judging(self, system: str, names: list[str]) -> list[Path]:
         if system != "base":

@@ -63,7 +63,7 @@ def test_run_pipeline_end_to_end_then_resume(pipeline_recipe):
         "generations/base/plain.jsonl", f"generations/psoups/{combo}.jsonl", f"generations/prompted/{combo}.jsonl",
         "generations/experts/P1A.jsonl", "generations/sweep/w0.5.jsonl",
         "judgments/psoups_vs_base.json", "judgments/psoups_vs_prompted.json", "judgments/prompted_vs_base.json",
-        "judgments/experts_vs_base.json",
+        "judgments/experts_vs_base.json", "judgments/experts_vs_prompted.json", "generations/prompted/P1A.jsonl",
         "report/report.md", "report/summary.json", "report/training_curves.png", "report/sweep.png",
     ]
     missing = [name for name in expected if not (run / name).exists()]
@@ -72,6 +72,14 @@ def test_run_pipeline_end_to_end_then_resume(pipeline_recipe):
     for section in ("Win rate against the base model", "Single-preference experts", "Reward models",
                     "Policy training", "Weight sweep", "Cost"):
         assert section in report
+    assert "the same preference prompt" in report and "clipped" in report
+    summary = json.loads((run / "report" / "summary.json").read_text())
+    assert set(summary["experts_vs_prompted"]) == {"P1A", "P2A"}
+    assert [c["check"] for c in summary["checks"]][:2] == [
+        "expert P1A beats the base model prompted with P1A, on P1A",
+        "expert P2A beats the base model prompted with P2A, on P2A"]
+    prompted_p1a = [json.loads(line) for line in (run / "generations/prompted/P1A.jsonl").read_text().splitlines()]
+    assert all(r["preferences"] == ["P1A"] for r in prompted_p1a)
     events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
     assert {e["stage"] for e in events if e["event"] == "end"} >= {"rollouts", "train-rm", "merge", "report"}
     assert all(e.get("outcome") == "ok" for e in events if e["event"] == "end" and "outcome" in e)

@@ -114,8 +114,10 @@ def _print_results(path) -> None:
     for system, s in results.get("overall_vs_base", {}).items():
         table.add_row(system, f"{100 * s['win_rate']:.1f}%", f"{100 * s['ci_low']:.1f}-{100 * s['ci_high']:.1f}%"
                       if s.get("ci_low") is not None else "-", str(s["n"]))
-    for pref, rate in results.get("experts_vs_base", {}).items():
-        table.add_row(f"expert {pref} (own criterion)", "-" if rate is None else f"{100 * rate:.1f}%", "", "")
+    for pref, s in results.get("experts_vs_prompted", {}).items():
+        table.add_row(f"expert {pref} vs prompted base ({pref})", f"{100 * s['win_rate']:.1f}%",
+                      f"{100 * s['ci_low']:.1f}-{100 * s['ci_high']:.1f}%" if s.get("ci_low") is not None else "-",
+                      str(s["n"]))
     if table.row_count:
         console.print(table)
     for check in results.get("checks", []):

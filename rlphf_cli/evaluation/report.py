@@ -27,6 +27,10 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}"
 
 
+def _num(value, digits: int = 3) -> str:
+    return f"{value:.{digits}f}" if isinstance(value, (int, float)) else "-"
+
+
 def _ci(summary: dict) -> str:
     if summary.get("ci_low") is None:
         return _pct(summary.get("win_rate"))
@@ -57,23 +61,32 @@ def winrate_table(pipeline, baseline: str = "base") -> tuple[list[str], dict[str
     return lines, {s: r["overall"] for s, r in results.items()}
 
 
-def experts_table(pipeline) -> tuple[list[str], dict[str, float | None]]:
-    from rlphf_cli.pipeline import EXPERTS_SYSTEM
+def experts_table(pipeline) -> tuple[list[str], dict[str, dict], dict[str, float | None]]:
+    """Each expert against the base model given the same preference prompt (the expert check: what
+    training adds over prompting) and against the unprompted base model."""
+    from rlphf_cli.pipeline import EXPERTS_SYSTEM, PROMPTED
 
-    result = _load_json(pipeline.run.judgment(EXPERTS_SYSTEM, "base"))
-    if not result:
-        return [], {}
-    lines = ["Each single-preference policy, prompted with its preference, against the base model "
-             "(no preference prompt), on its own criterion.", "",
-             "| preference | wins | ties | losses | win rate % [95% CI] |", "|---|---:|---:|---:|---|"]
-    rates = {}
+    prompted = _load_json(pipeline.run.judgment(EXPERTS_SYSTEM, PROMPTED)) or {}
+    plain = _load_json(pipeline.run.judgment(EXPERTS_SYSTEM, "base")) or {}
+    if not prompted and not plain:
+        return [], {}, {}
+    lines = ["Each single-preference policy, prompted with its preference, on its own criterion, against "
+             "the base model given **the same preference prompt** (what training adds over prompting; the "
+             f"check: above {100 * EXPERT_BAR:.0f}%) and against the base model without a prompt. "
+             "Win rate % [95% CI] (wins / ties / losses).", "",
+             "| preference | vs prompted base | vs base (no prompt) |", "|---|---|---|"]
+    vs_prompted, vs_plain = {}, {}
     for pref in pipeline.prefs:
-        s = result["per_criterion"].get(pref.id)
-        if s is None:
+        a = prompted.get("per_criterion", {}).get(pref.id)
+        b = plain.get("per_criterion", {}).get(pref.id)
+        if a is None and b is None:
             continue
-        rates[pref.id] = s["win_rate"]
-        lines.append(f"| {pref.id} ({pref.alias}) | {s['wins']} | {s['ties']} | {s['losses']} | {_ci(s)} |")
-    return lines, rates
+        if a is not None:
+            vs_prompted[pref.id] = {k: a[k] for k in ("win_rate", "ci_low", "ci_high", "n")}
+        vs_plain[pref.id] = b["win_rate"] if b else None
+        cells = [f"{_ci(s)} ({s['wins']}/{s['ties']}/{s['losses']})" if s else "-" for s in (a, b)]
+        lines.append(f"| {pref.id} ({pref.alias}) | " + " | ".join(cells) + " |")
+    return lines, vs_prompted, vs_plain
 
 
 def reward_model_table(pipeline) -> list[str]:
@@ -117,10 +130,16 @@ def _curves(pipeline, out: Path) -> list[str]:
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
-    first_last = [f"| {name} | {r[0]['reward']:.3f} | {r[-1]['reward']:.3f} | {r[-1].get('kl', float('nan')):.4f} |"
-                  for name, r in series.items()]
-    return ["| policy | reward (first step) | reward (last step) | KL (last step) |", "|---|---:|---:|---:|",
-            *first_last, "", f"![training curves]({out.name})"]
+    rows = []
+    for name in series:
+        t = _load_json(pipeline.run.policy(name) / "training.json") or {}
+        rows.append(f"| {name} | {_num(t.get('reward_start'))} → {_num(t.get('reward_end'))} | {_num(t.get('kl_end'), 4)} | "
+                    f"{_num(t.get('completion_length_start'), 1)} → {_num(t.get('completion_length_end'), 1)} | "
+                    f"{_pct(t.get('clipped_ratio_mean'))}% |")
+    return ["Reward, KL and length: means of the first and of the last 3 logged steps. Clipped: share of the "
+            "sampled completions cut at max_completion_length, over all steps (scored as unfinished).", "",
+            "| policy | reward start → end | KL end | completion tokens start → end | clipped |",
+            "|---|---:|---:|---:|---:|", *rows, "", f"![training curves]({out.name})"]
 
 
 def sweep_points(pipeline) -> list[dict]:
@@ -229,10 +248,11 @@ def write_report(pipeline) -> dict[str, Any]:
             lines += [f"P-Soups against **{baseline}**: win rate {_ci(result['overall'])}%.", ""]
             summary[f"psoups_vs_{baseline}"] = result["overall"]
 
-    table, expert_rates = experts_table(pipeline)
+    table, vs_prompted, vs_plain = experts_table(pipeline)
     if table:
         lines += ["## Single-preference experts", "", *table, ""]
-        summary["experts_vs_base"] = expert_rates
+        summary["experts_vs_prompted"] = vs_prompted
+        summary["experts_vs_base"] = vs_plain
 
     table = reward_model_table(pipeline)
     if table:
@@ -263,9 +283,10 @@ def write_report(pipeline) -> dict[str, Any]:
 def demo_bars(summary: dict) -> list[tuple[str, bool, str]]:
     """The results a run should show: experts beat base, soups beat prompting, the sweep steers."""
     bars = []
-    for pref, rate in summary.get("experts_vs_base", {}).items():
-        bars.append((f"expert {pref} beats base on {pref}", rate is not None and rate > EXPERT_BAR,
-                     f"win rate {_pct(rate)}% > {100 * EXPERT_BAR:.0f}%"))
+    for pref, s in summary.get("experts_vs_prompted", {}).items():
+        bars.append((f"expert {pref} beats the base model prompted with {pref}, on {pref}",
+                     s["win_rate"] is not None and s["win_rate"] > EXPERT_BAR,
+                     f"win rate {_ci(s)}% > {100 * EXPERT_BAR:.0f}%"))
     overall = summary.get("overall_vs_base", {})
     if "psoups" in overall and "prompted" in overall:
         ours, theirs = overall["psoups"]["win_rate"], overall["prompted"]["win_rate"]
