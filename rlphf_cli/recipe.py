@@ -443,8 +443,8 @@ def recipe_warnings(recipe: Recipe) -> list[str]:
         length = section.get("max_completion_length", default)
         if isinstance(length, int) and length < recipe.generate.max_new_tokens:
             out.append(f"{recipe.source}: train_policy.{algo}.max_completion_length {length} < generate.max_new_tokens "
-                       f"{recipe.generate.max_new_tokens}: RL completions are cut shorter than the answers evaluated; "
-                       "cut ones are scored as unfinished (see clipped_ratio in training.json)")
+                       f"{recipe.generate.max_new_tokens}: RL completions are cut shorter than the answers evaluated, and cut "
+                       "ones do not train the policy (mask_truncated_completions; clipped_ratio in training.json)")
     return out
 
 

@@ -66,9 +66,8 @@ def test_generation_rl_prompts_and_reward_inputs_share_ids(bos_model, prompt_for
     assert RLOOTrainer._tokenize_prompts(trl_self, plain)[0][0] == generator.prompt_ids(generator.prompt_text(instruction))
     assert generated[0] == bos and generated.count(bos) == 1
 
-    # The reward model reads prompt + response: the same prompt ids come first, for finished and cut answers.
-    for finished in (True, False):
-        text = conversation_text(tokenizer, instruction, "Gravity pulls things.", prompt_format, finished)
-        scored = encode(tokenizer, text, prompt_format, None)
-        plain = generator.prompt_ids(generator.prompt_text(instruction))
-        assert scored[:len(plain)] == plain and scored.count(bos) == 1
+    # The reward model reads prompt + response: the same prompt ids come first.
+    text = conversation_text(tokenizer, instruction, "Gravity pulls things.", prompt_format)
+    scored = encode(tokenizer, text, prompt_format, None)
+    plain = generator.prompt_ids(generator.prompt_text(instruction))
+    assert scored[:len(plain)] == plain and scored.count(bos) == 1

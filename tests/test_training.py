@@ -183,38 +183,18 @@ def test_morl_reward_routes_each_sample_to_its_preferences():
         def __init__(self, value):
             self.value, self.calls = value, []
 
-        def score(self, instructions, responses, finished=None):
-            self.calls.append((list(instructions), finished))
+        def score(self, instructions, responses):
+            self.calls.append(list(instructions))
             return [self.value] * len(responses)
 
     fake = Fake(2.0)
     reward = RMReward(fake, "P2A", route=True)
     out = reward(prompts=["a", "b", "c"], completions=[[{"role": "assistant", "content": "x"}]] * 3,
                  instruction=["i0", "i1", "i2"], prefs=[["P1A", "P2A"], ["P1A", "P2B"], ["P2A"]])
-    assert out == [2.0, None, 2.0] and fake.calls == [(["i0", "i2"], [True, True])]
+    assert out == [2.0, None, 2.0] and fake.calls == [["i0", "i2"]]
     assert reward.__name__ == "rm_P2A"
     assert RMReward(fake, "P2A")(prompts=["a"], completions=["y"], instruction=["i"], prefs=[[]]) == [2.0]
 
-
-def test_rm_reward_scores_cut_completions_as_unfinished(trained_rm):
-    """A completion without a stop token at its end was cut at max_completion_length: the reward
-    model reads it with the turn left open, not closed as if the answer were complete."""
-    from rlphf_cli.training.policy import RMReward
-    from rlphf_cli.training.reward import RewardScorer
-
-    scorer = RewardScorer(trained_rm)
-    tok = scorer.tokenizer
-    end = tok.eos_token_id
-    reward = RMReward(scorer, "P2A")
-    reward.stop_ids = {end, tok.pad_token_id}
-    words = "sun hot water air rock hot gravity pulls"
-    ids = tok(words, add_special_tokens=False)["input_ids"]
-    got = reward(prompts=["p"] * 2, completions=[words] * 2, completion_ids=[ids + [end], ids],
-                 instruction=["Explain sun"] * 2, prefs=[[], []])
-    closed, open_ = scorer.texts(["Explain sun"] * 2, [words] * 2, [True, False])
-    assert closed.startswith(open_) and closed != open_ and open_.endswith(words)
-    assert got == pytest.approx(scorer.score(["Explain sun"] * 2, [words] * 2, [True, False]))
-    assert got[0] != pytest.approx(got[1])
 
 
 # --------------------------------------------------------------------------------------------
@@ -310,6 +290,9 @@ def test_train_policy_soup_writes_a_peft_adapter_and_metrics(with_rm, tiny_rando
         assert line["wall_s"] > 0
     summary = json.loads((policy / "training.json").read_text())
     assert summary["steps"] == 2 and summary["mode"] == "soup" and summary["preferences"] == ["P2A"]
+    # Cut completions (max_completion_length 8 on a random model: most of them) train nothing.
+    assert summary["mask_truncated_completions"] is True and summary["max_completion_length"] == 8
+    assert 0 < summary["clipped_ratio_mean"] <= 1 and all("clipped_ratio" in line for line in lines)
     assert not [p for p in policy.parent.iterdir() if p.name.startswith(".")]  # checkpoints cleaned up
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_random_model), str(policy))
 

@@ -13,7 +13,6 @@ from rlphf_cli.cli.common import (
     SetOption,
     cli_errors,
     console,
-    print_warnings,
     resolve_recipe,
 )
 from rlphf_cli.cli.train_rm import ModelOption, training_progress
@@ -69,9 +68,8 @@ def train_policy_command(
                               train_policy__mode=mode, data__train_prompts=prompts)
     check_trainer_fields(resolved)
     if is_main_process():
-        print_warnings(recipe_warnings(resolved))
         RunDir.open(resolved.resolved_run_dir(), resolved)
-    with training_progress() as progress_factory:
+    with training_progress(warnings=recipe_warnings(resolved)) as progress_factory:
         results = train_policies(resolved, pref, out_dir=out, reward_model=reward_model, resume=resume,
                                  progress_factory=progress_factory)
     if not is_main_process():

@@ -14,6 +14,7 @@ from rlphf_cli.cli.common import (
     SetOption,
     cli_errors,
     console,
+    print_warnings,
     progress_bar,
     resolve_recipe,
 )
@@ -28,8 +29,9 @@ ModelOption = Annotated[
 
 
 @contextlib.contextmanager
-def training_progress(unit: str = "steps"):
-    """A Rich progress bar; yields a factory: name -> progress(done, total, info) callback."""
+def training_progress(unit: str = "steps", warnings: list[str] | None = None):
+    """A Rich progress bar; yields a factory: name -> progress(done, total, info) callback.
+    `warnings` are printed when training starts (not before an input error)."""
     from rlphf_cli.training import is_main_process, quiet_libraries
 
     quiet_libraries()
@@ -43,6 +45,8 @@ def training_progress(unit: str = "steps"):
             def update(done: int, total: int, info: dict | None = None) -> None:
                 nonlocal task
                 if task is None:
+                    print_warnings(warnings or [])
+                    (warnings or []).clear()
                     task = bar.add_task(name, total=None, info="")
                 text = ""
                 if info:

@@ -137,7 +137,8 @@ def _curves(pipeline, out: Path) -> list[str]:
                     f"{_num(t.get('completion_length_start'), 1)} → {_num(t.get('completion_length_end'), 1)} | "
                     f"{_pct(t.get('clipped_ratio_mean'))}% |")
     return ["Reward, KL and length: means of the first and of the last 3 logged steps. Clipped: share of the "
-            "sampled completions cut at max_completion_length, over all steps (scored as unfinished).", "",
+            "sampled completions cut at max_completion_length, over all steps (left out of the loss when "
+            "mask_truncated_completions is on, the default).", "",
             "| policy | reward start → end | KL end | completion tokens start → end | clipped |",
             "|---|---:|---:|---:|---:|", *rows, "", f"![training curves]({out.name})"]
 

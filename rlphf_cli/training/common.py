@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 from rlphf_cli.errors import InputError, MissingArtifactError
-from rlphf_cli.prompting import TULU_TEMPLATE, render_prompt, text_ids, uses_chat_template
+from rlphf_cli.prompting import TULU_TEMPLATE, text_ids, uses_chat_template
 from rlphf_cli.runs import atomic_dir, atomic_write_json, atomic_write_text
 from rlphf_cli.training import is_main_process
 
@@ -63,12 +63,8 @@ def completion_text(completion) -> str:
     return "".join(m.get("content", "") for m in completion if isinstance(m, dict))
 
 
-def conversation_text(tokenizer, instruction: str, response: str, prompt_format: str, finished: bool = True) -> str:
-    """The full text a reward model reads: prompt + response + end of turn. A response cut at the
-    length limit (`finished=False`) keeps its turn open: closing it would show the reward model a
-    complete answer that was never written (a concise RM then prefers any cut-off ramble)."""
-    if not finished:
-        return render_prompt(tokenizer, instruction, prompt_format) + response
+def conversation_text(tokenizer, instruction: str, response: str, prompt_format: str) -> str:
+    """The full text a reward model reads: prompt + response + end of turn."""
     if uses_chat_template(tokenizer, prompt_format):
         messages = [{"role": "user", "content": instruction}, {"role": "assistant", "content": response}]
         return tokenizer.apply_chat_template(messages, tokenize=False)

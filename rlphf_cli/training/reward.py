@@ -292,20 +292,15 @@ class RewardScorer:
         self._lock = _SHARED_LOCK
         return model
 
-    def texts(self, instructions: Sequence[str], responses: Sequence[str],
-              finished: Sequence[bool] | None = None) -> list[str]:
-        finished = finished if finished is not None else [True] * len(responses)
-        return [conversation_text(self.tokenizer, i, r, self.prompt_format, done)
-                for i, r, done in zip(instructions, responses, finished, strict=True)]
+    def texts(self, instructions: Sequence[str], responses: Sequence[str]) -> list[str]:
+        return [conversation_text(self.tokenizer, i, r, self.prompt_format) for i, r in zip(instructions, responses, strict=True)]
 
-    def score(self, instructions: Sequence[str], responses: Sequence[str],
-              finished: Sequence[bool] | None = None) -> list[float]:
-        """One reward per (plain instruction, response) pair. `finished[i]` False: the response was
-        cut at the length limit, and is scored with its turn left open."""
+    def score(self, instructions: Sequence[str], responses: Sequence[str]) -> list[float]:
+        """One reward per (plain instruction, response) pair."""
         if len(instructions) != len(responses):
             raise InputError(f"{len(instructions)} instructions but {len(responses)} responses")
         sequences = [encode(self.tokenizer, t, self.prompt_format, self.max_length)
-                     for t in self.texts(instructions, responses, finished)]
+                     for t in self.texts(instructions, responses)]
         with self._lock:
             self.model.set_adapter(self._adapter)
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
