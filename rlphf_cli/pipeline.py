@@ -22,14 +22,10 @@ from rlphf_cli.errors import InputError, did_you_mean
 from rlphf_cli.preferences import Preference, combination_name
 from rlphf_cli.recipe import Recipe
 from rlphf_cli.runs import RunDir, atomic_write_text, fingerprint, read_jsonl
+from rlphf_cli.systems import BASE, BASE_PLAIN, EXPERTS, ORDER, PROMPTED, PSOUPS, SWEEP, TRAINED_BASELINES
 
 STAGE_NAMES = ("tiny-model", "rollouts", "annotate", "train-rm", "train-policy", "baselines", "merge",
                "evaluate", "judge", "report")
-TRAINED_BASELINES = ("morl", "rlhf")
-SWEEP_SYSTEM = "sweep"
-BASE_PLAIN = "plain"  # generations/base/plain.jsonl: the base model, no preference prompt
-EXPERTS_SYSTEM = "experts"
-PROMPTED = "prompted"  # the base model with the preference prompts
 
 
 @dataclass(frozen=True)
@@ -120,7 +116,7 @@ class Pipeline:
         if self._base_generator is None:
             from rlphf_cli.generation import Generator
 
-            self._base_generator = Generator.load(self.recipe, system="base")
+            self._base_generator = Generator.load(self.recipe, system=BASE)
         return self._base_generator
 
     def _section(self, *names: str) -> dict:
@@ -144,7 +140,7 @@ class Pipeline:
             from rlphf_cli.generation import generate_file
 
             prompts = load_prompts(self.recipe.data.train_prompts, self.recipe.data.max_train_prompts)
-            return generate_file(self.recipe, prompts, self.run.rollouts(), prefs=(), system="base",
+            return generate_file(self.recipe, prompts, self.run.rollouts(), prefs=(), system=BASE,
                                  num_samples=self.recipe.annotate.num_samples, generator=self.base_generator(),
                                  progress=self._unit_progress)
 
@@ -201,8 +197,12 @@ class Pipeline:
     def _units_baselines(self) -> list[Unit]:
         units = []
         for mode in (b for b in self.recipe.evaluation.baselines if b in TRAINED_BASELINES):
-            rm_keys = [f"train-rm/{p.id}" for p in self.prefs] if mode == "morl" else ["train-rm/general"]
-            inputs = {"rms": [self.fp.get(k) for k in rm_keys], **self._section("model", "data", "train_policy", "seed")}
+            if mode == "multitask":  # supervised on the annotations: no reward model, no prompt set
+                inputs = {"annotations": [self.fp.get(f"annotate/{p.id}") for p in self.prefs],
+                          **self._section("model", "train_policy", "seed")}
+            else:
+                rm_keys = [f"train-rm/{p.id}" for p in self.prefs] if mode == "morl" else ["train-rm/general"]
+                inputs = {"rms": [self.fp.get(k) for k in rm_keys], **self._section("model", "data", "train_policy", "seed")}
             units.append(Unit(f"baselines/{mode}", mode, inputs,
                               _Job(_train_policy_job, self.recipe, mode, None, str(self.run.root), self.model_path),
                               [self.run.policy(mode) / "adapter_model.safetensors"]))
@@ -251,7 +251,9 @@ class Pipeline:
         return units
 
     def systems(self) -> list[str]:
-        return ["psoups", *self.recipe.evaluation.baselines]
+        """P-Soups and the recipe's baselines, in the paper's order."""
+        listed = {PSOUPS, *self.recipe.evaluation.baselines}
+        return [s for s in ORDER if s in listed]
 
     def _units_evaluate(self) -> list[Unit]:
         from rlphf_cli.data import load_prompts
@@ -277,38 +279,40 @@ class Pipeline:
 
         # The base model without a preference prompt answers the same whatever the combination:
         # generate once; judging labels the same answers with each combination.
-        add("base", BASE_PLAIN, [], None, None)
+        add(BASE, BASE_PLAIN, [], None, None)
         for combo in self.combos:
             name = combination_name(combo)
             ids = [p.id for p in combo]
-            add("psoups", name, ids, self.run.soup(name), f"merge/{name}")
-            if "prompted" in self.recipe.evaluation.baselines:
-                add("prompted", name, ids, None, None)
+            add(PSOUPS, name, ids, self.run.soup(name), f"merge/{name}")
+            if PROMPTED in self.recipe.evaluation.baselines:
+                add(PROMPTED, name, ids, None, None)
             for mode in (b for b in self.recipe.evaluation.baselines if b in TRAINED_BASELINES):
                 add(mode, name, ids, self.run.policy(mode), f"baselines/{mode}")
         for pref in self.prefs:
-            add(EXPERTS_SYSTEM, pref.id, [pref.id], self.run.policy(pref.id), f"train-policy/{pref.id}")
+            add(EXPERTS, pref.id, [pref.id], self.run.policy(pref.id), f"train-policy/{pref.id}")
             # What training adds over prompting: each expert against the base model given the same prompt.
             add(PROMPTED, pref.id, [pref.id], None, None)
         if self.recipe.evaluation.sweep:
             a, b = self.sweep_prefs()
             for weight in self.sweep_weights():
-                add(SWEEP_SYSTEM, f"w{weight:g}", [], self.sweep_soup(weight),
+                add(SWEEP, f"w{weight:g}", [], self.sweep_soup(weight),
                     f"merge/sweep-{a.id}-{b.id}-w{weight:g}")
         return units
 
     def judged_pairs(self) -> list[tuple[str, str]]:
-        """(system, baseline): every system against every baseline; the experts against the base
-        model with their preference prompt (the expert check) and without any prompt."""
-        baselines = self.recipe.evaluation.baselines
-        pairs = [(system, baseline) for system in self.systems() for baseline in baselines if system != baseline]
-        return pairs + [(EXPERTS_SYSTEM, PROMPTED), (EXPERTS_SYSTEM, "base")]
+        """(system, other): every system against the base model (the paper's table); P-Soups head to
+        head against every other system; the experts against the base model with their preference
+        prompt (the expert check) and without any prompt."""
+        others = [s for s in self.systems() if s != PSOUPS]
+        pairs = [(s, BASE) for s in self.systems() if s != BASE and BASE in others]
+        pairs += [(PSOUPS, s) for s in others if s != BASE]
+        return pairs + [(EXPERTS, PROMPTED), (EXPERTS, BASE)]
 
     def _generations_for_judging(self, system: str, names: list[str]) -> list[Path]:
-        if system != "base":
+        if system != BASE:
             return [self.run.generations(system, name) for name in names]
         # Label the base answers with each combination so they match the other side by (id, combo).
-        plain = read_jsonl(self.run.generations("base", BASE_PLAIN))
+        plain = read_jsonl(self.run.generations(BASE, BASE_PLAIN))
         paths = []
         for name in names:
             path = self.run.path("judgments", ".base", f"{name}.jsonl")
@@ -320,12 +324,12 @@ class Pipeline:
     def _units_judge(self) -> list[Unit]:
         units = []
         for system, baseline in self.judged_pairs():
-            if system == EXPERTS_SYSTEM:
+            if system == EXPERTS:
                 names = [p.id for p in self.prefs]
             else:
                 names = [combination_name(c) for c in self.combos]
             upstream = [f"evaluate/{s}/{n}" for s in (system, baseline)
-                        for n in ([BASE_PLAIN] if s == "base" else names)]
+                        for n in ([BASE_PLAIN] if s == BASE else names)]
             out = self.run.judgment(system, baseline)
 
             def work(system=system, baseline=baseline, names=names, out=out):
@@ -348,7 +352,7 @@ class Pipeline:
             return write_report(self)
 
         inputs = {"judgments": [self.fp.get(f"judge/{s}_vs_{b}") for s, b in self.judged_pairs()],
-                  "sweep": [self.fp.get(f"evaluate/{SWEEP_SYSTEM}/w{w:g}") for w in self.sweep_weights()]}
+                  "sweep": [self.fp.get(f"evaluate/{SWEEP}/w{w:g}") for w in self.sweep_weights()]}
         return [Unit("report", "report", inputs, work, [self.run.report_dir() / "report.md"])]
 
     # ----------------------------------------------------------------------------------------

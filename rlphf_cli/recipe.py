@@ -103,12 +103,13 @@ class TrainRMSection(Strict):
 
 
 class TrainPolicySection(Strict):
-    algo: Literal["rloo", "grpo", "dpo"] = "rloo"
-    mode: Literal["soup", "morl", "rlhf"] = "soup"
+    algo: Literal["rloo", "grpo", "dpo"] = "rloo"  # mode multitask always trains with SFT
+    mode: Literal["soup", "morl", "rlhf", "multitask"] = "soup"
     lora: LoraSection = Field(default_factory=LoraSection)
     rloo: dict[str, Any] = Field(default_factory=dict)  # trl.RLOOConfig fields
     grpo: dict[str, Any] = Field(default_factory=dict)  # trl.GRPOConfig fields
     dpo: dict[str, Any] = Field(default_factory=dict)  # trl.DPOConfig fields
+    sft: dict[str, Any] = Field(default_factory=dict)  # trl.SFTConfig fields (mode multitask)
     save_steps: int | None = Field(default=None, ge=1)  # checkpoint every N steps (resume)
 
 
@@ -157,8 +158,8 @@ class SweepSection(Strict):
 
 
 class EvaluationSection(Strict):
-    # Systems compared against each baseline: 'psoups' plus any of base, prompted, morl, rlhf.
-    baselines: list[Literal["base", "prompted", "morl", "rlhf"]] = Field(
+    # Systems compared against each baseline: 'psoups' plus any of base, prompted, multitask, morl, rlhf.
+    baselines: list[Literal["base", "prompted", "multitask", "morl", "rlhf"]] = Field(
         default_factory=lambda: ["base", "prompted"]
     )
     sweep: SweepSection | None = Field(default_factory=SweepSection)
@@ -456,6 +457,7 @@ TRAINER_SECTIONS = {
     "train_policy.rloo": "RLOOConfig",
     "train_policy.grpo": "GRPOConfig",
     "train_policy.dpo": "DPOConfig",
+    "train_policy.sft": "SFTConfig",
 }
 
 

@@ -34,9 +34,10 @@ def pipeline_recipe(tmp_path, tiny_random_model):
         "annotate": {"num_samples": 2},
         "train_rm": {"trl": {"max_steps": 2, "per_device_train_batch_size": 4, "max_length": 64}},
         "train_policy": {"rloo": {"max_steps": 2, "per_device_train_batch_size": 4, "num_generations": 2,
-                                  "max_completion_length": 8}},
+                                  "max_completion_length": 8},
+                         "sft": {"max_steps": 2, "per_device_train_batch_size": 4, "max_length": 160}},
         "judge": {"bootstrap_samples": 50},
-        "evaluation": {"baselines": ["base", "prompted"], "sweep": {"prefs": ["P1A", "P2A"], "weights": [0, 0.5, 1]}},
+        "evaluation": {"baselines": ["base", "prompted", "multitask"], "sweep": {"prefs": ["P1A", "P2A"], "weights": [0, 0.5, 1]}},
     }
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
@@ -63,14 +64,16 @@ def test_run_pipeline_end_to_end_then_resume(pipeline_recipe):
         "generations/base/plain.jsonl", f"generations/psoups/{combo}.jsonl", f"generations/prompted/{combo}.jsonl",
         "generations/experts/P1A.jsonl", "generations/sweep/w0.5.jsonl",
         "judgments/psoups_vs_base.json", "judgments/psoups_vs_prompted.json", "judgments/prompted_vs_base.json",
+        "policy/multitask/training.json", f"generations/multitask/{combo}.jsonl", "judgments/multitask_vs_base.json",
+        "judgments/psoups_vs_multitask.json", "report/systems_vs_base.png",
         "judgments/experts_vs_base.json", "judgments/experts_vs_prompted.json", "generations/prompted/P1A.jsonl",
         "report/report.md", "report/summary.json", "report/training_curves.png", "report/sweep.png",
     ]
     missing = [name for name in expected if not (run / name).exists()]
     assert not missing, missing
     report = (run / "report" / "report.md").read_text()
-    for section in ("Win rate against the base model", "Single-preference experts", "Reward models",
-                    "Policy training", "Weight sweep", "Cost"):
+    for section in ("every system against the base model", "P-Soups head to head", "Per combination and criterion",
+                    "Single-preference experts", "Reward models", "Policy training", "Weight sweep", "Cost"):
         assert section in report
     assert "the same preference prompt" in report and "clipped" in report
     summary = json.loads((run / "report" / "summary.json").read_text())

@@ -30,6 +30,7 @@ RECIPE = {
         "rloo": {"learning_rate": 1.0e-3, "max_steps": 2, "per_device_train_batch_size": 4, "num_generations": 2,
                  "max_completion_length": 8},
         "dpo": {"learning_rate": 5.0e-4, "max_steps": 2, "per_device_train_batch_size": 4, "max_length": 96},
+        "sft": {"learning_rate": 5.0e-4, "max_steps": 2, "per_device_train_batch_size": 4, "max_length": 96},
     },
 }
 
@@ -344,6 +345,37 @@ def test_dpo_and_morl_run(with_rm, tiny_random_model):
     assert morl["name"] == "morl" and morl["preferences"] == ["P2A", "P2B"]
     lines = [json.loads(line) for line in (with_rm["run"] / "policy" / "morl" / "metrics.jsonl").read_text().splitlines()]
     assert set(lines[0]["rewards"]) == {"P2A", "P2B"}
+
+
+def test_multitask_fine_tunes_one_policy_on_every_preferences_chosen_responses(setup, tiny_random_model):
+    """The paper's MT baseline: SFT on the judge-chosen response of each pair, the instruction
+    carrying that pair's preference prompt; one policy for all preferences."""
+    from rlphf_cli.training.common import load_tokenizer
+    from rlphf_cli.training.policy import multitask_examples
+
+    write_pairs(setup["run"] / "annotations" / "P3A.jsonl", "P3A", n=10, seed=1)
+    args = base_args(setup, tiny_random_model)
+    result = runner.invoke(app, ["train-policy", "--mode", "multitask", *args, "--set", "preferences.use=[P2A,P3A]"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((setup["run"] / "policy" / "multitask" / "training.json").read_text())
+    assert summary["algo"] == "sft" and summary["preferences"] == ["P2A", "P3A"]
+    assert summary["pairs_per_preference"] == {"P2A": 24, "P3A": 10} and summary["steps"] == 2
+    assert (setup["run"] / "policy" / "multitask" / "adapter_model.safetensors").exists()
+
+    recipe = load(setup, "preferences.use=[P2A,P3A]")
+    pairs = {"P2A": [{"prompt": "Explain sun", "chosen": "Hot.", "rejected": "It is a star that is hot."}],
+             "P3A": [{"prompt": "Explain rain", "chosen": "Haha, water!", "rejected": "Water."}]}
+    rows = multitask_examples(recipe, load_tokenizer(str(tiny_random_model)), pairs)
+    prompts = [r[0]["content"] for r in rows["prompt"]]
+    assert prompts[0] == "Explain sun " + recipe.preference_set().get("P2A").prompt
+    assert prompts[1] == "Explain rain " + recipe.preference_set().get("P3A").prompt
+    assert [r[0]["content"] for r in rows["completion"]] == ["Hot.", "Haha, water!"]
+
+    missing = runner.invoke(app, ["train-policy", "--mode", "multitask", *args, "--set", "preferences.use=[P2A,P2B]"])
+    one_error_line(missing, "annotations for informative not found")
+    short = runner.invoke(app, ["train-policy", "--mode", "multitask", *args, "--set", "preferences.use=[P2A,P3A]",
+                                "--set", "train_policy.sft.max_length=4"])
+    one_error_line(short, "train_policy.sft.max_length 4", "raise it")
 
 
 def test_ctrl_c_saves_a_checkpoint_and_resume_continues(with_rm, tiny_random_model):

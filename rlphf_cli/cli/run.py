@@ -111,8 +111,10 @@ def _print_results(path) -> None:
     table = Table(title="win rate against the base model (ties half)")
     for column in ("system", "win rate", "95% CI", "judgments"):
         table.add_column(column, justify="left" if column == "system" else "right")
+    from rlphf_cli.systems import label
+
     for system, s in results.get("overall_vs_base", {}).items():
-        table.add_row(system, f"{100 * s['win_rate']:.1f}%", f"{100 * s['ci_low']:.1f}-{100 * s['ci_high']:.1f}%"
+        table.add_row(label(system), f"{100 * s['win_rate']:.1f}%", f"{100 * s['ci_low']:.1f}-{100 * s['ci_high']:.1f}%"
                       if s.get("ci_low") is not None else "-", str(s["n"]))
     for pref, s in results.get("experts_vs_prompted", {}).items():
         table.add_row(f"expert {pref} vs prompted base ({pref})", f"{100 * s['win_rate']:.1f}%",

@@ -28,8 +28,8 @@ def train_policy_command(
                                                 "or 'all'.", show_default=False)] = None,
     algo: Annotated[Optional[str], typer.Option("--algo", help="rloo | grpo | dpo (default: the recipe's).",
                                                 show_default=False)] = None,
-    mode: Annotated[Optional[str], typer.Option("--mode", help="soup (one policy per preference) | morl | rlhf "
-                                                "(default: the recipe's).", show_default=False)] = None,
+    mode: Annotated[Optional[str], typer.Option("--mode", help="soup (one policy per preference) | morl | rlhf | "
+                                                "multitask (default: the recipe's).", show_default=False)] = None,
     model: ModelOption = None,
     reward_model: Annotated[Optional[Path], typer.Option("--reward-model", help="Reward model folder (default: "
                                                          "<run-dir>/rm/<id>, or rm/general for rlhf).",
@@ -52,7 +52,8 @@ def train_policy_command(
     to the base model (the adapter switched off); [bold]--algo dpo[/] trains from the annotations
     instead. [bold]--mode morl[/] trains one policy on prompts carrying sampled preference
     combinations (reward: mean of their reward models); [bold]--mode rlhf[/] one policy against
-    rm/general. Writes policy/<name>/ (PEFT adapter, metrics.jsonl). Multi-GPU:
+    rm/general; [bold]--mode multitask[/] one policy fine-tuned (TRL SFT) on the judge-chosen responses
+    of every preference, each instruction carrying its preference prompt. Writes policy/<name>/ (PEFT adapter, metrics.jsonl). Multi-GPU:
     accelerate launch -m rlphf_cli train-policy ...
 
     Example: [bold]rlphf train-policy --pref concise --algo rloo[/]   ·   [bold]rlphf train-policy --mode morl[/]

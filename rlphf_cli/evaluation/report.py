@@ -1,8 +1,9 @@
 """report/report.md and its figures, from the artifacts of a run directory.
 
-Sections: the paper-style win-rate table (each system against the base model, per combination
-and criterion, with 95% intervals), single-preference experts, reward-model accuracies, policy
-training curves, the weight sweep between two preferences, the cost table, and the demo's bars.
+Sections: how the numbers were made; the paper's comparison (every system against the base model
+per combination, with 95% intervals, and its figure); P-Soups head to head against each system;
+the per-criterion detail; the single-preference experts; reward models; policy training; the
+weight sweep; the cost of each system; the checks a run should pass.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from rlphf_cli.runs import atomic_write_json, atomic_write_text, read_jsonl
+from rlphf_cli.systems import BASE, EXPERTS, PROMPTED, PSOUPS, SWEEP, label
 
-EXPERT_BAR = 0.6  # an expert must beat the base model on its own criterion at least this often
+EXPERT_BAR = 0.6  # an expert must beat the base model given its preference prompt at least this often
 
 
 def _load_json(path: Path) -> dict | None:
@@ -31,43 +33,157 @@ def _num(value, digits: int = 3) -> str:
     return f"{value:.{digits}f}" if isinstance(value, (int, float)) else "-"
 
 
-def _ci(summary: dict) -> str:
+def _ci(summary: dict | None) -> str:
+    if not summary:
+        return "-"
     if summary.get("ci_low") is None:
         return _pct(summary.get("win_rate"))
     return f"{_pct(summary['win_rate'])} [{_pct(summary['ci_low'])}, {_pct(summary['ci_high'])}]"
 
 
-def winrate_table(pipeline, baseline: str = "base") -> tuple[list[str], dict[str, dict]]:
-    """Markdown rows: combinations x systems, each system's win rate against `baseline`."""
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _judgments(pipeline, other: str) -> dict[str, dict]:
+    """system -> its judgment file against `other`, for the systems that have one."""
+    found = {s: _load_json(pipeline.run.judgment(s, other)) for s in pipeline.systems() if s != other}
+    return {s: r for s, r in found.items() if r}
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+
+
+def setup_lines(pipeline) -> list[str]:
+    """How every win rate below was made: n, samples, temperature, judge, the both-orders rule."""
+    recipe = pipeline.recipe
+    any_result = next(iter(_judgments(pipeline, BASE).values()), None)
+    n = any_result["pairs"] if any_result else "?"
+    judge = recipe.judge.backend + (" (a rule-based proxy: readability grade, word counts, sentiment)"
+                                    if recipe.judge.backend == "rubric" else "")
+    order_rule = ("each pair is judged in both orders; a win or a loss needs both to agree, a disagreement is a tie"
+                  if recipe.judge.both_orders else "each pair is judged once, in one order")
+    temperature = "greedy" if recipe.generate.temperature == 0 else f"temperature {recipe.generate.temperature:g}"
+    return [f"Base model `{recipe.model.name}`, preferences {', '.join(p.id for p in pipeline.prefs)}; experts "
+            f"trained with `{recipe.train_policy.algo}`, soups merged with `{recipe.merge.method}`. Every win rate "
+            f"below: {n} (prompt, combination) records per system ({len(pipeline.combos)} combinations), one answer "
+            f"per prompt ({temperature}, up to {recipe.generate.max_new_tokens} tokens), judged by `{judge}` on each "
+            f"preference of the combination; {order_rule}; ties count half; [95% bootstrap interval] resampling "
+            f"prompts, each with all its combinations and criteria ({recipe.judge.bootstrap_samples} resamples).", ""]
+
+
+def comparison_table(pipeline, figure: Path) -> tuple[list[str], dict[str, dict]]:
+    """The paper's table: combinations as rows, systems as columns, win rate against the base model."""
     from rlphf_cli.preferences import combination_name
 
-    systems = [s for s in pipeline.systems() if s != baseline]
-    results = {s: _load_json(pipeline.run.judgment(s, baseline)) for s in systems}
-    results = {s: r for s, r in results.items() if r}
+    results = _judgments(pipeline, BASE)
     if not results:
         return [], {}
-    names = list(results)
-    lines = [f"Win rate (%) against **{baseline}**, ties count half; [95% bootstrap interval].", "",
-             "| combination | criterion | " + " | ".join(names) + " |", "|---|---|" + "---:|" * len(names)]
+    header = "| combination | " + " | ".join(label(s) for s in results) + " |"
+    lines = ["Win rate (%) of each system against the base model (no preference prompt) on the criteria of "
+             "each combination.", "", header, "|---|" + "---:|" * len(results)]
+    for combo in pipeline.combos:
+        name = combination_name(combo)
+        lines.append(f"| {name} | " + " | ".join(_ci(r["per_combo"].get(name)) for r in results.values()) + " |")
+    lines.append("| **average** | " + " | ".join(f"**{_ci(r['overall'])}**" for r in results.values()) + " |")
+    _comparison_figure(results, figure)
+    return lines + ["", f"![average win rate per system]({figure.name})"], {s: r["overall"] for s, r in results.items()}
+
+
+def _comparison_figure(results: dict[str, dict], out: Path) -> None:
+    plt = _pyplot()
+    systems = list(results)
+    rates = [100 * results[s]["overall"]["win_rate"] for s in systems]
+    lows = [100 * (results[s]["overall"].get("ci_low") or results[s]["overall"]["win_rate"]) for s in systems]
+    highs = [100 * (results[s]["overall"].get("ci_high") or results[s]["overall"]["win_rate"]) for s in systems]
+    fig, ax = plt.subplots(figsize=(1.4 * len(systems) + 2, 3.6))
+    ax.bar(range(len(systems)), rates, color=["tab:orange" if s == PSOUPS else "tab:blue" for s in systems],
+           yerr=[[r - lo for r, lo in zip(rates, lows, strict=True)], [hi - r for r, hi in zip(rates, highs, strict=True)]],
+           capsize=4)
+    ax.axhline(50, color="grey", linestyle="--", linewidth=1)
+    ax.set_xticks(range(len(systems)), [label(s) for s in systems], fontsize=8)
+    ax.set(ylabel="win rate vs base (%)", title="average win rate against the base model, 95% intervals")
+    ax.set_ylim(max(0, min(lows) - 10), min(100, max(highs) + 10))
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def head_to_head(pipeline) -> tuple[list[str], dict[str, dict]]:
+    """P-Soups against each other system directly, and where that puts it (the interval decides)."""
+    results = _judgments_of(pipeline, PSOUPS)
+    if not results:
+        return [], {}
+    lines = ["| P-Soups against | win rate % [95% CI] | wins / ties / losses | P-Soups is |", "|---|---|---|---|"]
+    for other, r in results.items():
+        o = r["overall"]
+        lines.append(f"| {label(other)} | {_ci(o)} | {o['wins']} / {o['ties']} / {o['losses']} | {_standing(o)} |")
+    lines += ["", "Ahead of / behind: the whole 95% interval is above / below 50%; level with: it holds 50%."]
+    return lines, {s: r["overall"] for s, r in results.items()}
+
+
+def _judgments_of(pipeline, system: str) -> dict[str, dict]:
+    found = {o: _load_json(pipeline.run.judgment(system, o)) for o in pipeline.systems() if o != system}
+    return {o: r for o, r in found.items() if r}
+
+
+def _standing(summary: dict) -> str:
+    """Where P-Soups stands against a system, by the interval of its head-to-head win rate."""
+    low, high = summary.get("ci_low"), summary.get("ci_high")
+    if low is not None and low > 0.5:
+        return "ahead of"
+    if high is not None and high < 0.5:
+        return "behind"
+    return "level with"
+
+
+def paper_agreement(h2h: dict[str, dict], vs_base: dict[str, dict]) -> list[str]:
+    """One paragraph: the paper's finding and whether this run agrees, from the intervals."""
+    if not h2h:
+        return []
+    by: dict[str, list[str]] = {}
+    for other, s in h2h.items():
+        by.setdefault(_standing(s), []).append(label(other))
+    parts = [f"{k} of {', '.join(v)}" for k, v in by.items()]
+    single = [s for s in ("rlhf", PROMPTED, "multitask") if s in h2h]
+    agrees = bool(single) and all(h2h[s].get("ci_low") is not None and h2h[s]["ci_low"] > 0.5 for s in single)
+    text = (f"The paper (GPT-4 judge) found P-Soups and P-MORL ahead of the single-objective baselines. In this run "
+            f"P-Soups is {'; '.join(parts)} (head to head, 95% intervals), so on P-Soups against "
+            f"{', '.join(label(s) for s in single) or 'the single-objective baselines'} it "
+            f"{'agrees' if agrees else 'does not fully agree'}.")
+    if "morl" in vs_base:
+        text += f" P-MORL's average win rate against the base model is {_ci(vs_base['morl'])}%."
+    return [text, ""]
+
+
+def criterion_table(pipeline) -> list[str]:
+    """Per combination and criterion, every system against the base model, with intervals."""
+    from rlphf_cli.preferences import combination_name
+
+    results = _judgments(pipeline, BASE)
+    if not results:
+        return []
+    lines = ["| combination | criterion | " + " | ".join(label(s) for s in results) + " |",
+             "|---|---|" + "---:|" * len(results)]
     for combo in pipeline.combos:
         name = combination_name(combo)
         for pref in combo:
-            cells = [_pct(r["per_combo"].get(name, {}).get("per_criterion", {}).get(pref.id, {}).get("win_rate"))
-                     for r in results.values()]
+            cells = [_ci(r["per_combo"].get(name, {}).get("per_criterion", {}).get(pref.id)) for r in results.values()]
             lines.append(f"| {name} | {pref.id} ({pref.alias}) | " + " | ".join(cells) + " |")
-        cells = [_ci(r["per_combo"][name]) if name in r["per_combo"] else "-" for r in results.values()]
-        lines.append(f"| {name} | **all** | " + " | ".join(cells) + " |")
-    lines.append("| **average** | **all** | " + " | ".join(f"**{_ci(r['overall'])}**" for r in results.values()) + " |")
-    return lines, {s: r["overall"] for s, r in results.items()}
+    return lines
 
 
 def experts_table(pipeline) -> tuple[list[str], dict[str, dict], dict[str, float | None]]:
     """Each expert against the base model given the same preference prompt (the expert check: what
     training adds over prompting) and against the unprompted base model."""
-    from rlphf_cli.pipeline import EXPERTS_SYSTEM, PROMPTED
-
-    prompted = _load_json(pipeline.run.judgment(EXPERTS_SYSTEM, PROMPTED)) or {}
-    plain = _load_json(pipeline.run.judgment(EXPERTS_SYSTEM, "base")) or {}
+    prompted = _load_json(pipeline.run.judgment(EXPERTS, PROMPTED)) or {}
+    plain = _load_json(pipeline.run.judgment(EXPERTS, BASE)) or {}
     if not prompted and not plain:
         return [], {}, {}
     lines = ["Each single-preference policy, prompted with its preference, on its own criterion, against "
@@ -104,12 +220,7 @@ def reward_model_table(pipeline) -> list[str]:
 
 
 def _curves(pipeline, out: Path) -> list[str]:
-    """reward and KL per step of every trained policy, one figure."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """Each policy's reward relative to its own start (reward models have unrelated scales), and KL."""
     series = {}
     for policy_dir in sorted(pipeline.run.path("policy").glob("*")):
         path = policy_dir / "metrics.jsonl"
@@ -119,13 +230,17 @@ def _curves(pipeline, out: Path) -> list[str]:
                 series[policy_dir.name] = records
     if not series:
         return []
+    plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for name, records in series.items():
         steps = [r["step"] for r in records]
-        axes[0].plot(steps, [r["reward"] for r in records], label=name)
+        start = sum(r["reward"] for r in records[:3]) / len(records[:3])
+        axes[0].plot(steps, [r["reward"] - start for r in records], label=name)
         axes[1].plot(steps, [r.get("kl", float("nan")) for r in records], label=name)
-    axes[0].set(title="reward-model score of sampled completions", xlabel="step", ylabel="reward")
-    axes[1].set(title="KL to the base model", xlabel="step", ylabel="KL")
+    axes[0].axhline(0, color="grey", linewidth=0.8)
+    axes[0].set(title="reward gain over the first 3 steps (own reward model)", xlabel="step",
+                ylabel="reward - initial reward")
+    axes[1].set(title="KL to the base model (mean per token, sampled tokens)", xlabel="step", ylabel="KL")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
@@ -136,17 +251,27 @@ def _curves(pipeline, out: Path) -> list[str]:
         rows.append(f"| {name} | {_num(t.get('reward_start'))} → {_num(t.get('reward_end'))} | {_num(t.get('kl_end'), 4)} | "
                     f"{_num(t.get('completion_length_start'), 1)} → {_num(t.get('completion_length_end'), 1)} | "
                     f"{_pct(t.get('clipped_ratio_mean'))}% |")
-    return ["Reward, KL and length: means of the first and of the last 3 logged steps. Clipped: share of the "
-            "sampled completions cut at max_completion_length, over all steps (left out of the loss when "
-            "mask_truncated_completions is on, the default).", "",
+    return ["Reward, KL and length: means of the first and of the last 3 logged steps (each policy's reward is "
+            "on its own reward model's scale). KL: TRL's estimate against the base model (the adapter switched "
+            "off), log-ratio of the sampled tokens averaged per token. Clipped: share of the sampled completions "
+            "cut at max_completion_length, over all steps (left out of the loss when mask_truncated_completions "
+            "is on, the default).", "",
             "| policy | reward start → end | KL end | completion tokens start → end | clipped |",
             "|---|---:|---:|---:|---:|", *rows, "", f"![training curves]({out.name})"]
 
 
+def _display_measure(pref) -> tuple[str, float]:
+    """The rubric measure as it is named: 'minus word count' is shown as the word count."""
+    from rlphf_cli.judges.rubric import measure_name
+
+    name = measure_name(pref)
+    return (name.removeprefix("minus "), -1.0) if name.startswith("minus ") else (name, 1.0)
+
+
 def sweep_points(pipeline) -> list[dict]:
-    """Mean rubric measure of both sweep preferences for each weight's soup outputs."""
+    """Per weight: mean and 95% interval of both sweep preferences' measures, as named."""
+    from rlphf_cli.evaluation.winrate import bootstrap_ci
     from rlphf_cli.judges.rubric import has_measure, measure
-    from rlphf_cli.pipeline import SWEEP_SYSTEM
 
     if not pipeline.recipe.evaluation.sweep:
         return []
@@ -155,12 +280,17 @@ def sweep_points(pipeline) -> list[dict]:
         return []
     points = []
     for weight in pipeline.sweep_weights():
-        path = pipeline.run.generations(SWEEP_SYSTEM, f"w{weight:g}")
+        path = pipeline.run.generations(SWEEP, f"w{weight:g}")
         if not path.exists():
             continue
         texts = [r["response"] for r in read_jsonl(path)]
-        points.append({"weight": weight, a.id: sum(measure(a, t) for t in texts) / len(texts),
-                       b.id: sum(measure(b, t) for t in texts) / len(texts), "n": len(texts)})
+        point: dict[str, Any] = {"weight": weight, "n": len(texts)}
+        for pref in (a, b):
+            sign = _display_measure(pref)[1]
+            values = [sign * measure(pref, t) for t in texts]
+            low, high = bootstrap_ci([[v] for v in values], 1000, pipeline.recipe.seed)
+            point[pref.id] = {"mean": sum(values) / len(values), "ci_low": low, "ci_high": high}
+        points.append(point)
     return points
 
 
@@ -169,45 +299,86 @@ def _monotone(values: list[float]) -> bool:
     return all(d >= 0 for d in steps) or all(d <= 0 for d in steps)
 
 
-def _sweep(pipeline, out: Path) -> tuple[list[str], bool | None]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from rlphf_cli.judges.rubric import measure_name
-
+def _sweep(pipeline, out: Path) -> tuple[list[str], bool | None, list[dict]]:
     points = sweep_points(pipeline)
     if len(points) < 2:
-        return [], None
+        return [], None, points
     a, b = pipeline.sweep_prefs()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    (name_a, _), (name_b, _) = _display_measure(a), _display_measure(b)
+    n = points[0]["n"]
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     weights = [p["weight"] for p in points]
-    axes[0].plot(weights, [p[a.id] for p in points], "o-")
-    axes[0].set(title=f"{measure_name(a)} vs weight on {a.id} ({a.alias})", xlabel=f"weight on {a.id}",
-                ylabel=f"{a.id} measure (higher = more {a.alias})")
-    axes[1].plot([p[a.id] for p in points], [p[b.id] for p in points], "o-")
-    for p in points:
-        axes[1].annotate(f"w={p['weight']:g}", (p[a.id], p[b.id]), fontsize=8)
-    axes[1].set(title="the front between the two preferences", xlabel=f"{a.id} ({a.alias}) measure",
-                ylabel=f"{b.id} ({b.alias}) measure")
+    for ax, pref, name in ((axes[0], a, name_a), (axes[1], b, name_b)):
+        means = [p[pref.id]["mean"] for p in points]
+        ax.errorbar(weights, means, yerr=[[m - p[pref.id]["ci_low"] for m, p in zip(means, points, strict=True)],
+                                          [p[pref.id]["ci_high"] - m for m, p in zip(means, points, strict=True)]],
+                    fmt="o-", capsize=3)
+        ax.set(title=f"{name} ({pref.id} {pref.alias} measure)", xlabel=f"weight on {a.id} ({a.alias})", ylabel=name)
+    fig.suptitle(f"soups {a.id} x w + {b.id} x (1 - w), no preference prompt; mean and 95% interval over "
+                 f"n = {n} prompts", fontsize=9)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
-    monotone = _monotone([p[a.id] for p in points])
-    lines = [f"Soups `{a.id}` x w + `{b.id}` x (1 - w) ({pipeline.recipe.merge.method}-merged policies), "
-             f"no preference prompt, on the evaluation prompts; rubric measures (mean over {points[0]['n']} prompts).",
-             "", f"| weight on {a.id} | {a.id} measure ({measure_name(a)}) | {b.id} measure ({measure_name(b)}) |",
-             "|---:|---:|---:|",
-             *[f"| {p['weight']:g} | {p[a.id]:.3f} | {p[b.id]:.3f} |" for p in points],
+    monotone = _monotone([p[a.id]["mean"] for p in points])
+    lines = [f"Soups `{a.id}` x w + `{b.id}` x (1 - w) (`average`-merged policies), no preference prompt, on the "
+             f"evaluation prompts: rubric measures, mean [95% bootstrap interval] over n = {n} prompts.", "",
+             f"| weight on {a.id} | {name_a} ({a.id}) | {name_b} ({b.id}) |", "|---:|---:|---:|",
+             *[f"| {p['weight']:g} | {_measure_ci(p[a.id])} | {_measure_ci(p[b.id])} |" for p in points],
              "", f"Monotone in the weight: **{'yes' if monotone else 'no'}**.", "", f"![weight sweep]({out.name})"]
-    return lines, monotone
+    return lines, monotone, points
 
 
-def cost_table(pipeline) -> list[str]:
+def _measure_ci(value: dict) -> str:
+    return f"{value['mean']:.1f} [{value['ci_low']:.1f}, {value['ci_high']:.1f}]"
+
+
+def system_costs(pipeline) -> list[str]:
+    """Per system: what was trained for it and how long it took, and what one policy per combination
+    would have cost instead."""
+    from rlphf_cli.preferences import combination_name
+
+    run = pipeline.run
+
+    def rm_seconds(ids) -> float:
+        return sum((_load_json(run.reward_model(i) / "metrics.json") or {}).get("train_s", 0.0) for i in ids)
+
+    def policy_seconds(name: str) -> float:
+        return (_load_json(run.policy(name) / "training.json") or {}).get("wall_s", 0.0)
+
+    prefs = [p.id for p in pipeline.prefs]
+    expert_s = [policy_seconds(p) for p in prefs]
+    merge_s = sum((_load_json(run.soup(combination_name(c)) / "soup.json") or {}).get("seconds", 0.0)
+                  for c in pipeline.combos)
+    rows = {
+        PSOUPS: (len(prefs), len(prefs), rm_seconds(prefs) + sum(expert_s) + merge_s,
+                 f"{len(prefs)} experts, {len(pipeline.combos)} soups merged in {merge_s:.2f} s"),
+        "morl": (len(prefs), 1, rm_seconds(prefs) + policy_seconds("morl"), "one policy, reward models shared with P-Soups"),
+        "rlhf": (1, 1, rm_seconds(["general"]) + policy_seconds("rlhf"), "one policy, not personalized"),
+        "multitask": (0, 1, policy_seconds("multitask"), "one policy, SFT on the annotations"),
+        PROMPTED: (0, 0, 0.0, "no training"),
+        BASE: (0, 0, 0.0, "no training"),
+    }
+    lines = ["Training wall time from the run's own records (reward models + policies; annotation and "
+             "evaluation are shared). With k preference dimensions of two preferences each there are 2^k "
+             "combinations.", "", "| system | reward models | policies | training (s) | for all combinations |",
+             "|---|---:|---:|---:|---|"]
+    for system in pipeline.systems():
+        rms, policies, seconds, note = rows.get(system, (0, 0, 0.0, ""))
+        lines.append(f"| {label(system)} | {rms} | {policies} | {seconds:.1f} | {note} |")
+    if any(expert_s):
+        mean = sum(expert_s) / len(expert_s)
+        n = len(pipeline.combos)
+        lines += ["", f"One policy per combination instead (no merging): {n} policies, about {n} x {mean:.1f} s = "
+                  f"{n * mean:.1f} s of RL (the mean expert's time), and twice as many each time a dimension is "
+                  f"added; P-Soups adds two experts per dimension."]
+    return lines
+
+
+def stage_costs(pipeline) -> list[str]:
     walls: dict[str, float] = {}
     for event in pipeline.run.events():
-        if event.get("event") == "end" and event.get("stage") in [s for s in pipeline.stages()]:
+        if event.get("event") == "end" and event.get("stage") in pipeline.stages():
             walls[event["stage"]] = walls.get(event["stage"], 0.0) + float(event.get("wall_s", 0.0))
     requests = tokens = 0
     for summary_path in pipeline.run.path("annotations").glob("*.summary.json"):
@@ -224,30 +395,29 @@ def cost_table(pipeline) -> list[str]:
     return lines
 
 
+# --------------------------------------------------------------------------------------------
+# The report
+
+
 def write_report(pipeline) -> dict[str, Any]:
     """Write report/report.md, report/summary.json and the figures; return the summary."""
     out_dir = pipeline.run.report_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
     recipe = pipeline.recipe
     summary: dict[str, Any] = {}
-    lines = [f"# Personalized Soups: {recipe.name}", "",
-             f"Base model `{recipe.model.name}`, preferences {', '.join(p.id for p in pipeline.prefs)}, "
-             f"policies trained with `{recipe.train_policy.algo}`, soups merged with `{recipe.merge.method}`, "
-             f"judged by `{recipe.judge.backend}`"
-             + (" (a rule-based proxy: readability grade, word counts, sentiment)" if recipe.judge.backend == "rubric"
-                else "") + ".", ""]
+    lines = [f"# Personalized Soups: {recipe.name}", "", *setup_lines(pipeline)]
 
-    table, overall = winrate_table(pipeline, "base")
+    table, vs_base = comparison_table(pipeline, out_dir / "systems_vs_base.png")
     if table:
-        lines += ["## Win rate against the base model", "", *table, ""]
-        summary["overall_vs_base"] = overall
-    for baseline in recipe.evaluation.baselines:
-        if baseline == "base":
-            continue
-        result = _load_json(pipeline.run.judgment("psoups", baseline))
-        if result:
-            lines += [f"P-Soups against **{baseline}**: win rate {_ci(result['overall'])}%.", ""]
-            summary[f"psoups_vs_{baseline}"] = result["overall"]
+        lines += ["## The comparison: every system against the base model", "", *table, ""]
+        summary["overall_vs_base"] = vs_base
+    table, h2h = head_to_head(pipeline)
+    if table:
+        lines += ["## P-Soups head to head", "", *table, "", *paper_agreement(h2h, vs_base)]
+        summary["psoups_head_to_head"] = h2h
+    table = criterion_table(pipeline)
+    if table:
+        lines += ["## Per combination and criterion (against the base model)", "", *table, ""]
 
     table, vs_prompted, vs_plain = experts_table(pipeline)
     if table:
@@ -263,13 +433,13 @@ def write_report(pipeline) -> dict[str, Any]:
     if table:
         lines += ["## Policy training", "", *table, ""]
 
-    table, monotone = _sweep(pipeline, out_dir / "sweep.png")
+    table, monotone, points = _sweep(pipeline, out_dir / "sweep.png")
     if table:
         lines += ["## Weight sweep", "", *table, ""]
-        summary["sweep"] = sweep_points(pipeline)
+        summary["sweep"] = points
         summary["sweep_monotone"] = monotone
 
-    lines += ["## Cost", "", *cost_table(pipeline), ""]
+    lines += ["## Cost", "", *system_costs(pipeline), "", *stage_costs(pipeline), ""]
 
     bars = demo_bars(summary)
     if bars:
@@ -282,18 +452,21 @@ def write_report(pipeline) -> dict[str, Any]:
 
 
 def demo_bars(summary: dict) -> list[tuple[str, bool, str]]:
-    """The results a run should show: experts beat base, soups beat prompting, the sweep steers."""
+    """What a run should show: experts beat prompting on their own criterion, P-Soups beats the base
+    model and preference prompting (interval lower bounds), the sweep steers."""
     bars = []
     for pref, s in summary.get("experts_vs_prompted", {}).items():
         bars.append((f"expert {pref} beats the base model prompted with {pref}, on {pref}",
                      s["win_rate"] is not None and s["win_rate"] > EXPERT_BAR,
                      f"win rate {_ci(s)}% > {100 * EXPERT_BAR:.0f}%"))
-    overall = summary.get("overall_vs_base", {})
-    if "psoups" in overall and "prompted" in overall:
-        ours, theirs = overall["psoups"]["win_rate"], overall["prompted"]["win_rate"]
-        bars.append(("P-Soups beats preference prompting (average win rate vs base)",
-                     ours is not None and theirs is not None and ours > theirs,
-                     f"{_pct(ours)}% vs {_pct(theirs)}%"))
+    ours = summary.get("overall_vs_base", {}).get(PSOUPS)
+    if ours:
+        bars.append(("P-Soups beats the base model (average win rate, 95% lower bound > 50%)",
+                     ours.get("ci_low") is not None and ours["ci_low"] > 0.5, f"{_ci(ours)}%"))
+    prompting = summary.get("psoups_head_to_head", {}).get(PROMPTED)
+    if prompting:
+        bars.append(("P-Soups beats preference prompting head to head (95% lower bound > 50%)",
+                     prompting.get("ci_low") is not None and prompting["ci_low"] > 0.5, f"{_ci(prompting)}%"))
     if summary.get("sweep_monotone") is not None:
         bars.append(("weight sweep is monotone", bool(summary["sweep_monotone"]), "rubric measure vs weight"))
     return bars

@@ -16,6 +16,7 @@ SECTIONS = {
     "RLOOConfig": ("train_policy", "rloo"),
     "GRPOConfig": ("train_policy", "grpo"),
     "DPOConfig": ("train_policy", "dpo"),
+    "SFTConfig": ("train_policy", "sft"),
 }
 
 

@@ -6,7 +6,10 @@ Modes (DESIGN.md, "Training"):
 - morl: one policy; each prompt carries a seeded combination of preference prompts (one per
   dimension) and its reward is the mean of the reward models of that combination.
 - rlhf: one policy against the general reward model (rm/general).
-The KL reference is the base model itself: the LoRA adapter switched off, no second copy.
+- multitask: the paper's MT baseline, rejection-sampling distillation: one policy fine-tuned (TRL's
+  SFTTrainer) on the judge-chosen response of every annotated pair of every preference, the
+  instruction carrying that preference's prompt.
+The KL reference of RL is the base model itself: the LoRA adapter switched off, no second copy.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import shutil
 import time
 from pathlib import Path
 
-from rlphf_cli.errors import InputError, RlphfError
+from rlphf_cli.errors import InputError, RecipeError, RlphfError
 from rlphf_cli.preferences import Preference
 from rlphf_cli.prompting import instruction_with_preferences
 from rlphf_cli.recipe import Recipe, check_trainer_fields
@@ -38,9 +41,10 @@ from rlphf_cli.training.config import quantization_config, trainer_config
 from rlphf_cli.training.lora import lora_config
 from rlphf_cli.training.reward import RewardScorer, require_reward_model
 
-MODES = ("soup", "morl", "rlhf")
+MODES = ("soup", "morl", "rlhf", "multitask")
 ALGOS = {"rloo": ("RLOOConfig", "RLOOTrainer"), "grpo": ("GRPOConfig", "GRPOTrainer"),
-         "dpo": ("DPOConfig", "DPOTrainer")}
+         "dpo": ("DPOConfig", "DPOTrainer"), "sft": ("SFTConfig", "SFTTrainer")}
+OFFLINE = ("dpo", "sft")  # trained from annotations, no reward model
 SUMMARY = "training.json"
 
 
@@ -100,6 +104,20 @@ def build_prompts(recipe: Recipe, tokenizer, records: list[dict], mode: str) -> 
     return columns
 
 
+def multitask_examples(recipe: Recipe, tokenizer, pairs_by_pref: dict[str, list[dict]]) -> dict[str, list]:
+    """SFT rows (TRL's prompt-completion format): each pair's instruction with its preference's prompt,
+    and the response the judge chose for that preference."""
+    fmt = recipe.model.prompt_format
+    prefs = recipe.preference_set()
+    columns: dict[str, list] = {"prompt": [], "completion": []}
+    for pref_id, pairs in pairs_by_pref.items():
+        pref = prefs.get(pref_id)
+        for pair in pairs:
+            columns["prompt"].append(prompt_example(tokenizer, instruction_with_preferences(pair["prompt"], [pref]), fmt))
+            columns["completion"].append(completion_example(tokenizer, pair["chosen"], fmt))
+    return columns
+
+
 def train_policy(recipe: Recipe, *, pref: str | None = None, mode: str | None = None, algo: str | None = None,
                  model: str | None = None, reward_model: str | Path | None = None, prompts: str | None = None,
                  out_dir: str | Path | None = None, run_dir: str | Path | None = None, resume: bool = False,
@@ -115,11 +133,16 @@ def train_policy(recipe: Recipe, *, pref: str | None = None, mode: str | None = 
 
     check_trainer_fields(recipe)
     mode = mode or recipe.train_policy.mode
-    algo = algo or recipe.train_policy.algo
     if mode not in MODES:
         raise InputError(f"unknown mode '{mode}' (choose from: {', '.join(MODES)})")
-    if algo not in ALGOS:
-        raise InputError(f"unknown algorithm '{algo}' (choose from: {', '.join(ALGOS)})")
+    if mode == "multitask":
+        if algo not in (None, "sft"):
+            raise InputError("--algo does not apply to mode multitask: it fine-tunes on the judge-chosen responses "
+                             "(TRL SFT, settings in train_policy.sft)")
+        algo = "sft"
+    algo = algo or recipe.train_policy.algo
+    if algo not in ALGOS or algo == "sft" and mode != "multitask":
+        raise InputError(f"unknown algorithm '{algo}' (choose from: rloo, grpo, dpo)")
     preference = None
     if mode == "soup":
         if not pref:
@@ -129,8 +152,8 @@ def train_policy(recipe: Recipe, *, pref: str | None = None, mode: str | None = 
         raise InputError(f"--pref does not apply to mode {mode}: it trains one policy for all preferences")
     if algo == "dpo" and mode == "morl":
         raise InputError("--algo dpo trains from one annotations file: use it with mode soup or rlhf")
-    if reward_model is not None and (mode == "morl" or algo == "dpo"):
-        raise InputError(f"--reward-model does not apply to {'--algo dpo' if algo == 'dpo' else 'mode morl'}")
+    if reward_model is not None and (mode in ("morl", "multitask") or algo == "dpo"):
+        raise InputError(f"--reward-model does not apply to {'--algo dpo' if algo == 'dpo' else 'mode ' + mode}")
 
     run = RunDir(run_dir or recipe.resolved_run_dir())
     name = policy_name(mode, preference)
@@ -144,16 +167,24 @@ def train_policy(recipe: Recipe, *, pref: str | None = None, mode: str | None = 
         return {**json.loads((out_dir / SUMMARY).read_text()), "out_dir": str(out_dir), "already_done": True}
 
     # Check every input before loading any model.
+    rm_dirs = {}
     if algo == "dpo":
         pairs, skipped = load_pairs(run.annotations(rm_ids[0]), preference.alias if preference else GENERAL)
-        rm_dirs = {}
+        data_counts = {"pairs": len(pairs), "pairs_skipped": skipped}
+    elif algo == "sft":
+        loaded = {rm_id: load_pairs(run.annotations(rm_id), recipe.preference_set().get(rm_id).alias)
+                  for rm_id in rm_ids}
+        pairs_by_pref = {rm_id: found for rm_id, (found, _) in loaded.items()}
+        data_counts = {"pairs": sum(len(v) for v in pairs_by_pref.values()),
+                       "pairs_per_preference": {k: len(v) for k, v in pairs_by_pref.items()},
+                       "pairs_skipped": sum(n for _, n in loaded.values())}
     else:
-        rm_dirs = {}
         for rm_id in rm_ids:
             default = run.reward_model(rm_id)
             alias = recipe.preference_set().get(rm_id).alias if rm_id != GENERAL else GENERAL
             rm_dirs[rm_id] = require_reward_model(reward_model or default, alias)
         records = load_prompts(prompts or recipe.data.train_prompts, recipe.data.max_train_prompts)
+        data_counts = {"prompts": len(records)}
 
     model_path = resolve_model(model or recipe.model.name)
     tokenizer = load_tokenizer(model_path, revision=recipe.model.revision,
@@ -163,7 +194,7 @@ def train_policy(recipe: Recipe, *, pref: str | None = None, mode: str | None = 
 
     section = getattr(recipe.train_policy, algo)
     defaults: dict = {"save_strategy": "steps", "save_total_limit": 2}
-    if algo != "dpo":
+    if algo not in OFFLINE:
         # A completion cut at max_completion_length is scored by the reward model as if it were a
         # finished answer (measured on the tiny run: a concise RM prefers the cut version of a long
         # answer in 36 of 40 cases); leave cut completions out of the policy loss.
@@ -178,6 +209,9 @@ def train_policy(recipe: Recipe, *, pref: str | None = None, mode: str | None = 
             "rejected": [completion_example(tokenizer, p["rejected"], fmt) for p in pairs],
         })
         reward_kwargs: dict = {}
+    elif algo == "sft":
+        dataset = datasets.Dataset.from_dict(multitask_examples(recipe, tokenizer, pairs_by_pref))
+        reward_kwargs = {}
     else:
         dataset = datasets.Dataset.from_dict(build_prompts(recipe, tokenizer, records, mode))
         scorers = {rm_id: RewardScorer(path) for rm_id, path in rm_dirs.items()}
@@ -207,6 +241,9 @@ def train_policy(recipe: Recipe, *, pref: str | None = None, mode: str | None = 
         **reward_kwargs,
     )
     quiet_trainer(trainer)
+    if algo == "sft" and len(trainer.train_dataset) == 0:  # TRL drops rows whose response is cut off entirely
+        raise RecipeError(f"{recipe.source}: train_policy.sft.max_length {args.max_length}: every prompt fills it, "
+                          "no response token is left to learn from; raise it")
     start = time.monotonic()
     start_step = trainer.state.global_step
     try:
@@ -229,11 +266,11 @@ def train_policy(recipe: Recipe, *, pref: str | None = None, mode: str | None = 
         "reward_models": {k: str(v) for k, v in rm_dirs.items()},
         "base_model": model_path,
         "prompt_format": fmt,
-        **({} if algo == "dpo" else {"max_completion_length": args.max_completion_length,
-                                     "mask_truncated_completions": args.mask_truncated_completions}),
+        **({} if algo in OFFLINE else {"max_completion_length": args.max_completion_length,
+                                       "mask_truncated_completions": args.mask_truncated_completions}),
         "steps": trainer.state.global_step,
         "resumed_from": _step_of(last) if last else None,
-        **({"pairs": len(pairs), "pairs_skipped": skipped} if algo == "dpo" else {"prompts": len(records)}),
+        **data_counts,
         "wall_s": round(wall, 3),
         "s_per_step": round(wall / max(1, steps_run), 4),
         **_trend(records_logged),
@@ -254,7 +291,7 @@ def _reward_ids(recipe: Recipe, mode: str, preference: Preference | None) -> lis
         return [preference.id]
     if mode == "rlhf":
         return [GENERAL]
-    return [p.id for p in recipe.preference_set()]
+    return [p.id for p in recipe.preference_set()]  # morl: their reward models; multitask: their annotations
 
 
 def _trend(records: list[dict], window: int = 3) -> dict:
