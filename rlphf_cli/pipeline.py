@@ -66,7 +66,8 @@ def plan(recipe: Recipe) -> list[Stage]:
     stages += [
         Stage("rollouts", f"{recipe.annotate.num_samples} samples per training prompt from {recipe.model.name}"),
         Stage("annotate", f"label pairs for {ids} with the '{recipe.annotate.judge}' judge"),
-        Stage("train-rm", f"one LoRA reward model (r={recipe.train_rm.lora.r}) per preference: {ids}"),
+        Stage("train-rm", f"one LoRA reward model (r={recipe.train_rm.lora.r}) per preference: {ids}"
+              + (" and a general one (rlhf)" if "rlhf" in baselines else "")),
         Stage("train-policy",
               f"one LoRA policy (r={recipe.train_policy.lora.r}, {recipe.train_policy.algo}) per preference: {ids}"),
     ]
@@ -80,8 +81,8 @@ def plan(recipe: Recipe) -> list[Stage]:
               + ", ".join(combination_name(c) for c in combos) + sweep_text),
         Stage("evaluate", f"generate on the evaluation prompts: psoups, experts, {', '.join(baselines)} "
               f"x {len(combos)} combinations"),
-        Stage("judge", f"psoups, experts and baselines against {', '.join(baselines)} "
-              f"with the '{recipe.judge.backend}' judge"),
+        Stage("judge", f"with the '{recipe.judge.backend}' judge: every system against base, P-Soups head to head "
+              "against each other system, each expert against the base model given its preference prompt"),
         Stage("report", "report.md with win-rate tables, reward-model accuracies, curves, sweep and costs"),
     ]
     return stages
