@@ -106,3 +106,57 @@ def test_unknown_stage_is_an_error(pipeline_recipe):
     result = runner.invoke(app, ["run", str(recipe), "--only", "trian-rm"])
     assert result.exit_code == 2
     assert "unknown stage 'trian-rm' (did you mean 'train-rm'?)" in result.output
+
+
+@pytest.mark.slow
+def test_adding_a_preference_dimension_costs_its_experts_only(pipeline_recipe, monkeypatch):
+    """A finished run gets a new dimension (two recipe-defined preferences, judged by an LLM judge):
+    the rerun trains only the new reward models and experts, keeps every old unit by its
+    fingerprint, and the combinations double."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from fake_openai_server import FakeOpenAIServer
+
+    path, run = pipeline_recipe
+    monkeypatch.setenv("RLPHF_TEST_JUDGE_KEY", "sk-test-not-a-real-key")
+    with FakeOpenAIServer() as server:
+        recipe = yaml.safe_load(path.read_text())
+        recipe["preferences"] = {"use": ["P2A", "P2B"]}
+        recipe["evaluation"] = {"baselines": ["base", "prompted"], "sweep": None}
+        recipe["annotate"]["judge"] = "openai"
+        recipe["judge"].update(backend="openai", openai={"base_url": server.base_url,
+                                                        "api_key_env": "RLPHF_TEST_JUDGE_KEY"})
+        path.write_text(yaml.safe_dump(recipe))
+        first = runner.invoke(app, ["run", str(path)])
+        assert first.exit_code == 0, first.output
+        old = _mtimes(run)
+        assert sorted(p.name for p in (run / "soups").iterdir()) == ["P2A", "P2B"]
+
+        recipe["preferences"] = {"use": ["P2A", "P2B", "P4A", "P4B"], "define": [
+            {"id": "P4A", "alias": "formal", "dimension": "register", "prompt": "Answer formally.",
+             "criterion": "Which response is more formal?"},
+            {"id": "P4B", "alias": "casual", "dimension": "register", "prompt": "Answer casually.",
+             "criterion": "Which response is more casual?"}]}
+        path.write_text(yaml.safe_dump(recipe))
+        second = runner.invoke(app, ["run", str(path)])
+        assert second.exit_code == 0, second.output
+
+    new = _mtimes(run)
+    kept = [p for p in old if p.name != "judge_cache.jsonl"  # the new preferences' verdicts are appended
+            and p.relative_to(run).parts[0] in ("rollouts.jsonl", "annotations", "rm", "policy")
+            or p.relative_to(run).parts[:2] in (("generations", "experts"), ("generations", "base"))
+            or p.relative_to(run).parts[:3] == ("generations", "prompted", "P2A.jsonl")]
+    assert kept and all(new[p] == old[p] for p in kept), [p for p in kept if new[p] != old[p]]
+    for pref in ("P4A", "P4B"):
+        assert (run / "rm" / pref / "adapter_model.safetensors").exists()
+        assert (run / "policy" / pref / "adapter_model.safetensors").exists()
+        assert (run / "generations" / "experts" / f"{pref}.jsonl").exists()
+    combos = ["P2A+P4A", "P2A+P4B", "P2B+P4A", "P2B+P4B"]
+    assert sorted(p.name for p in (run / "soups").iterdir() if "+" in p.name) == combos
+    assert all((run / "generations" / "psoups" / f"{c}.jsonl").exists() for c in combos)
+    trained = [e["stage"] for e in (json.loads(line) for line in (run / "events.jsonl").read_text().splitlines())
+               if e["event"] == "done" and e["stage"].startswith(("train-rm/", "train-policy/"))]
+    assert sorted(trained) == sorted(["train-rm/P2A", "train-rm/P2B", "train-policy/P2A", "train-policy/P2B",
+                                      "train-rm/P4A", "train-rm/P4B", "train-policy/P4A", "train-policy/P4B"])
