@@ -9,6 +9,7 @@ interrupted run resumes (`resume=True`) without duplicate ids.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import tempfile
@@ -66,26 +67,35 @@ class Sampling:
 # What to decode with: the base model, one adapter, or a soup
 
 
-def parse_soup(spec: str) -> list[tuple[str, float]]:
-    """'concise=0.5,friendly=0.5' -> [('concise', 0.5), ('friendly', 0.5)]; a name without '=w'
-    gets an equal share."""
-    parts = [p.strip() for p in spec.split(",") if p.strip()]
+def parse_soup(spec: str, option: str = "--soup") -> list[tuple[str, float]]:
+    """A soup, written the same way everywhere (generate --soup, merge --soup, serve model names):
+    'concise=0.7,friendly=0.3' (weighted), 'P1A+P2A+P3A' or 'concise,friendly' (equal shares), or one
+    name. Names are preference ids/aliases or adapter folders; weights are finite numbers."""
+    parts = [p.strip() for p in re.split(r"[,+]", spec) if p.strip()] if "=" not in spec else \
+        [p.strip() for p in spec.split(",") if p.strip()]
     if not parts:
-        raise InputError("--soup: expected name=weight pairs, e.g. concise=0.5,friendly=0.5")
+        raise InputError(f"{option}: expected name=weight pairs (concise=0.7,friendly=0.3) or names (P1A+P2A+P3A)")
     named: list[tuple[str, float | None]] = []
     for part in parts:
         name, sep, raw = part.partition("=")
+        if not name.strip():
+            raise InputError(f"{option}: '{part}': no name before '='")
         weight = None
         if sep:
             try:
                 weight = float(raw)
             except ValueError:
-                raise InputError(f"--soup: '{part}': weight '{raw}' is not a number") from None
+                raise InputError(f"{option}: '{part}': weight '{raw}' is not a number") from None
+            if not math.isfinite(weight):
+                raise InputError(f"{option}: '{part}': weight '{raw}' is not a finite number")
         named.append((name.strip(), weight))
     if any(w is None for _, w in named):
         if any(w is not None for _, w in named):
-            raise InputError("--soup: give a weight to every member or to none")
+            missing = next(name for name, w in named if w is None)
+            raise InputError(f"{option}: '{missing}' has no weight; give a weight to every member or to none")
         return [(name, 1.0 / len(named)) for name, _ in named]
+    if all(w == 0 for _, w in named):
+        raise InputError(f"{option}: the weights are all zero")
     return [(name, float(w)) for name, w in named]  # type: ignore[arg-type]
 
 
@@ -122,7 +132,7 @@ def resolve_adapter(recipe, name_or_path: str | os.PathLike) -> tuple[Path, str]
     folder = RunDir(recipe.resolved_run_dir()).policy(pref.id)
     if not (folder / ADAPTER_CONFIG).is_file():
         raise MissingArtifactError(f"policy for {pref.id} ({pref.alias})", folder,
-                                   f"rlphf train-policy --pref {pref.alias}")
+                                   f"rlphf train-policy --prefs {pref.alias}")
     return folder, pref.id
 
 
@@ -210,6 +220,9 @@ class Generator:
             for name, weight in pairs:
                 folder, label = resolve_adapter(recipe, name)
                 members.append((folder, label, float(weight)))
+            # Catalog order, as rlphf merge: 'friendly=0.3,concise=0.7' is the soup 'P2A=0.7+P3A=0.3'.
+            order = {p.id: i for i, p in enumerate(recipe.preference_set())}
+            members.sort(key=lambda m: order.get(m[1], len(order)))
         adapter_dir = adapter_label = None
         if adapter is not None:
             adapter_dir, adapter_label = resolve_adapter(recipe, adapter)

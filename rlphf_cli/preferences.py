@@ -121,12 +121,22 @@ class PreferenceSet:
         return list(itertools.product(*self.dimensions.values()))
 
     def parse_combination(self, text: str) -> tuple[Preference, ...]:
-        """'P1A+concise' -> (P1A, P2A); at most one preference per dimension."""
-        prefs = tuple(self.get(part) for part in text.split("+") if part.strip())
-        dims = [p.dimension for p in prefs]
-        if len(set(dims)) != len(dims):
-            raise InputError(f"combination '{text}' picks two preferences of one dimension")
-        return prefs
+        """'P1A+concise' -> (P1A, P2A). Two preferences of one dimension are allowed (a researcher
+        sweeping P1A/P1B means it); `same_dimension_note` says so."""
+        return tuple(self.get(part) for part in text.split("+") if part.strip())
+
+
+def same_dimension_note(prefs: Iterable[Preference]) -> str | None:
+    """A one-line note when a mix holds more than one preference of a dimension, else None."""
+    by_dim: dict[str, list[Preference]] = {}
+    for pref in prefs:
+        by_dim.setdefault(pref.dimension, []).append(pref)
+    mixed = [(dim, found) for dim, found in by_dim.items() if len(found) > 1]
+    if not mixed:
+        return None
+    parts = [f"{' and '.join(f'{p.id} ({p.alias})' for p in found)} are both of the {dim} dimension"
+             for dim, found in mixed]
+    return "; ".join(parts) + ": the mix pulls between them (an interpolation, not a combination of the paper)"
 
 
 def combination_name(prefs: Iterable[Preference]) -> str:

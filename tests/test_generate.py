@@ -262,6 +262,13 @@ def test_cli_soup_of_the_runs_policies(tiny_random_model, tmp_path):
     records = read_jsonl(run / "generations" / "soup-P2A+P3A" / "P2A+P3A.jsonl")
     assert records[0]["system"] == "soup:P2A+P3A" and records[0]["preferences"] == ["P2A", "P3A"]
 
+    # Written the way serve and merge take it, without --prefs: prompted with the soup's preferences.
+    result = runner.invoke(app, ["generate", "--model", str(tiny_random_model), "--run-dir", str(run),
+                                 "--soup", "friendly=0.3,concise=0.7", "--limit", "2", "--max-new-tokens", "4"])
+    assert result.exit_code == 0, result.output
+    records = read_jsonl(run / "generations" / "soup-P2A=0.7+P3A=0.3" / "P2A+P3A.jsonl")
+    assert records[0]["preferences"] == ["P2A", "P3A"] and records[0]["system"] == "soup:P2A=0.7+P3A=0.3"
+
     # The merged soup decodes like peft's unmerged soup adapter, and not like the base model.
     recipe = recipe_for(tiny_random_model, run, **{"generate.temperature": 0})
     merged = Generator.load(recipe, soup="concise,friendly")
@@ -277,9 +284,8 @@ def test_cli_soup_of_the_runs_policies(tiny_random_model, tmp_path):
         (["--prompts", "missing.jsonl"], "missing.jsonl: file not found"),
         (["--prompts", "EMPTY"], "no prompts"),
         (["--prefs", "P2A,concize"], "unknown preference 'concize' (did you mean 'concise'?)"),
-        (["--combos", "P1A+P1B"], "picks two preferences of one dimension"),
         (["--adapters", "A,B", "--weights", "0.5"], "1 weights for 2 adapters"),
-        (["--soup", "concise=0.5,friendly=0.5"], "make it with: rlphf train-policy --pref concise"),
+        (["--soup", "concise=0.5,friendly=0.5"], "make it with: rlphf train-policy --prefs concise"),
         (["--soup", "concise=half"], "weight 'half' is not a number"),
         (["--adapter", "OTHER"], "made for another base model"),
         (["--adapter", "NOT_ADAPTER"], "not a PEFT adapter folder"),

@@ -456,17 +456,27 @@ def test_cli_merges_preferences_from_a_run_directory(adapters, tmp_path):
     run = tmp_path / "run"
     for pref, name in (("P2A", "a0"), ("P3A", "a1")):
         shutil.copytree(adapters[name], run / "policy" / pref)
-    result = runner.invoke(app, ["merge", "--prefs", "friendly,concise", "--weights", "0.25,0.75",
-                                 "--run-dir", str(run)])
+    result = runner.invoke(app, ["merge", "--soup", "friendly=0.25,concise=0.75", "--run-dir", str(run)])
     assert result.exit_code == 0, result.output
     card = json.loads((run / "soups" / "P2A+P3A" / "soup.json").read_text())
     assert card["preferences"] == ["P2A", "P3A"] and card["weights"] == [0.75, 0.25]  # catalog order
     assert (run / "recipe.yaml").is_file()
-    # No --prefs: every trained per-preference policy; `rlphf merge --weights 0.5,0.5` just works.
-    result = runner.invoke(app, ["merge", "--weights", "0.5,0.5", "--method", "svd", "--rank", "4",
-                                 "--run-dir", str(run)])
+    # The old spelling, and the merge-method name every command shares.
+    result = runner.invoke(app, ["merge", "--prefs", "P2A,P3A", "--weights", "0.5,0.5", "--merge-method", "svd",
+                                 "--rank", "4", "--run-dir", str(run)])
     assert result.exit_code == 0, result.output
     assert json.loads((run / "soups" / "P2A+P3A" / "soup.json").read_text())["method"] == "svd"
+
+
+def test_cli_prints_the_weights_used_and_notes_same_dimension_mixes(adapters, tmp_path):
+    run = tmp_path / "run"
+    for pref, name in (("P1A", "a0"), ("P1B", "a1"), ("P2A", "a2")):
+        shutil.copytree(adapters[name], run / "policy" / pref)
+    result = runner.invoke(app, ["merge", "--soup", "elementary=0.5,expert=0.5,concise=0.5", "--run-dir", str(run)])
+    assert result.exit_code == 0, result.output
+    assert "normalized to sum to 1" in result.output and "0.3333" in result.output
+    assert "note: P1A (elementary) and P1B (expert) are both of the expertise dimension" in result.output
+    assert json.loads((run / "soups" / "P1A+P1B+P2A" / "soup.json").read_text())["weights_used"] == [1 / 3] * 3
 
 
 def corrupt(tmp_path: Path, adapters, what: str) -> Path:
@@ -529,12 +539,12 @@ ERROR_CASES = [
     (["a0", "a1"], ["--weights", "0.5,x"], "'x' is not a number"),
     (["a0", "a1"], ["--weights", "1.5,-0.5"], "negative weight -0.5"),
     (["a0", "a1"], ["--weights", "1.5,-0.5", "--method", "ties", "--density", "0.5"], "negative weight"),
-    (["a0", "r8"], [], "use --method exact"),
+    (["a0", "r8"], [], "use --merge-method exact"),
     (["a0", "bad:alpha"], [], "different lora_alpha (16 vs 8)"),
     (["a0", "a1"], ["--method", "averge"], "unknown merge method 'averge' (did you mean 'average'?)"),
-    (["a0", "a1"], ["--method", "ties"], "needs --density"),
+    (["a0", "a1"], ["--method", "ties"], "needs a density"),
     (["a0", "a1"], ["--method", "dare", "--density", "1.5"], "merge.density"),
-    (["a0", "a1"], ["--rank", "4"], "--rank does not apply to --method average"),
+    (["a0", "a1"], ["--rank", "4"], "--rank does not apply to --merge-method average"),
     (["a0", "r8"], ["--method", "ties", "--density", "0.5"], "needs equal ranks"),
 ]
 
@@ -569,16 +579,14 @@ def test_cli_missing_policy_names_the_command(adapters, tmp_path):
     shutil.copytree(adapters["a0"], run / "policy" / "P2A")
     result = runner.invoke(app, ["merge", "--prefs", "concise,friendly", "--run-dir", str(run)])
     assert result.exit_code == 2
-    assert "rlphf train-policy --pref friendly" in result.output and "P3A" in result.output
+    assert "rlphf train-policy --prefs friendly" in result.output and "P3A" in result.output
     assert not (run / "soups").exists()
-    result = runner.invoke(app, ["merge", "--run-dir", str(tmp_path / "empty")])
-    assert result.exit_code == 2 and "rlphf train-policy --pref all" in result.output
-    result = runner.invoke(app, ["merge", "--prefs", "concize", "--run-dir", str(run)])
+    result = runner.invoke(app, ["merge", "--soup", "concize", "--run-dir", str(run)])
     assert result.exit_code == 2 and "did you mean 'concise'" in result.output
     shutil.copytree(adapters["a1"], run / "policy" / "P3A")
     shutil.copytree(adapters["a2"], run / "policy" / "P1A")
-    result = runner.invoke(app, ["merge", "--weights", "0.5,0.5", "--run-dir", str(run)])
-    assert result.exit_code == 2 and "policies found: P1A, P2A, P3A" in result.output
+    result = runner.invoke(app, ["merge", "--run-dir", str(run)])  # not every policy found: it would mix P1A/P1B...
+    assert result.exit_code == 2 and "nothing to merge: give --soup" in result.output
     assert not (run / "soups").exists()
 
 

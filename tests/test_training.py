@@ -234,19 +234,19 @@ def test_train_rm_writes_adapter_metrics_and_scores(setup, tiny_random_model):
 
 
 def test_train_rm_errors(setup, tiny_random_model):
-    result = runner.invoke(app, ["train-rm", "--pref", "friendly", *base_args(setup, tiny_random_model)])
+    result = runner.invoke(app, ["train-rm", "--prefs", "friendly", *base_args(setup, tiny_random_model)])
     one_error_line(result, "annotations for friendly not found", "rlphf annotate --prefs friendly")
 
-    result = runner.invoke(app, ["train-rm", "--pref", "all", *base_args(setup, tiny_random_model)])
+    result = runner.invoke(app, ["train-rm", "--prefs", "all", *base_args(setup, tiny_random_model)])
     one_error_line(result, "rlphf annotate --prefs elementary")  # checked before training anything
     assert not (setup["run"] / "rm").exists()
 
     bad = setup["run"] / "annotations" / "P2B.jsonl"
     bad.write_text(json.dumps({"prompt": "x", "chosen": "same", "rejected": "same"}) + "\n{torn\n")
-    result = runner.invoke(app, ["train-rm", "--pref", "P2B", *base_args(setup, tiny_random_model)])
+    result = runner.invoke(app, ["train-rm", "--prefs", "P2B", *base_args(setup, tiny_random_model)])
     one_error_line(result, "no usable preference pairs", "2 lines skipped")
 
-    result = runner.invoke(app, ["train-rm", "--pref", "concize", *base_args(setup, tiny_random_model)])
+    result = runner.invoke(app, ["train-rm", "--prefs", "concize", *base_args(setup, tiny_random_model)])
     one_error_line(result, "unknown preference 'concize'", "concise")
 
 
@@ -278,7 +278,7 @@ def test_train_policy_soup_writes_a_peft_adapter_and_metrics(with_rm, tiny_rando
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    result = runner.invoke(app, ["train-policy", "--pref", "concise", *base_args(with_rm, tiny_random_model)])
+    result = runner.invoke(app, ["train-policy", "--prefs", "concise", *base_args(with_rm, tiny_random_model)])
     assert result.exit_code == 0, result.output
     assert "P2A" in result.output and "rloo" in result.output
     policy = with_rm["run"] / "policy" / "P2A"
@@ -314,21 +314,21 @@ def test_reward_model_with_another_tokenizer(with_rm, tiny_random_model, other_t
 
 def test_train_policy_errors(setup, tiny_random_model):
     args = base_args(setup, tiny_random_model)
-    result = runner.invoke(app, ["train-policy", "--pref", "concise", *args])
-    one_error_line(result, "reward model for concise not found", "rlphf train-rm --pref concise")
+    result = runner.invoke(app, ["train-policy", "--prefs", "concise", *args])
+    one_error_line(result, "reward model for concise not found", "rlphf train-rm --prefs concise")
     result = runner.invoke(app, ["train-policy", "--mode", "rlhf", *args])
-    one_error_line(result, "rlphf train-rm --pref general")
+    one_error_line(result, "rlphf train-rm --prefs general")
     result = runner.invoke(app, ["train-policy", "--mode", "morl", *args])
-    one_error_line(result, "rlphf train-rm --pref elementary")
+    one_error_line(result, "rlphf train-rm --prefs elementary")
     result = runner.invoke(app, ["train-policy", *args])
-    one_error_line(result, "give --pref")
-    result = runner.invoke(app, ["train-policy", "--mode", "morl", "--pref", "P2A", *args])
-    one_error_line(result, "--pref does not apply to mode morl")
+    one_error_line(result, "give --prefs")
+    result = runner.invoke(app, ["train-policy", "--mode", "morl", "--prefs", "P2A", *args])
+    one_error_line(result, "--prefs does not apply to mode morl")
     result = runner.invoke(app, ["train-policy", "--mode", "morl", "--algo", "dpo", *args])
     one_error_line(result, "--algo dpo", "soup or rlhf")
-    result = runner.invoke(app, ["train-policy", "--pref", "friendly", "--algo", "dpo", *args])
+    result = runner.invoke(app, ["train-policy", "--prefs", "friendly", "--algo", "dpo", *args])
     one_error_line(result, "rlphf annotate --prefs friendly")
-    result = runner.invoke(app, ["train-policy", "--pref", "P2A", "--algo", "ppo", *args])
+    result = runner.invoke(app, ["train-policy", "--prefs", "P2A", "--algo", "ppo", *args])
     one_error_line(result, "train_policy.algo", "rloo")
 
 

@@ -35,6 +35,22 @@ SetOption = Annotated[
 ]
 
 
+# "Which preferences" is --prefs in every command; --pref is the old spelling of train-rm/train-policy.
+PrefsOption = Annotated[
+    Optional[str], typer.Option("--prefs", help="Preferences: ids or aliases, a comma list, or 'all'.",
+                                show_default=False)]
+OldPrefOption = Annotated[Optional[str], typer.Option("--pref", hidden=True, show_default=False)]
+
+
+def either(new: Any, old: Any, names: str) -> Any:
+    """The value of an option given by its name or by its old spelling (not both)."""
+    if new is not None and old is not None and new != old:
+        from rlphf_cli.errors import InputError
+
+        raise InputError(f"{names}: give one (the second is the old spelling of the first)")
+    return new if new is not None else old
+
+
 _debug_flag = False  # --debug of the current invocation
 
 
@@ -56,6 +72,11 @@ def resolve_recipe(recipe: str | None, sets: list[str] | None, run_dir: Path | N
     if run_dir is not None:
         overrides["run_dir"] = str(run_dir)
     return load_recipe(recipe, sets, overrides)
+
+
+def print_note(line: str | None) -> None:
+    if line:
+        err_console.print(f"[cyan]note:[/] {line}", highlight=False, markup=True, soft_wrap=True)
 
 
 def print_warnings(lines: list[str]) -> None:

@@ -14,10 +14,13 @@ from rlphf_cli.cli.common import (
     SetOption,
     cli_errors,
     console,
+    print_note,
     progress_bar,
     resolve_recipe,
 )
 from rlphf_cli.errors import InputError
+from rlphf_cli.preferences import same_dimension_note
+from rlphf_cli.systems import PROMPTED
 
 
 def _opt(*names: str, help: str, **kw):
@@ -29,10 +32,15 @@ def generate_command(
     model: Annotated[Optional[str], _opt("--model", help="'tiny', a local folder or a hub name (model.name).")] = None,
     adapter: Annotated[Optional[str], _opt("--adapter", help="One LoRA adapter folder, or a preference name "
                                            "meaning the run's policy for it.")] = None,
-    soup: Annotated[Optional[str], _opt("--soup", help="Merge the run's policies, e.g. concise=0.5,friendly=0.5.")] = None,
+    soup: Annotated[Optional[str], _opt("--soup", help="Merge the run's policies (or adapter folders): "
+                                        "concise=0.7,friendly=0.3, P1A+P2A+P3A (equal shares) or one name.")] = None,
     adapters: Annotated[Optional[str], _opt("--adapters", help="Comma-separated adapter folders to merge.")] = None,
     weights: Annotated[Optional[str], _opt("--weights", help="Weights for --adapters, e.g. 0.7,0.3 (default: equal).")] = None,
-    prefs: Annotated[Optional[str], _opt("--prefs", help="Preference prompts appended to each instruction, e.g. P1A,concise.")] = None,
+    merge_method: Annotated[Optional[str], _opt("--merge-method", help="How a soup is merged (merge.method): "
+                                                "average (the paper's), exact, svd, ties, dare.")] = None,
+    prefs: Annotated[Optional[str], _opt("--prefs", help="The preferences the answers are for: their prompts are "
+                                         "appended to each instruction, e.g. P1A,concise (default with --soup or "
+                                         "--adapter: its preferences; 'none' for no prompt).")] = None,
     combos: Annotated[Optional[str], _opt("--combos", help="'all' or names like P1A+P2A+P3A: one file per combination.")] = None,
     prompts: Annotated[Optional[str], _opt("--prompts", help="Prompts: JSON/JSONL/HF dataset folder/builtin:NAME/hf:NAME "
                                            "(default: training prompts for rollouts, evaluation prompts otherwise).")] = None,
@@ -61,10 +69,14 @@ def generate_command(
 
     With no adapter, soup or preferences it writes the rollouts for annotation (training prompts,
     N samples each) to the run directory. An adapter or soup is merged into the weights first, so
-    a soup decodes at the base model's speed. Records are appended as they are generated; --resume
-    continues an interrupted file.
+    a soup decodes at the base model's speed; it is prompted with its preferences, as the
+    evaluation and rlphf serve do. Records are appended as they are generated; --resume continues
+    an interrupted file.
 
-    Example: [bold]rlphf generate --soup concise=0.5,friendly=0.5 --prefs P2A,P3A[/]
+    Example: [bold]rlphf generate --soup concise=0.7,friendly=0.3[/]
+
+    Example: [bold]rlphf generate --prefs concise,friendly[/] (the base model, prompted)
+
     Example: [bold]rlphf generate --combos all --num-samples 2[/]
     """
     from rlphf_cli import generation
@@ -75,7 +87,7 @@ def generate_command(
         recipe, set_, run_dir, model__name=model, generate__temperature=temperature, generate__top_p=top_p,
         generate__top_k=top_k, generate__max_new_tokens=max_new_tokens, generate__min_new_tokens=min_new_tokens,
         generate__no_repeat_ngram_size=no_repeat_ngram_size, generate__repetition_penalty=repetition_penalty,
-        generate__batch_size=batch_size, generate__num_samples=num_samples, seed=seed,
+        generate__batch_size=batch_size, generate__num_samples=num_samples, seed=seed, merge__method=merge_method,
     )
     given = [name for name, value in (("--adapter", adapter), ("--soup", soup), ("--adapters", adapters)) if value]
     if len(given) > 1:
@@ -88,9 +100,18 @@ def generate_command(
     if adapters:
         soup_spec = generation.soup_from_adapters([a.strip() for a in adapters.split(",") if a.strip()],
                                                   generation.parse_weights(weights) if weights else None)
-    pref_list = cfg.preference_set().resolve(prefs) if prefs else []
+    available = cfg.preference_set()
+    if prefs is None and (soup or adapter):  # a policy is prompted with its preferences, in catalog order
+        named = {name.lower() for name, _ in soup_spec} if soup else {adapter.lower()}
+        pref_list = [p for p in available if {p.id.lower(), p.alias.lower()} & named]
+    else:
+        pref_list = [] if prefs in (None, "none") else available.resolve(prefs)
     combinations = generation.resolve_combinations(cfg, combos) if combos else None
+    for mix in [pref_list, *(combinations or [])]:
+        print_note(same_dimension_note(mix))
     rollouts = not (adapter or soup_spec or pref_list or combinations)
+    if system is None and not (adapter or soup_spec) and (pref_list or combinations):
+        system = PROMPTED  # the base model with preference prompts, as the run directory names it
     spec = prompts or (cfg.data.train_prompts if rollouts else cfg.data.eval_prompts)
     default_limit = cfg.data.max_train_prompts if rollouts else cfg.data.max_eval_prompts
     records = load_prompts(spec, limit or (None if prompts else default_limit))

@@ -14,22 +14,27 @@ from rlphf_cli.cli.common import (
     cli_errors,
     console,
     one_progress_bar,
+    print_note,
     resolve_recipe,
 )
+from rlphf_cli.errors import InputError
 
 
 @cli_errors
 def merge_command(
     adapters: Annotated[Optional[list[Path]], typer.Argument(
-        help="Adapter folders (adapter_config.json + adapter_model.safetensors); or use --prefs.",
+        help="Adapter folders (adapter_config.json + adapter_model.safetensors); or use --soup.",
         show_default=False)] = None,
-    prefs: Annotated[Optional[str], typer.Option(
-        "--prefs", help="Preferences (ids or aliases) whose run-directory policies to merge, e.g. "
-        "elementary,concise,friendly. Default: every trained per-preference policy.", show_default=False)] = None,
+    soup: Annotated[Optional[str], typer.Option(
+        "--soup", help="The run's policies to merge, written as everywhere: elementary=0.4,concise=0.3,friendly=0.3, "
+        "P1A+P2A+P3A (equal shares) or elementary,concise.", show_default=False)] = None,
+    prefs: Annotated[Optional[str], typer.Option("--prefs", hidden=True, show_default=False)] = None,
     weights: Annotated[Optional[str], typer.Option(
-        "--weights", help="One weight per adapter, e.g. 0.4,0.3,0.3 (default: uniform).", show_default=False)] = None,
+        "--weights", help="One weight per adapter folder, e.g. 0.4,0.3,0.3 (default: uniform).",
+        show_default=False)] = None,
     method: Annotated[Optional[str], typer.Option(
-        "--method", help="average (the paper's; default) | exact | svd | ties | dare.", show_default=False)] = None,
+        "--method", "--merge-method", help="average (the paper's; default) | exact | svd | ties | dare.",
+        show_default=False)] = None,
     rank: Annotated[Optional[int], typer.Option("--rank", help="svd: output rank (default: largest input rank).",
                                                 show_default=False)] = None,
     density: Annotated[Optional[float], typer.Option("--density", help="ties, dare: fraction of entries kept.",
@@ -51,15 +56,28 @@ def merge_command(
 ) -> None:
     """Merge per-preference LoRA policies into a soup (adapter files only).
 
-    Example: [bold]rlphf merge --prefs elementary,concise,friendly --weights 0.4,0.3,0.3[/]
+    Example: [bold]rlphf merge --soup elementary=0.4,concise=0.3,friendly=0.3[/]
+
+    Example: [bold]rlphf merge a/ b/ --weights 0.7,0.3 --out soup/[/]
     """
     from rich.table import Table
 
+    from rlphf_cli.generation import parse_soup
     from rlphf_cli.merging import merge_from_recipe
+    from rlphf_cli.preferences import same_dimension_note
 
     resolved = resolve_recipe(recipe, set_, run_dir, merge__method=method, merge__rank=rank,
                               merge__density=density, merge__seed=seed, model__name=model)
     explicit = [name for name, value in (("rank", rank), ("density", density), ("seed", seed)) if value is not None]
+    if soup and (prefs or weights):
+        raise InputError("--soup holds the weights (concise=0.7,friendly=0.3): drop --prefs and --weights")
+    if soup:
+        members = parse_soup(soup)
+        prefs, weights = ",".join(name for name, _ in members), ",".join(f"{w!r}" for _, w in members)
+    if not (adapters or prefs):
+        raise InputError("nothing to merge: give --soup (e.g. concise=0.5,friendly=0.5) or adapter folders")
+    if prefs:
+        print_note(same_dimension_note(resolved.preference_set().resolve(prefs)))
     with one_progress_bar("merging") as update:
         card = merge_from_recipe(
             resolved, adapters=[str(a) for a in adapters or []], prefs=prefs, weights=weights, out_dir=out,
@@ -68,12 +86,15 @@ def merge_command(
         )
 
     table = Table(title=f"soup: {card['method']}", title_justify="left")
-    for column in ("input", "weight", "r", "alpha"):
+    for column in ("input", "weight given", "weight used", "r", "alpha"):
         table.add_column(column, justify="left" if column == "input" else "right")
     names = card.get("preferences") or [Path(i["path"]).name for i in card["inputs"]]
-    for name, item, weight in zip(names, card["inputs"], card["weights"], strict=True):
-        table.add_row(str(name), f"{weight:g}", str(item["r"]), f"{item['lora_alpha']:g}")
+    for name, item, given, used in zip(names, card["inputs"], card["weights"], card["weights_used"], strict=True):
+        table.add_row(str(name), f"{given:g}", f"{used:.4g}", str(item["r"]), f"{item['lora_alpha']:g}")
     console.print(table)
+    if any(abs(g - u) > 1e-12 for g, u in zip(card["weights"], card["weights_used"], strict=True)):
+        console.print(f"the weights were normalized to sum to 1 (method {card['method']} takes a weighted mean)",
+                      highlight=False)
     params = ", ".join(f"{k}={v}" for k, v in card["parameters"].items())
     console.print(f"output rank {card['output']['r']} (alpha {card['output']['lora_alpha']:g}), "
                   f"{card['output']['lora_modules']} LoRA modules{f', {params}' if params else ''}, "

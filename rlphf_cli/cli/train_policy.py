@@ -8,11 +8,13 @@ from typing import Annotated, Optional
 import typer
 
 from rlphf_cli.cli.common import (
+    OldPrefOption,
     RecipeOption,
     RunDirOption,
     SetOption,
     cli_errors,
     console,
+    either,
     resolve_recipe,
 )
 from rlphf_cli.cli.train_rm import ModelOption, training_progress
@@ -24,8 +26,9 @@ def _fmt(value, spec: str = ".3f") -> str:
 
 @cli_errors
 def train_policy_command(
-    pref: Annotated[Optional[str], typer.Option("--pref", help="Mode soup: preference id or alias, a comma list, "
-                                                "or 'all'.", show_default=False)] = None,
+    prefs: Annotated[Optional[str], typer.Option("--prefs", help="Mode soup: preference ids or aliases, a comma "
+                                                 "list, or 'all'.", show_default=False)] = None,
+    pref: OldPrefOption = None,
     algo: Annotated[Optional[str], typer.Option("--algo", help="rloo | grpo | dpo (default: the recipe's).",
                                                 show_default=False)] = None,
     mode: Annotated[Optional[str], typer.Option("--mode", help="soup (one policy per preference) | morl | rlhf | "
@@ -56,7 +59,9 @@ def train_policy_command(
     of every preference, each instruction carrying its preference prompt. Writes policy/<name>/ (PEFT adapter, metrics.jsonl). Multi-GPU:
     accelerate launch -m rlphf_cli train-policy ...
 
-    Example: [bold]rlphf train-policy --pref concise --algo rloo[/]   ·   [bold]rlphf train-policy --mode morl[/]
+    Example: [bold]rlphf train-policy --prefs concise --algo rloo[/]
+
+    Example: [bold]rlphf train-policy --mode morl[/]
     """
     from rich.table import Table
 
@@ -68,10 +73,11 @@ def train_policy_command(
     resolved = resolve_recipe(recipe, set_, run_dir, model__name=model, train_policy__algo=algo,
                               train_policy__mode=mode, data__train_prompts=prompts)
     check_trainer_fields(resolved)
+    prefs = either(prefs, pref, "--prefs and --pref")
     if is_main_process():
         RunDir.open(resolved.resolved_run_dir(), resolved)
     with training_progress(warnings=recipe_warnings(resolved)) as progress_factory:
-        results = train_policies(resolved, pref, out_dir=out, reward_model=reward_model, resume=resume,
+        results = train_policies(resolved, prefs, out_dir=out, reward_model=reward_model, resume=resume,
                                  progress_factory=progress_factory)
     if not is_main_process():
         return

@@ -9,19 +9,19 @@ from typing import Annotated, Optional
 import typer
 
 from rlphf_cli.cli.common import (
+    OldPrefOption,
     RecipeOption,
     RunDirOption,
     SetOption,
     cli_errors,
     console,
+    either,
     print_warnings,
     progress_bar,
     resolve_recipe,
 )
+from rlphf_cli.errors import InputError
 
-PrefOption = Annotated[
-    str, typer.Option("--pref", help="Preference id or alias, a comma list, 'all', or 'general' (the RLHF baseline).")
-]
 ModelOption = Annotated[
     Optional[str], typer.Option("--model", help="Base model: 'tiny', a folder or a hub name (default: the recipe's).",
                                 show_default=False)
@@ -62,7 +62,9 @@ def training_progress(unit: str = "steps", warnings: list[str] | None = None):
 
 @cli_errors
 def train_rm_command(
-    pref: PrefOption,
+    prefs: Annotated[Optional[str], typer.Option("--prefs", help="Preference ids or aliases, a comma list, 'all', "
+                                                 "or 'general' (the RLHF baseline).", show_default=False)] = None,
+    pref: OldPrefOption = None,
     data: Annotated[Optional[Path], typer.Option("--data", help="Annotations JSONL (default: the run directory's "
                                                  "annotations/<id>.jsonl).", show_default=False)] = None,
     model: ModelOption = None,
@@ -78,7 +80,9 @@ def train_rm_command(
     (train_rm.eval_fraction) and writes rm/<id>/: the adapter with its score head, the tokenizer,
     metrics.json (held-out pairwise accuracy, mean margin) and metrics.jsonl (one line per step).
 
-    Example: [bold]rlphf train-rm --pref concise[/]   ·   [bold]rlphf train-rm --pref all[/]
+    Example: [bold]rlphf train-rm --prefs concise[/]
+
+    Example: [bold]rlphf train-rm --prefs all[/]
     """
     from rich.table import Table
 
@@ -86,11 +90,14 @@ def train_rm_command(
     from rlphf_cli.training import is_main_process
     from rlphf_cli.training.reward import train_reward_models
 
+    prefs = either(prefs, pref, "--prefs and --pref")
+    if not prefs:
+        raise InputError("give --prefs: a preference id or alias, a comma list, 'all' or 'general'")
     resolved = resolve_recipe(recipe, set_, run_dir, model__name=model)
     if is_main_process():
         RunDir.open(resolved.resolved_run_dir(), resolved)
     with training_progress() as progress_factory:
-        results = train_reward_models(resolved, pref, data_path=data, out_dir=out, progress_factory=progress_factory)
+        results = train_reward_models(resolved, prefs, data_path=data, out_dir=out, progress_factory=progress_factory)
     if not is_main_process():
         return
     table = Table(title="reward models")

@@ -212,7 +212,7 @@ def check_compatible(inputs: list[AdapterInput], *, same_rank: bool, same_scale:
                                  f"{_shape_text(mod.b_shape)} x {_shape_text(mod.a_shape)} vs "
                                  f"{_shape_text(ref.b_shape)} x {_shape_text(ref.a_shape)})")
             if same_rank and mod.rank != ref.rank:
-                hint = "; use --method exact (or svd) to merge different ranks" if method == "average" else ""
+                hint = "; use --merge-method exact (or svd) to merge different ranks" if method == "average" else ""
                 raise InputError(f"{where}: method '{method}' needs equal ranks, got r={mod.rank} vs r={ref.rank} "
                                  f"at {short}{hint}")
         for key, shape in other.full.items():
@@ -225,12 +225,12 @@ def check_compatible(inputs: list[AdapterInput], *, same_rank: bool, same_scale:
                 if mine != theirs:
                     raise InputError(f"{where}: different {key} ({mine} vs {theirs}); method '{method}' averages A "
                                      "and B separately, which only makes sense at one scaling; "
-                                     "use --method exact to merge adapters with different alpha/r")
+                                     "use --merge-method exact to merge adapters with different alpha/r")
     if factor_methods:
         for adapter in inputs:
             for key in ("use_dora", "lora_bias"):
                 if adapter.config.get(key):
-                    raise InputError(f"{adapter.path}: {key} adapters can be merged with --method average only")
+                    raise InputError(f"{adapter.path}: {key} adapters can be merged with --merge-method average only")
 
 
 def check_out_dir(out_dir: str | Path, inputs: list[AdapterInput]) -> Path:

@@ -62,7 +62,7 @@ class MergeMethod(abc.ABC):
             for w in weights:
                 if w < 0:
                     raise InputError(f"negative weight {w:g}: method '{self.name}' needs weights >= 0; "
-                                     "negative weights (preference subtraction) work with --method exact or svd")
+                                     "negative weights (preference subtraction) work with --merge-method exact or svd")
         return list(weights)
 
     def prepare(self, inputs: list) -> None:  # noqa: B027 (an optional hook)
@@ -264,7 +264,8 @@ def _factor_scales(scales):
 def _check_density(values: dict, name: str) -> float:
     density = values.get("density")
     if density is None:
-        raise InputError(f"method '{name}' needs --density (the fraction of entries kept, e.g. 0.5)")
+        raise InputError(f"method '{name}' needs a density, the fraction of entries kept: --density 0.5 in rlphf merge, "
+                         "--set merge.density=0.5 elsewhere")
     if not 0 < density <= 1:
         raise InputError(f"--density must be in (0, 1], got {density:g}")
     return float(density)

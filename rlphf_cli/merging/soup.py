@@ -224,8 +224,7 @@ def merge_from_recipe(
     progress: Progress | None = None,
 ) -> dict:
     """`rlphf merge`: adapter folders (with out_dir), or preferences resolved to the run directory's
-    policy/<id>/ folders (default out_dir: soups/<combo>/). With neither, every per-preference
-    policy found in the run directory. Method and parameters come from the recipe's `merge`
+    policy/<id>/ folders (default out_dir: soups/<combo>/). Method and parameters come from the recipe's `merge`
     section; `explicit` names the parameters the user set on the command line (an error if the
     method does not use them). Returns the merge card plus 'out' (and 'into_base')."""
     from rlphf_cli.preferences import combination_name
@@ -236,37 +235,27 @@ def merge_from_recipe(
     for name in explicit:
         if name not in method_cls.params:
             users = [m for m in METHODS.names() if name in METHODS.get(m).params]
-            raise InputError(f"--{name} does not apply to --method {method} (it is for {', '.join(users)})")
+            raise InputError(f"--{name} does not apply to --merge-method {method} (it is for {', '.join(users)})")
     params = {k: getattr(recipe.merge, k) for k in method_cls.params if getattr(recipe.merge, k) is not None}
     if into_base is not None:
         check_model_out(into_base)
     adapters = list(adapters or [])
     if adapters and prefs:
-        raise InputError("give adapter folders or --prefs, not both")
+        raise InputError("give adapter folders or --soup, not both")
     run = None
     extra = None
     if adapters:
         if out_dir is None:
             raise InputError("--out is required when merging adapter folders (it defaults to soups/<combo>/ "
-                             "only with --prefs)")
+                             "only with --soup)")
         dirs = adapters
     else:
         run = RunDir(recipe.resolved_run_dir())
         available = recipe.preference_set()
-        if prefs:
-            chosen = available.resolve(prefs)
-        else:
-            chosen = [p for p in available if (run.policy(p.id) / CONFIG_FILE).is_file()]
-            if not chosen:
-                raise MissingArtifactError("per-preference policies", run.path("policy"),
-                                           "rlphf train-policy --pref all")
-        try:
-            parsed = parse_weights(weights, len(chosen))
-        except InputError as exc:
-            if prefs or "weights for" not in str(exc):
-                raise
-            found = ", ".join(p.id for p in chosen)
-            raise InputError(f"{exc} (the trained policies found: {found}); pick some with --prefs") from None
+        if not prefs:  # merging every policy found would mix opposite preferences of each dimension
+            raise InputError("nothing to merge: name the preferences, e.g. --soup concise=0.5,friendly=0.5")
+        chosen = available.resolve(prefs)
+        parsed = parse_weights(weights, len(chosen))
         order = {p.id: i for i, p in enumerate(available)}
         # Catalog order, so 'friendly,concise' and 'concise,friendly' name the same soup.
         pairs = sorted(zip(chosen, parsed, strict=True), key=lambda pw: order[pw[0].id])
@@ -274,7 +263,7 @@ def merge_from_recipe(
         for pref in chosen:
             if not (run.policy(pref.id) / CONFIG_FILE).is_file():
                 raise MissingArtifactError(f"policy for {pref.id} ({pref.alias})", run.policy(pref.id),
-                                           f"rlphf train-policy --pref {pref.alias}")
+                                           f"rlphf train-policy --prefs {pref.alias}")
         combo = combination_name(chosen)
         dirs = [run.policy(p.id) for p in chosen]
         out_dir = out_dir or run.soup(combo)

@@ -146,10 +146,10 @@ def train_policy(recipe: Recipe, *, pref: str | None = None, mode: str | None = 
     preference = None
     if mode == "soup":
         if not pref:
-            raise InputError("mode soup trains one policy per preference: give --pref")
+            raise InputError("mode soup trains one policy per preference: give --prefs")
         preference = recipe.preference_set().get(pref)
     elif pref:
-        raise InputError(f"--pref does not apply to mode {mode}: it trains one policy for all preferences")
+        raise InputError(f"--prefs does not apply to mode {mode}: it trains one policy for all preferences")
     if algo == "dpo" and mode == "morl":
         raise InputError("--algo dpo trains from one annotations file: use it with mode soup or rlhf")
     if reward_model is not None and (mode in ("morl", "multitask") or algo == "dpo"):
@@ -163,7 +163,7 @@ def train_policy(recipe: Recipe, *, pref: str | None = None, mode: str | None = 
     ckpt_dir = staging_dir(out_dir, "checkpoints")
     last = get_last_checkpoint(str(ckpt_dir)) if resume and ckpt_dir.is_dir() else None
     if resume and not last and (out_dir / SUMMARY).is_file():
-        # Finished before the interruption (e.g. the first policies of `--pref all`): keep it.
+        # Finished before the interruption (e.g. the first policies of `--prefs all`): keep it.
         return {**json.loads((out_dir / SUMMARY).read_text()), "out_dir": str(out_dir), "already_done": True}
 
     # Check every input before loading any model.
@@ -321,10 +321,10 @@ def train_policies(recipe: Recipe, prefs: str | None = None, *, mode: str | None
         return {mode: train_policy(recipe, pref=prefs, mode=mode, out_dir=out_dir,
                                    progress=progress_factory(mode) if progress_factory else None, **kwargs)}
     if not prefs:
-        raise InputError("mode soup trains one policy per preference: give --pref (an id, an alias or 'all')")
+        raise InputError("mode soup trains one policy per preference: give --prefs (an id, an alias or 'all')")
     chosen = recipe.preference_set().resolve(prefs)
     if len(chosen) > 1 and kwargs.get("reward_model"):
-        raise InputError("--reward-model names one reward model: use it with a single --pref")
+        raise InputError("--reward-model names one reward model: use it with a single --prefs")
     run = RunDir(kwargs.get("run_dir") or recipe.resolved_run_dir())
     algo = kwargs.get("algo") or recipe.train_policy.algo
     for p in chosen:  # every input first: no half-done 'all' because the fifth one is missing

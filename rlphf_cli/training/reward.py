@@ -167,7 +167,7 @@ def train_reward_models(recipe: Recipe, prefs: str | Sequence[str], *, data_path
     check_trainer_fields(recipe)
     names = _rm_names(recipe, prefs)
     if len(names) > 1 and data_path is not None:
-        raise InputError("--data names one annotations file: use it with a single --pref")
+        raise InputError("--data names one annotations file: use it with a single --prefs")
     if data_path is None:  # every input first: no half-done 'all' because the fifth one is missing
         run = RunDir(recipe.resolved_run_dir())
         for rm_id in names:
@@ -232,7 +232,7 @@ def require_reward_model(rm_dir: str | Path, alias: str | None = None) -> Path:
     rm_dir = Path(rm_dir)
     if not (rm_dir / "adapter_config.json").is_file():
         alias = alias or rm_dir.name
-        raise MissingArtifactError(f"reward model for {alias}", rm_dir, f"rlphf train-rm --pref {alias}")
+        raise MissingArtifactError(f"reward model for {alias}", rm_dir, f"rlphf train-rm --prefs {alias}")
     return rm_dir
 
 
