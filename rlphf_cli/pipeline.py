@@ -21,7 +21,7 @@ from typing import Any
 from rlphf_cli.errors import InputError, did_you_mean
 from rlphf_cli.preferences import Preference, combination_name
 from rlphf_cli.recipe import Recipe
-from rlphf_cli.runs import RunDir, atomic_write_text, fingerprint, read_jsonl
+from rlphf_cli.runs import RunDir, fingerprint, read_jsonl
 from rlphf_cli.systems import BASE, BASE_PLAIN, EXPERTS, ORDER, PROMPTED, PSOUPS, SWEEP, TRAINED_BASELINES
 
 STAGE_NAMES = ("tiny-model", "rollouts", "annotate", "train-rm", "train-policy", "baselines", "merge",
@@ -310,17 +310,10 @@ class Pipeline:
         return pairs + [(EXPERTS, PROMPTED), (EXPERTS, BASE)]
 
     def _generations_for_judging(self, system: str, names: list[str]) -> list[Path]:
-        if system != BASE:
-            return [self.run.generations(system, name) for name in names]
-        # Label the base answers with each combination so they match the other side by (id, combo).
-        plain = read_jsonl(self.run.generations(BASE, BASE_PLAIN))
-        paths = []
-        for name in names:
-            path = self.run.path("judgments", ".base", f"{name}.jsonl")
-            records = [{**r, "combo": name} for r in plain]
-            atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-            paths.append(path)
-        return paths
+        # The base model's plain answers match every combination (rlphf_cli.evaluation.judging).
+        if system == BASE:
+            return [self.run.generations(BASE, BASE_PLAIN)]
+        return [self.run.generations(system, name) for name in names]
 
     def _units_judge(self) -> list[Unit]:
         units = []
@@ -457,7 +450,6 @@ def _train_policy_job(recipe: Recipe, mode: str, pref_id: str | None, run_root: 
 
 
 def _jsonable(result: Any) -> Any:
-    import json
 
     try:
         json.dumps(result)

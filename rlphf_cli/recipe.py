@@ -261,7 +261,10 @@ def find_recipe(path: str | os.PathLike | None) -> Path:
     builtin = builtin_recipes_dir() / f"{candidate.name.removesuffix('.yaml')}.yaml"
     if not candidate.suffix and builtin.is_file():
         return builtin
-    raise RecipeError(f"{path}: recipe file not found")
+    names = sorted(p.stem for p in builtin_recipes_dir().glob("*.yaml"))
+    hint = (f"; the built-in '{builtin.stem}' is named without a path: {builtin.stem}" if builtin.is_file()
+            else f" (built-in recipes, named without a path: {', '.join(names)})")
+    raise RecipeError(f"{path}: recipe file not found{hint}")
 
 
 def parse_set(assignment: str) -> tuple[str, Any]:

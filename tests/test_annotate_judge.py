@@ -262,6 +262,31 @@ def test_judge_mismatched_files_are_one_line_errors(tmp_path, b_records, fragmen
     assert not (tmp_path / "o.json").exists()
 
 
+def test_judge_common_judges_the_shared_records(tmp_path):
+    a = make_generations(tmp_path / "a.jsonl", "soup", 0, combos=("P2A",), n=4)
+    b = make_generations(tmp_path / "b.jsonl", "base", 1, combos=("P2A",), n=2)
+    refused = runner.invoke(app, ["judge", "--a", str(a), "--b", str(b), "--out", str(tmp_path / "o.json")])
+    one_line_error(refused, "2 (e.g. id 'e2', combination 'P2A') only in A", "--common")
+    result = runner.invoke(app, ["judge", "--a", str(a), "--b", str(b), "--common", "--out", str(tmp_path / "o.json")])
+    assert result.exit_code == 0, result.output
+    assert "left out 2 records only in A and 0 only in B" in result.output
+    judged = json.loads((tmp_path / "o.json").read_text())
+    assert judged["pairs"] == 2 and judged["left_out"] == {"only_a": 2, "only_b": 0}
+
+
+def test_judge_plain_answers_match_every_combination(tmp_path):
+    """The base model's answers without a preference prompt (generations/base/plain.jsonl) are
+    judged against each combination of the other side, as the report does."""
+    a = tmp_path / "psoups"
+    for combo in ("P1A+P2A", "P1B+P2B"):
+        make_generations(a / f"{combo}.jsonl", "psoups", 0, combos=(combo,), n=3)
+    plain = make_generations(tmp_path / "base" / "plain.jsonl", "base", 1, combos=("",), n=3)
+    result = runner.invoke(app, ["judge", "--a", str(a), "--b", str(plain), "--out", str(tmp_path / "o.json")])
+    assert result.exit_code == 0, result.output
+    judged = json.loads((tmp_path / "o.json").read_text())
+    assert judged["pairs"] == 6 and set(judged["per_combo"]) == {"P1A+P2A", "P1B+P2B"}
+
+
 def test_judge_other_errors(tmp_path):
     a = make_generations(tmp_path / "a.jsonl", "soup", 0, combos=("",), n=2)  # no preferences at all
     b = make_generations(tmp_path / "b.jsonl", "base", 1, combos=("",), n=2)

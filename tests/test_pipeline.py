@@ -87,6 +87,14 @@ def test_run_pipeline_end_to_end_then_resume(pipeline_recipe):
     assert {e["stage"] for e in events if e["event"] == "end"} >= {"rollouts", "train-rm", "merge", "report"}
     assert all(e.get("outcome") == "ok" for e in events if e["event"] == "end" and "outcome" in e)
 
+    # `rlphf judge` redoes a comparison of the report from the generation files.
+    redo = runner.invoke(app, ["judge", "--recipe", str(recipe), "--a", str(run / "generations" / "psoups"),
+                               "--b", str(run / "generations" / "base" / "plain.jsonl"), "--out",
+                               str(run.parent / "redo.json")])
+    assert redo.exit_code == 0, redo.output
+    redone, reported = (json.loads(p.read_text()) for p in (run.parent / "redo.json", run / "judgments/psoups_vs_base.json"))
+    assert redone["overall"] == reported["overall"] and redone["per_combo"] == reported["per_combo"]
+
     before = _mtimes(run)
     again = runner.invoke(app, ["run", str(recipe)])
     assert again.exit_code == 0, again.output

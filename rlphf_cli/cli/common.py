@@ -43,11 +43,11 @@ OldPrefOption = Annotated[Optional[str], typer.Option("--pref", hidden=True, sho
 
 
 def either(new: Any, old: Any, names: str) -> Any:
-    """The value of an option given by its name or by its old spelling (not both)."""
+    """The value given one of two ways (an option and its old spelling, an argument and an option)."""
     if new is not None and old is not None and new != old:
         from rlphf_cli.errors import InputError
 
-        raise InputError(f"{names}: give one (the second is the old spelling of the first)")
+        raise InputError(f"{names}: give one, not both")
     return new if new is not None else old
 
 

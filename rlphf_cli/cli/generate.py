@@ -82,7 +82,9 @@ def generate_command(
     from rlphf_cli import generation
     from rlphf_cli.data import load_prompts
     from rlphf_cli.runs import RunDir
+    from rlphf_cli.training import quiet_libraries
 
+    quiet_libraries()  # no deprecation chatter from transformers/peft while a soup is merged in
     cfg = resolve_recipe(
         recipe, set_, run_dir, model__name=model, generate__temperature=temperature, generate__top_p=top_p,
         generate__top_k=top_k, generate__max_new_tokens=max_new_tokens, generate__min_new_tokens=min_new_tokens,

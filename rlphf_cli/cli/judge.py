@@ -34,6 +34,8 @@ def judge_command(
                                                 show_default=False)] = None,
     single_order: Annotated[bool, typer.Option("--single-order", help="Ask each pair once (A first) instead of in "
                                                "both orders.")] = False,
+    common: Annotated[bool, typer.Option("--common", help="Judge the records both sides share (by id and "
+                                         "combination) and say how many were left out.")] = False,
     bootstrap_samples: Annotated[Optional[int], typer.Option("--bootstrap-samples", min=0, help="Bootstrap "
                                                              "resamples for the 95% interval.",
                                                              show_default=False)] = None,
@@ -43,9 +45,13 @@ def judge_command(
 ) -> None:
     """Pairwise win rates of one generation file against another, per criterion.
 
-    A win needs both presentation orders to agree (disagreement is a tie); ties count half.
+    A win needs both presentation orders to agree (disagreement is a tie); ties count half. Records
+    are matched by (id, combination); answers made without a preference prompt (the base model's
+    plain.jsonl) match every combination, so every comparison of the report can be redone here.
 
-    Example: [bold]rlphf judge --a gen/psoups.jsonl --b gen/base.jsonl --criteria all[/]
+    Example: [bold]rlphf judge --a runs/tiny/generations/psoups --b runs/tiny/generations/base/plain.jsonl[/]
+
+    Example: [bold]rlphf judge --a mine.jsonl --b theirs.jsonl --criteria all --common[/]
     """
     from rlphf_cli.evaluation.judging import default_out, judge_files
     from rlphf_cli.runs import RunDir
@@ -56,7 +62,7 @@ def judge_command(
     if out is None:
         out = default_out(RunDir.open(resolved.resolved_run_dir(), resolved), a, b)
     with one_progress_bar(f"judging with the {resolved.judge.backend} judge") as update:
-        result = judge_files(resolved, a, b, criteria, out, progress=update)
+        result = judge_files(resolved, a, b, criteria, out, progress=update, common=common)
     _print_result(result, out)
 
 
@@ -80,6 +86,10 @@ def _print_result(result: dict, out: Path) -> None:
                   f"{result['judge']['backend']}: {stats['requests']} requests, {stats['cached']} cached, "
                   f"{stats['prompt_tokens']}+{stats['completion_tokens']} tokens, {result['wall_s']:.1f} s",
                   highlight=False)
+    left = result["left_out"]
+    if left["only_a"] or left["only_b"]:
+        console.print(f"--common: left out {left['only_a']} records only in A and {left['only_b']} only in B",
+                      highlight=False)
     console.print(f"wrote {out} and {result['markdown']}", highlight=False)
     if result["overall"]["failed"]:
         console.print(f"[yellow]{result['overall']['failed']} judgments got no answer (endpoint errors); rerun to "

@@ -7,10 +7,12 @@ from typing import Annotated, Optional
 import typer
 
 from rlphf_cli.cli.common import (
+    RecipeOption,
     RunDirOption,
     SetOption,
     cli_errors,
     console,
+    either,
     print_warnings,
     progress_bar,
     resolve_recipe,
@@ -54,7 +56,9 @@ class PipelineDisplay:
 
 @cli_errors
 def run_command(
-    recipe: Annotated[Optional[str], typer.Argument(help="Recipe YAML or built-in name (default: tiny).")] = None,
+    recipe: Annotated[Optional[str], typer.Argument(help="Recipe YAML or built-in name (default: $RLPHF_RECIPE, "
+                                                   "./rlphf.yaml, tiny).", show_default=False)] = None,
+    recipe_option: RecipeOption = None,
     run_dir: RunDirOption = None,
     set_: SetOption = None,
     only: Annotated[Optional[str], typer.Option("--only", help="Run this stage alone.")] = None,
@@ -69,7 +73,7 @@ def run_command(
     from rlphf_cli.pipeline import plan, run_pipeline
     from rlphf_cli.recipe import check_trainer_fields, recipe_warnings
 
-    resolved = resolve_recipe(recipe, set_, run_dir)
+    resolved = resolve_recipe(either(recipe, recipe_option, "RECIPE and --recipe"), set_, run_dir)
     check_trainer_fields(resolved)
     print_warnings(recipe_warnings(resolved))
     if dry_run:

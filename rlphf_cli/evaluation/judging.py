@@ -90,28 +90,41 @@ def _describe_keys(keys: list[tuple[str, str]]) -> str:
     return f"{len(keys)} (e.g. id '{first[0]}', combination '{first[1] or 'none'}')"
 
 
-def match_records(a_path: Paths, b_path: Paths) -> list[tuple[dict, dict]]:
-    """(record of A, record of B) for every (id, combo), or a one-line InputError."""
+def _broadcast(index: dict[tuple[str, str], dict], combos: list[str]) -> dict[tuple[str, str], dict]:
+    """Answers made without a preference prompt (the base model's plain.jsonl) are the same whatever
+    the combination: label them with each combination of the other side."""
+    if not index or any(combo for _, combo in index) or not any(combos):
+        return index
+    return {(rid, combo): {**record, "combo": combo} for (rid, _), record in index.items() for combo in combos}
+
+
+def match_records(a_path: Paths, b_path: Paths, common: bool = False) -> tuple[list[tuple[dict, dict]], dict]:
+    """(record of A, record of B) for every (id, combo), or a one-line InputError; with `common`,
+    the shared (id, combo) keys only. Returns (pairs, {"only_a": n, "only_b": n})."""
     a_files, b_files = load_generations(a_path), load_generations(b_path)
     a_names, b_names = {Path(f).name for f in a_files}, {Path(f).name for f in b_files}
-    if _is_dir(a_path) and _is_dir(b_path) and a_names != b_names:
+    if _is_dir(a_path) and _is_dir(b_path) and a_names != b_names and not common:
         only_a, only_b = sorted(a_names - b_names), sorted(b_names - a_names)
         raise InputError(f"{_label(a_path)} and {_label(b_path)} hold different files: only in A: {', '.join(only_a) or '-'}; "
-                         f"only in B: {', '.join(only_b) or '-'}")
+                         f"only in B: {', '.join(only_b) or '-'} (--common judges the shared records)")
     a_index, b_index = _index(a_files, _label(a_path)), _index(b_files, _label(b_path))
+    a_index = _broadcast(a_index, sorted({combo for _, combo in b_index}))
+    b_index = _broadcast(b_index, sorted({combo for _, combo in a_index}))
     only_a, only_b = set(a_index) - set(b_index), set(b_index) - set(a_index)
-    if only_a or only_b:
+    if (only_a or only_b) and not common:
         parts = [f"{_describe_keys(list(only_a))} only in A" if only_a else "",
                  f"{_describe_keys(list(only_b))} only in B" if only_b else ""]
         raise InputError(f"{_label(a_path)} and {_label(b_path)} do not match by (id, combination): "
-                         + "; ".join(p for p in parts if p))
+                         + "; ".join(p for p in parts if p) + " (--common judges the shared records)")
     pairs = []
-    for key in sorted(a_index):
+    for key in sorted(set(a_index) & set(b_index)):
         a, b = a_index[key], b_index[key]
         if a.get("instruction") != b.get("instruction"):
             raise InputError(f"{_label(a_path)} and {_label(b_path)}: id '{key[0]}' has different instructions")
         pairs.append((a, b))
-    return pairs
+    if not pairs:
+        raise InputError(f"{_label(a_path)} and {_label(b_path)} share no (id, combination) record")
+    return pairs, {"only_a": len(only_a), "only_b": len(only_b)}
 
 
 def _response(record: dict) -> str:
@@ -133,11 +146,14 @@ def _criteria_for(recipe, a: dict, b: dict, criteria) -> list[Preference]:
 
 
 def judge_files(recipe, a_path: Paths, b_path: Paths, criteria: str | Sequence[str] | None,
-                out_path: str | Path | None, *, judge=None, progress: ProgressFn | None = None) -> dict:
+                out_path: str | Path | None, *, judge=None, progress: ProgressFn | None = None,
+                common: bool = False) -> dict:
     """Judge system A's generations against system B's; write `out_path` (JSON) and its `.md`.
 
     `a_path`/`b_path`: a generation JSONL file each, a folder of per-combination files each (matched
-    by file name), or a list of files each; records are matched by (id, combo) across them.
+    by file name), or a list of files each; records are matched by (id, combo) across them. A side
+    whose records carry no combination (the base model's plain answers) matches every combination
+    of the other. `common`: judge the shared records only (the result says how many were left out).
     `criteria`: None or 'combo' (each record's own preferences), 'all', or names ('P1A,P2A').
     `judge`: a judge object (default: `get_judge(recipe.judge.backend, recipe)`), cached in
     `<out_path folder>/judge_cache.jsonl`. Returns the result written to `out_path`.
@@ -145,7 +161,7 @@ def judge_files(recipe, a_path: Paths, b_path: Paths, criteria: str | Sequence[s
     from rlphf_cli.judges import get_judge
 
     start = time.time()
-    pairs = match_records(a_path, b_path)
+    pairs, left_out = match_records(a_path, b_path, common)
     per_pair = [_criteria_for(recipe, a, b, criteria) for a, b in pairs]
     used = list(dict.fromkeys(p for prefs in per_pair for p in prefs))
     if not used:
@@ -193,7 +209,7 @@ def judge_files(recipe, a_path: Paths, b_path: Paths, criteria: str | Sequence[s
         "judge": judge.describe(), "both_orders": both,
         "criteria": criteria if isinstance(criteria, str) or criteria is None
         else ",".join(c.id if isinstance(c, Preference) else str(c) for c in criteria),
-        "pairs": len(pairs), "judgments": len(items),
+        "pairs": len(pairs), "left_out": left_out, "judgments": len(items),
         "overall": _summary(items, samples, seed),
         "per_criterion": {p.id: _summary([i for i in items if i["criterion"] == p.id], samples, seed) for p in used},
         "per_combo": {},
