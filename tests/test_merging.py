@@ -252,6 +252,30 @@ def test_dare_is_seeded_and_drops_then_rescales(adapters, tmp_path):
         assert torch.allclose(full[key], (0.5 * 2) ** 0.5 * (a0[key] + a1[key]), atol=1e-6)
 
 
+@pytest.mark.parametrize("method, names, weights, params", [
+    ("average", ["a0", "a1", "a2"], [1, 1, 1], {}),
+    ("average", ["a0", "a1"], [0.7, 0.3], {}),
+    ("exact", ["a0", "r8", "rs"], [0.5, -0.2, 0.7], {}),
+    ("svd", ["a0", "r8"], [0.6, 0.4], {"rank": 3}),
+    ("ties", ["a0", "a1", "a2"], [0.5, 0.3, 0.2], {"density": 0.5}),
+    ("dare", ["a0", "a1"], [0.5, 0.5], {"density": 0.4, "seed": 3}),
+])
+def test_in_memory_soup_is_the_file_soup_tensor_for_tensor(adapters, tmp_path, method, names, weights, params):
+    """`rlphf serve` merges from tensors in memory; `rlphf merge` from files: the same tensors."""
+    from rlphf_cli.merging import merge_in_memory
+    from rlphf_cli.merging.io import read_adapter
+
+    dirs = [adapters[n] for n in names]
+    written = merge_adapters(dirs, weights, method, tmp_path / "soup", **params)
+    state, config = merge_in_memory([read_adapter(d) for d in dirs], [load(d) for d in dirs], weights, method,
+                                    **params)
+    on_disk = load(written)
+    assert set(state) == set(on_disk)
+    for key, tensor in on_disk.items():
+        assert state[key].dtype == tensor.dtype and torch.equal(state[key], tensor), key
+    assert config == json.loads((written / "adapter_config.json").read_text())
+
+
 # --------------------------------------------------------------------------------------------
 # Behaviour of the merged model
 
