@@ -51,3 +51,60 @@ def tiny_model():
 
     return resolve_model("tiny")
 
+
+
+# --------------------------------------------------------------------------------------------
+# rlphf serve: a run directory with LoRA policies on the tiny model, and a server on a free port
+
+SERVE_PREFS = ("P1A", "P2A", "P2B", "P3A")
+
+
+def make_lora_policy(base, out, seed: int, std: float = 0.05):
+    """A LoRA policy without training: peft's adapter on `base` with random, non-zero lora_B (peft
+    initializes B to 0, which would make every soup the base model). std 0.05 keeps the tiny
+    model's answers fluent while making each policy's greedy answers its own."""
+    import warnings
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
+                           LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+    gen = torch.Generator().manual_seed(seed)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            param.data = torch.randn(param.shape, generator=gen) * std
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def serve_run(tiny_model, tmp_path_factory):
+    """A run directory with policy/<id>/ for P1A, P2A, P2B, P3A, and a profiles file."""
+    run = tmp_path_factory.mktemp("serve-run")
+    for seed, pref in enumerate(SERVE_PREFS):
+        make_lora_policy(tiny_model, run / "policy" / pref, seed)
+    (run / "profiles.yaml").write_text("users:\n  alice: {concise: 0.7, friendly: 0.3}\n  bob: P1A+P2A+P3A\n")
+    return run
+
+
+@pytest.fixture(scope="session")
+def serve_recipe(serve_run):
+    from rlphf_cli.recipe import load_recipe
+
+    return load_recipe(None, [], {"run_dir": str(serve_run), "generate.max_new_tokens": 48})
+
+
+@pytest.fixture(scope="session")
+def served(serve_recipe, serve_run):
+    """`rlphf serve` (transformers backend) in this process on a free port: .url, .server, .backend."""
+    from types import SimpleNamespace
+
+    from rlphf_cli.serving.server import ServerThread, build_server
+
+    server = build_server(serve_recipe, profiles=serve_run / "profiles.yaml", max_batch=16, max_soups=32, threads=1)
+    with ServerThread(server) as url:
+        yield SimpleNamespace(url=url, server=server, backend=server.backend, run=serve_run)

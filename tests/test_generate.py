@@ -280,7 +280,7 @@ def test_cli_soup_of_the_runs_policies(tiny_random_model, tmp_path):
         (["--combos", "P1A+P1B"], "picks two preferences of one dimension"),
         (["--adapters", "A,B", "--weights", "0.5"], "1 weights for 2 adapters"),
         (["--soup", "concise=0.5,friendly=0.5"], "make it with: rlphf train-policy --pref concise"),
-        (["--soup", "concise=half"], "weight 'half' is not a number"),
+        (["--soup", "concise=half"], "weight 'half' of 'concise' is not a number"),
         (["--adapter", "OTHER"], "made for another base model"),
         (["--adapter", "NOT_ADAPTER"], "not a PEFT adapter folder"),
         (["--adapter", "nowhere"], "no such adapter folder"),
