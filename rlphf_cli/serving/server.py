@@ -67,7 +67,7 @@ def build_server(recipe, *, policies: Sequence[str] = (), merge_method: str | No
     service = Service(loaded, served, prompt_format=recipe.model.prompt_format,
                       default_max_tokens=recipe.generate.max_new_tokens, max_batch=max_batch, profiles=user_soups)
     config = {"dimensions": served.dimensions(), "others": served.others(), "models": served.model_ids(),
-              "max_tokens": recipe.generate.max_new_tokens, "backend": backend, "model": loaded.model_name,
+              "max_tokens": recipe.generate.max_new_tokens, "backend": backend, "model": recipe.model.name,
               "users": sorted(user_soups)}
     return Server(create_app(service, config), loaded, served, user_soups)
 
