@@ -198,7 +198,7 @@ def test_served_soup_is_the_tensors_rlphf_merge_writes(client, served, tmp_path)
                                  "--weights", "0.25,0.5,0.25", "--out", str(tmp_path / "soup")])
     assert result.exit_code == 0, result.output
     written = load_file(str(tmp_path / "soup" / "adapter_model.safetensors"))
-    adapter = served.backend.soups["P1A=0.25,P2B=0.5,P3A=0.25"]
+    adapter = served.backend.soups["P1A=0.25,P2B=0.5,P3A=0.25"].name
     served_tensors = get_peft_model_state_dict(served.backend.model, adapter_name=adapter)
     assert set(served_tensors) == set(written)
     for key, tensor in written.items():
@@ -224,8 +224,18 @@ def test_16_concurrent_requests_over_4_soups_are_batched_and_correct(client, ser
 
 
 def test_soups_are_cached_and_the_least_recently_used_dropped(client, served):
+    from peft.utils import get_peft_model_state_dict
+
+    from rlphf_cli.merging import merge_in_memory
+
     backend = served.backend
+    deadline = time.monotonic() + 20
+    while not backend._free and time.monotonic() < deadline:  # idle: it prepares spare adapters
+        time.sleep(0.05)
+    spares = [slot.name for slot in backend._free]
+    assert spares
     answer(client, "concise=0.6,friendly=0.4", PROMPTS[0], max_tokens=1)
+    assert backend.soups["P2A=0.6,P3A=0.4"].name in spares  # a new soup costs its merge, not add_adapter
     merges = len(backend.merge_seconds)
     answer(client, "friendly=0.4,concise=0.6", PROMPTS[1], max_tokens=1)  # the same soup: no merge
     assert len(backend.merge_seconds) == merges
@@ -234,9 +244,18 @@ def test_soups_are_cached_and_the_least_recently_used_dropped(client, served):
     try:
         for w in (0.1, 0.2, 0.3):
             answer(client, f"concise={w},friendly={1 - w}", PROMPTS[0], max_tokens=1)
-        assert len(backend.soups) == 2 and "P2A=0.1,P3A=0.9" not in backend.soups
-        assert set(backend.soups.values()) <= set(backend.model.peft_config)
-        assert len([n for n in backend.model.peft_config if n.startswith("soup_")]) == 2  # dropped from the model
+        assert list(backend.soups) == ["P2A=0.2,P3A=0.8", "P2A=0.3,P3A=0.7"]
+        before_names = [slot.name for slot in backend.soups.values()]
+        # --max-soups adapters in the model at most: an evicted soup's adapter took the next soup
+        assert sorted(n for n in backend.model.peft_config if n.startswith("soup_")) == sorted(
+            slot.name for slot in backend.soups.values())
+        answer(client, "concise=0.1,friendly=0.9", PROMPTS[0], max_tokens=1)  # merged again, into a used slot
+        reused = backend.soups["P2A=0.1,P3A=0.9"].name
+        assert reused == before_names[0]  # the least recently used soup's adapter
+        state, _ = merge_in_memory([backend.policies.inputs[n] for n in ("P2A", "P3A")],
+                                   [backend.tensors[n] for n in ("P2A", "P3A")], [0.1, 0.9])
+        held = get_peft_model_state_dict(backend.model, adapter_name=reused)
+        assert set(held) == set(state) and all(torch.equal(held[k], state[k]) for k in state)
     finally:
         backend.max_soups = limit
 

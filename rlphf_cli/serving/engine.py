@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import itertools
+import json
 import logging
 import secrets
 import threading
@@ -35,6 +36,9 @@ from rlphf_cli.serving.policies import PolicySet, Soup
 
 log = logging.getLogger("rlphf.serve")
 BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed batch
+# Adapters made ahead while idle (within --max-soups): a new soup then costs only its merge (~2 ms on
+# the tiny model) instead of peft's add_adapter, which walks the whole model (~50-100 ms).
+SPARE_ADAPTERS = 2
 
 
 @dataclass(eq=False)
@@ -98,7 +102,8 @@ class TransformersBackend(Backend):
         self.threads = threads
         # The policies' tensors as saved, for merging (PEFT may have cast its own copies).
         self.tensors = {name: load_file(str(policies.inputs[name].weights_file)) for name in policies.policies}
-        self.soups: OrderedDict[str, str] = OrderedDict()  # soup key -> adapter name, least recently used first
+        self.soups: OrderedDict[str, _Slot] = OrderedDict()  # soup key -> its adapter, least recently used first
+        self._free: list[_Slot] = []  # adapters of evicted soups, reused by the next soup of their shapes
         self._adapter_ids = itertools.count()
         eos = model.generation_config.eos_token_id
         eos = [eos] if isinstance(eos, int) else list(eos or [])
@@ -117,6 +122,21 @@ class TransformersBackend(Backend):
         self.merge_seconds: list[float] = []  # time to merge + add each new soup
         self.peak_batch = 0  # the most rows decoded together so far
         self._check_cache_layout()
+        self._spare_signature = self._predictable_signature()
+
+    def _predictable_signature(self) -> tuple[tuple, dict] | None:
+        """The shapes and scaling every soup of these policies has, when the method fixes them (all
+        but 'exact', whose rank grows with the number of members): spare adapters of that signature
+        are made while the server is idle, so a new soup costs its merge, not peft's add_adapter."""
+        from rlphf_cli.merging import merge_in_memory
+
+        policies = self.policies
+        if policies.method == "exact":
+            return None
+        name = next(iter(policies.policies))
+        state, config = merge_in_memory([policies.inputs[name]], [self.tensors[name]], [1.0], policies.method,
+                                        **policies.params)
+        return _signature(state, config), config
 
     # -- life cycle ---------------------------------------------------------------------------
 
@@ -195,11 +215,16 @@ class TransformersBackend(Backend):
         while True:
             with self._cond:
                 while not self._stopping and not self._rows and not self._pending:
+                    if self._wants_spare():
+                        break
                     self._cond.wait()
                 if self._stopping:
                     return
                 admitted = self._take_pending()
             try:
+                if not admitted and not self._rows:  # idle: prepare an adapter for the next new soup
+                    self._add_spare()
+                    continue
                 if admitted:
                     self._admit(admitted)
                 self._drop(lambda row: row.done or row.cancelled)
@@ -234,9 +259,11 @@ class TransformersBackend(Backend):
     def _admit(self, tickets: list[_Ticket]) -> None:
         torch = self._torch
         rows = []
+        in_use = {row.adapter for row in self._rows}
         for ticket in tickets:
             try:
-                adapter = self._adapter_for(ticket.soup)
+                adapter = self._adapter_for(ticket.soup, in_use)
+                in_use.add(adapter)
             except Exception as exc:
                 log.exception("soup %s failed", ticket.soup.key)
                 for row in ticket.rows:
@@ -367,53 +394,111 @@ class TransformersBackend(Backend):
 
     # -- adapters -------------------------------------------------------------------------------
 
-    def _adapter_for(self, soup: Soup) -> str:
+    def _adapter_for(self, soup: Soup, in_use: set[str]) -> str:
+        """The adapter name of the soup, merging it when not cached; `in_use`: adapters that rows
+        in (or entering) the batch decode with, which must not be taken for another soup."""
         if not soup.members:
             return BASE_ADAPTER
         if not soup.merged:
             return self.policy_adapters[soup.names[0]]
         if soup.key in self.soups:
             self.soups.move_to_end(soup.key)
-            return self.soups[soup.key]
-        return self._add_soup(soup)
+            return self.soups[soup.key].name
+        return self._add_soup(soup, in_use)
 
-    def _add_soup(self, soup: Soup) -> str:
-        from peft import PeftConfig
-        from peft.utils import set_peft_model_state_dict
-
+    def _add_soup(self, soup: Soup, in_use: set[str]) -> str:
+        """Merge the soup and put it in an adapter slot: a free slot of the same shapes when there
+        is one (its tensors are overwritten: ~1 ms), else a new PEFT adapter (peft's add_adapter
+        walks the whole model: ~20-100 ms on the tiny model)."""
         from rlphf_cli.merging import merge_in_memory
 
         start = time.perf_counter()
         policies = self.policies
         state, config = merge_in_memory([policies.inputs[n] for n in soup.names], [self.tensors[n] for n in soup.names],
                                         soup.weights, policies.method, **policies.params)
+        signature = _signature(state, config)
+        self._evict(in_use, room=1)
+        slot = next((s for s in self._free if s.signature == signature), None)
+        if slot is not None:
+            self._free.remove(slot)
+        else:
+            slot = self._new_slot(signature, config)
+        slot.fill(self.model, state)
+        self.soups[soup.key] = slot
+        self._trim()
+        self.merge_seconds.append(time.perf_counter() - start)
+        return slot.name
+
+    def _new_slot(self, signature: tuple, config: dict) -> _Slot:
+        from peft import PeftConfig
+
+        self._trim(room=1)  # no free adapter fits: make room for a new one
         name = f"soup_{next(self._adapter_ids)}"
         peft_config = PeftConfig.from_peft_type(**config)
         peft_config.inference_mode = True
         self.model.add_adapter(name, peft_config)
-        result = set_peft_model_state_dict(self.model, state, adapter_name=name)
-        if result.unexpected_keys:
-            self.model.delete_adapter(name)
-            raise BackendError(f"merged soup has keys the model does not: {result.unexpected_keys[:3]}")
-        self.soups[soup.key] = name
-        self._evict()
-        self.merge_seconds.append(time.perf_counter() - start)
-        return name
+        marker = f".{name}"
+        params = {key.replace(marker, "", 1): param for key, param in self.model.named_parameters()
+                  if f"{marker}." in key}
+        return _Slot(name, signature, params)
 
-    def _evict(self) -> None:
-        """Drop least recently used soups beyond --max-soups, never one a running row uses."""
-        in_use = {row.adapter for row in self._rows}
+    def _wants_spare(self) -> bool:
+        if self._spare_signature is None:
+            return False
+        spares = sum(1 for slot in self._free if slot.signature == self._spare_signature[0])
+        return spares < SPARE_ADAPTERS and len(self.soups) + len(self._free) < self.max_soups
+
+    def _add_spare(self) -> None:
+        signature, config = self._spare_signature
+        try:
+            self._free.append(self._new_slot(signature, config))
+        except Exception:  # spares are an optimization: without them soups still work, slower
+            log.exception("cannot prepare a spare adapter; new soups will each add one")
+            self._spare_signature = None
+
+    def _evict(self, in_use: set[str], room: int = 0) -> None:
+        """Free least recently used soups until `room` more fit in --max-soups (never one in use:
+        the cache then holds more for a while). Their adapters wait for the next soup of the same
+        shapes."""
         for key in list(self.soups):
-            if len(self.soups) <= self.max_soups:
+            if len(self.soups) + room <= self.max_soups:
                 break
-            if self.soups[key] not in in_use:
-                self.model.delete_adapter(self.soups.pop(key))
+            if self.soups[key].name not in in_use:
+                self._free.append(self.soups.pop(key))
+
+    def _trim(self, room: int = 0) -> None:
+        """Delete free adapters, oldest first, so that at most --max-soups adapters exist."""
+        while self._free and len(self.soups) + len(self._free) + room > self.max_soups:
+            self.model.delete_adapter(self._free.pop(0).name)
 
     def adapter_bytes(self) -> dict[str, int]:
         """Bytes of parameters held by each cached soup's adapter (for the benchmark)."""
-        sizes = dict.fromkeys(self.soups.values(), 0)
-        for name, param in self.model.named_parameters():
-            for adapter in sizes:
-                if name.endswith(f".{adapter}.weight"):
-                    sizes[adapter] += param.numel() * param.element_size()
-        return sizes
+        return {slot.name: sum(p.numel() * p.element_size() for p in slot.params.values())
+                for slot in self.soups.values()}
+
+
+def _signature(state: dict, config: dict) -> tuple:
+    """What must match for a slot to take a soup: tensor shapes and the scaling settings."""
+    scaling = {k: config.get(k) for k in ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern")}
+    return (json.dumps(scaling, sort_keys=True),) + tuple(sorted((k, tuple(t.shape)) for k, t in state.items()))
+
+
+@dataclass(eq=False)
+class _Slot:
+    """A PEFT adapter that holds one cached soup at a time."""
+
+    name: str
+    signature: tuple
+    params: dict  # saved tensor key -> the adapter's parameter
+
+    def fill(self, model, state: dict) -> None:
+        import torch
+
+        if set(state) != set(self.params):  # e.g. modules_to_save: let peft place them
+            from peft.utils import set_peft_model_state_dict
+
+            set_peft_model_state_dict(model, state, adapter_name=self.name)
+            return
+        with torch.no_grad():
+            for key, tensor in state.items():
+                self.params[key].copy_(tensor)
