@@ -28,20 +28,12 @@ SOUPS = ("P1A+P2A+P3A", "concise=0.7,friendly=0.3", "informative", "elementary=0
 
 
 def random_policies(model_dir: str, run: Path) -> None:
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+    """policy/<id>/ folders of random LoRA adapters, as the generate benchmark makes them."""
+    from generate_throughput import random_adapters  # this folder is on sys.path when run as a script
 
-    for i, pref in enumerate(PREFS):
-        torch.manual_seed(100 + i)
-        model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
-                               LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", init_lora_weights=False,
-                                          task_type="CAUSAL_LM"))
-        with torch.no_grad():  # small updates, like a trained policy's
-            for name, param in model.named_parameters():
-                if "lora_B" in name:
-                    param.mul_(0.01)
-        model.save_pretrained(run / "policy" / pref)
+    for pref, adapter in zip(PREFS, random_adapters(model_dir, run / "adapters", len(PREFS)), strict=True):
+        (run / "policy").mkdir(parents=True, exist_ok=True)
+        adapter.rename(run / "policy" / pref)
 
 
 def rss_bytes() -> int:

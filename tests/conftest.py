@@ -59,34 +59,17 @@ def tiny_model():
 SERVE_PREFS = ("P1A", "P2A", "P2B", "P3A")
 
 
-def make_lora_policy(base, out, seed: int, std: float = 0.05):
-    """A LoRA policy without training: peft's adapter on `base` with random, non-zero lora_B (peft
-    initializes B to 0, which would make every soup the base model). std 0.05 keeps the tiny
-    model's answers fluent while making each policy's greedy answers its own."""
-    import warnings
-
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
-                           LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
-    gen = torch.Generator().manual_seed(seed)
-    for name, param in model.named_parameters():
-        if "lora_B" in name:
-            param.data = torch.randn(param.shape, generator=gen) * std
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model.save_pretrained(out)
-    return out
-
-
 @pytest.fixture(scope="session")
 def serve_run(tiny_model, tmp_path_factory):
     """A run directory with policy/<id>/ for P1A, P2A, P2B, P3A, and a profiles file."""
     run = tmp_path_factory.mktemp("serve-run")
+    from lora_helpers import make_adapter
+
+    # Random lora_B at std 0.05 on every linear layer: the tiny model's answers stay fluent, and
+    # each policy's greedy answers are its own.
     for seed, pref in enumerate(SERVE_PREFS):
-        make_lora_policy(tiny_model, run / "policy" / pref, seed)
+        make_adapter(tiny_model, run / "policy" / pref, seed=seed, std=0.05, targets="all-linear",
+                     randomize=("lora_B",))
     (run / "profiles.yaml").write_text("users:\n  alice: {concise: 0.7, friendly: 0.3}\n  bob: P1A+P2A+P3A\n")
     return run
 

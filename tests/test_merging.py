@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from lora_helpers import TARGETS, make_adapter
 from typer.testing import CliRunner
 
 from rlphf_cli.cli.main import app
@@ -20,7 +21,6 @@ from rlphf_cli.merging import METHODS, merge_adapters
 from rlphf_cli.runs import file_sha256
 
 runner = CliRunner()
-TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
 
 
 @pytest.fixture(autouse=True)
@@ -30,29 +30,6 @@ def single_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-def make_adapter(base: Path, out: Path, r: int = 4, alpha: float = 8, seed: int = 0, std: float = 0.1,
-                 targets=TARGETS, task: str = "CAUSAL_LM", **extra) -> Path:
-    """A LoRA adapter on the tiny base with random, non-zero A and B (peft would init B = 0)."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaForCausalLM, LlamaForSequenceClassification
-
-    if task == "SEQ_CLS":
-        model = LlamaForSequenceClassification.from_pretrained(base, num_labels=1)
-    else:
-        model = LlamaForCausalLM.from_pretrained(base)
-    config = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), init_lora_weights=False, task_type=task,
-                        **extra)
-    peft_model = get_peft_model(model, config)
-    gen = torch.Generator().manual_seed(seed)
-    for name, param in peft_model.named_parameters():
-        if "lora_" in name or "modules_to_save" in name:
-            param.data = torch.randn(param.shape, generator=gen) * std
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        peft_model.save_pretrained(out)
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -29,6 +29,16 @@ PROMPTS = ["What is a volcano?", "Explain photosynthesis.", "Help me understand 
 SOUPS = ["concise=0.7,friendly=0.3", "P1A+P2A+P3A", "informative", "base"]
 
 
+@pytest.fixture(autouse=True)
+def single_torch_thread():
+    """In-process commands (rlphf generate, merge) on one thread, like the server's decode thread:
+    on a shared CI machine two threads stall each other on the tiny model's small matrices."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def client(served) -> OpenAI:
     return OpenAI(base_url=f"{served.url}/v1", api_key="unused", max_retries=0, timeout=60)
@@ -168,10 +178,11 @@ def test_multi_turn_uses_the_chat_template_with_prefs_on_the_last_user_message(c
 
 def test_greedy_soups_equal_rlphf_generate(client, served, tmp_path):
     """`rlphf generate --adapters ... --weights ... --prefs ... --temperature 0` merges the soup into
-    the weights and decodes a left-padded batch; the server keeps LoRA unmerged and decodes rows
-    of many soups together. Both are the same function of the same soup tensors, computed in
-    float32 in another order: measured equal on every prompt here (24 of 24 evaluation prompts
-    on a 0.7/0.3 soup), so the comparison is exact, answer for answer."""
+    the weights (merge_and_unload) and decodes a length-sorted, left-padded batch; the server keeps
+    LoRA unmerged and decodes rows of many soups together. Same function of the same soup tensors,
+    rounded in another order: on the tiny model the logits differ by at most 7e-6 (scale 19), and
+    greedy answers were equal on 144 of 144 (48 evaluation prompts x 3 soups) when measured. An
+    argmax tie broken by that rounding would show here as a failure, not be hidden."""
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"id": f"p{i}", "instruction": p}) + "\n" for i, p in enumerate(PROMPTS)))
     policy = served.run / "policy"

@@ -139,7 +139,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(InputError)
     async def bad_input(request: Request, exc: InputError):
-        return _error(400, str(exc), param="model")
+        return _error(400, str(exc))
 
     @app.exception_handler(Exception)
     async def server_error(request: Request, exc: Exception):
