@@ -119,19 +119,17 @@ def parse_soup(spec: str | Mapping[str, float], preferences: PreferenceSet | Non
         members.append((name, weight))
     if all(w == 0 for _, w in members):
         raise InputError(f"{where} '{text}': every weight is 0; give at least one member a non-zero weight")
-    if preferences is not None:
-        known = {n.lower() for n in preferences.names()}
-        members = [(preferences.get(n).id if n.lower() in known else n, w) for n, w in members]
-        chosen = [preferences.get(n) for n, _ in members if n.lower() in known]
-        if "+" in text and len(chosen) == len(members):
-            try:
-                preferences.parse_combination(text)  # one preference per dimension
-            except InputError as exc:
-                raise InputError(f"{where}: {exc}") from None
+    known = {n.lower() for n in preferences.names()} if preferences is not None else set()
+    members = [(preferences.get(n).id if n.lower() in known else n, w) for n, w in members]
     names = [n for n, _ in members]
     for name in names:
         if names.count(name) > 1:
             raise InputError(f"{where} '{text}': '{name}' appears twice")
+    if "+" in text and known and all(n.lower() in known for n in names):
+        try:
+            preferences.parse_combination(text)  # one preference per dimension
+        except InputError as exc:
+            raise InputError(f"{where}: {exc}") from None
     return members
 
 

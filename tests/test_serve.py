@@ -413,6 +413,66 @@ def test_profile_errors_name_the_file_and_user(serve_run, tmp_path, content, wor
     assert str(caught.value).startswith(f"{path}:") and words in str(caught.value), caught.value
 
 
+def test_policies_that_cannot_be_merged_are_refused_per_request(serve_run, tiny_model, tmp_path):
+    from lora_helpers import make_adapter
+
+    from rlphf_cli.errors import InputError
+    from rlphf_cli.recipe import load_recipe
+    from rlphf_cli.serving.policies import PolicySet, UnknownModel
+
+    wide = make_adapter(tiny_model, tmp_path / "wide", r=8, targets="all-linear", randomize=("lora_B",))
+    policies = PolicySet.from_run(load_recipe(None, [], {"run_dir": str(serve_run)}), [f"wide={wide}"])
+    assert policies.resolve("wide").names == ["wide"] and policies.resolve("wide").preferences == ()
+    with pytest.raises(InputError, match="needs equal ranks, got r=8 vs r=4"):
+        policies.resolve("concise=0.5,wide=0.5")
+    with pytest.raises(UnknownModel, match="no policy 'P3B'"):
+        policies.resolve("unfriendly")
+    soup = policies.resolve("friendly=1,elementary=2,concise=0")  # catalog order; zero weights kept, no prompt
+    assert soup.members == (("P1A", 2.0), ("P2A", 0.0), ("P3A", 1.0))
+    assert [p.id for p in soup.preferences] == ["P1A", "P3A"]
+
+
+@pytest.mark.parametrize("spec, expected", [
+    ("concise=0.7,friendly=0.3", [("P2A", 0.7), ("P3A", 0.3)]),
+    ("P1A+concise+friendly", [("P1A", 1 / 3), ("P2A", 1 / 3), ("P3A", 1 / 3)]),
+    ("concise, friendly", [("P2A", 0.5), ("P3A", 0.5)]),
+    ({"expert": 2, "mine": 1}, [("P1B", 2.0), ("mine", 1.0)]),
+    ("concise=abc", "--soup 'concise=abc': weight 'abc' of 'concise' is not a number"),
+    ("concise=1,friendly", "--soup 'concise=1,friendly': 'friendly' has no weight"),
+    ("concise=0", "every weight is 0"),
+    ("concise+friendly=1", "a '+' combination has equal weights"),
+    ("concise+P2A", "'P2A' appears twice"),
+    ("P1A+P1B", "--soup: combination 'P1A+P1B' picks two preferences of one dimension"),
+    ("=1", "a weight without a name"),
+    ({"concise": float("inf")}, "weight 'inf' of 'concise' is not a finite number"),
+])
+def test_one_soup_syntax_for_generate_and_serve(spec, expected):
+    from rlphf_cli.errors import InputError
+    from rlphf_cli.generation import parse_soup
+    from rlphf_cli.preferences import PreferenceSet
+
+    if isinstance(expected, list):
+        got = parse_soup(spec, PreferenceSet.catalog())
+        assert [n for n, _ in got] == [n for n, _ in expected]
+        assert [w for _, w in got] == pytest.approx([w for _, w in expected])
+    else:
+        with pytest.raises(InputError) as caught:
+            parse_soup(spec, PreferenceSet.catalog())
+        assert expected in str(caught.value)
+
+
+def test_text_stream_holds_back_what_may_change():
+    from rlphf_cli.serving.backend import TextStream
+
+    text = TextStream(stop=["world"])
+    sent = [text.update(t) for t in ("  Hello", "  Hello wor", "  Hello world, hi")]
+    assert sent == ["Hello", "", ""] and text.stopped  # ' wor' might begin the stop string
+    assert text.finish("  Hello world, hi") == ("", "Hello")
+    text = TextStream()
+    assert [text.update(t) for t in ("Caf", "Caf\ufffd", "Café  ", "Café  ok")] == ["Caf", "", "é", "  ok"]
+    assert text.finish("Café  ok \n") == ("", "Café  ok")
+
+
 def test_cli_serve_prints_url_policies_and_curl_and_stops_on_ctrl_c(serve_run, tmp_path):
     extra = shutil.copytree(serve_run / "policy" / "P2A", tmp_path / "mine")
     proc = subprocess.Popen([sys.executable, "-m", "rlphf_cli", "serve", "--run-dir", str(serve_run), "--port", "0",

@@ -260,7 +260,8 @@ def create_app(service: Service, playground_config: dict) -> FastAPI:
         finally:
             backend.stop()
 
-    app = FastAPI(title="rlphf serve", lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    # No /docs: FastAPI's page loads its scripts from a CDN, and the server must work offline.
+    app = FastAPI(title="rlphf serve", lifespan=lifespan, docs_url=None, redoc_url=None)
     install_error_handlers(app)
     page = resources.files("rlphf_cli.serving").joinpath("static/playground.html").read_text(encoding="utf-8")
     page = page.replace('"__RLPHF_CONFIG__"', json.dumps(playground_config).replace("</", "<\\/"))

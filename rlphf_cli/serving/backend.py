@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from rlphf_cli.serving.policies import PolicySet, Soup
 
@@ -57,7 +57,6 @@ class Counters:
     requests: int = 0
     completion_tokens: int = 0
     cancelled: int = 0  # choices dropped because their client went away
-    extra: dict = field(default_factory=dict)
 
 
 class Backend(abc.ABC):
@@ -85,8 +84,7 @@ class Backend(abc.ABC):
     def status(self) -> dict:
         """Figures for GET /health."""
         c = self.counters
-        return {"requests": c.requests, "completion_tokens": c.completion_tokens, "cancelled": c.cancelled,
-                **c.extra}
+        return {"requests": c.requests, "completion_tokens": c.completion_tokens, "cancelled": c.cancelled}
 
 
 class TextStream:

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from rlphf_cli.errors import InputError, MissingArtifactError, did_you_mean
 from rlphf_cli.generation import parse_soup
-from rlphf_cli.merging import plan_merge
+from rlphf_cli.merging import METHODS, plan_merge
 from rlphf_cli.merging.io import AdapterInput, read_adapter
 from rlphf_cli.preferences import Preference, PreferenceSet, combination_name
 
@@ -83,8 +83,9 @@ class PolicySet:
             raise InputError("no policies to serve")
         self.inputs = {name: read_adapter(p.path) for name, p in self.policies.items()}
         self._order = {name: i for i, name in enumerate(self.policies)}
-        # Fails at start-up on a method or parameter the recipe got wrong (e.g. ties without density).
-        plan_merge([self.inputs[n] for n in self.policies], None, self.method, **self.params)
+        # A method or parameter the recipe got wrong (e.g. ties without density) stops the start-up;
+        # policies that cannot be merged together are refused per request (each still serves alone).
+        METHODS.get(self.method)(**self.params)
 
     # -- building ---------------------------------------------------------------------------
 
