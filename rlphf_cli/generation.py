@@ -14,13 +14,13 @@ import os
 import re
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from rlphf_cli.errors import InputError, MissingArtifactError
-from rlphf_cli.preferences import Preference, combination_name
+from rlphf_cli.preferences import Preference, PreferenceSet, combination_name
 from rlphf_cli.prompting import instruction_with_preferences, render_prompt, text_ids
 from rlphf_cli.runs import JsonlAppender, RunDir, atomic_write_text, read_jsonl
 
@@ -67,36 +67,65 @@ class Sampling:
 # What to decode with: the base model, one adapter, or a soup
 
 
-def parse_soup(spec: str, option: str = "--soup") -> list[tuple[str, float]]:
-    """A soup, written the same way everywhere (generate --soup, merge --soup, serve model names):
-    'concise=0.7,friendly=0.3' (weighted), 'P1A+P2A+P3A' or 'concise,friendly' (equal shares), or one
-    name. Names are preference ids/aliases or adapter folders; weights are finite numbers."""
-    parts = [p.strip() for p in re.split(r"[,+]", spec) if p.strip()] if "=" not in spec else \
-        [p.strip() for p in spec.split(",") if p.strip()]
-    if not parts:
-        raise InputError(f"{option}: expected name=weight pairs (concise=0.7,friendly=0.3) or names (P1A+P2A+P3A)")
-    named: list[tuple[str, float | None]] = []
-    for part in parts:
-        name, sep, raw = part.partition("=")
-        if not name.strip():
-            raise InputError(f"{option}: '{part}': no name before '='")
-        weight = None
-        if sep:
+def parse_soup(spec: str | Mapping[str, float], preferences: PreferenceSet | None = None, *,
+               where: str = "--soup") -> list[tuple[str, float]]:
+    """The one syntax of a soup, wherever one is named (`rlphf generate --soup`, the `model` field
+    of `rlphf serve`): 'concise=0.7,friendly=0.3' (weights), 'concise,friendly' or 'P1A+P2A+P3A'
+    (equal weights), 'concise' (one member), or a mapping {name: weight}. -> [(name, weight)] in
+    the order given.
+
+    With `preferences`, a preference's alias becomes its id. Names are not checked against what
+    exists (the caller knows its policies). Errors are InputError naming `where` and the bad part.
+    Two preferences of one dimension are allowed (preferences.same_dimension_note says so).
+    """
+    if isinstance(spec, Mapping):
+        pairs: list[tuple[str, object]] = [(str(name), weight) for name, weight in spec.items()]
+        text = ",".join(f"{name}={weight}" for name, weight in pairs)
+    else:
+        text = spec.strip()
+        plus, comma = "+" in text, "," in text
+        if plus and comma:
+            raise InputError(f"{where} '{spec}': use '+' (equal weights) or ',' (name=weight pairs), not both")
+        parts = [p.strip() for p in text.split("+" if plus else ",")]
+        if plus and not all(parts):
+            raise InputError(f"{where} '{spec}': empty member in a '+' combination")
+        pairs = [(name.strip(), raw.strip() if sep else None)
+                 for name, sep, raw in (part.partition("=") for part in parts if part)]
+        if plus and any(w is not None for _, w in pairs):
+            raise InputError(f"{where} '{spec}': a '+' combination has equal weights; write name=weight pairs "
+                             "separated by ',' for other weights")
+    if not pairs:
+        raise InputError(f"{where}: empty soup; expected e.g. concise=0.5,friendly=0.5 or P1A+P2A+P3A")
+    for name, _ in pairs:
+        if not name:
+            raise InputError(f"{where} '{text}': a weight without a name")
+    weighted = [name for name, w in pairs if w is not None]
+    if weighted and len(weighted) != len(pairs):
+        missing = next(name for name, w in pairs if w is None)
+        raise InputError(f"{where} '{text}': '{missing}' has no weight (give every member a weight, or none)")
+    members: list[tuple[str, float]] = []
+    for name, raw in pairs:
+        if raw is None:
+            weight = 1.0 / len(pairs)
+        else:
             try:
-                weight = float(raw)
-            except ValueError:
-                raise InputError(f"{option}: '{part}': weight '{raw}' is not a number") from None
+                if isinstance(raw, bool):
+                    raise TypeError
+                weight = float(raw)  # type: ignore[arg-type]
+            except (TypeError, ValueError):
+                raise InputError(f"{where} '{text}': weight '{raw}' of '{name}' is not a number") from None
             if not math.isfinite(weight):
-                raise InputError(f"{option}: '{part}': weight '{raw}' is not a finite number")
-        named.append((name.strip(), weight))
-    if any(w is None for _, w in named):
-        if any(w is not None for _, w in named):
-            missing = next(name for name, w in named if w is None)
-            raise InputError(f"{option}: '{missing}' has no weight; give a weight to every member or to none")
-        return [(name, 1.0 / len(named)) for name, _ in named]
-    if all(w == 0 for _, w in named):
-        raise InputError(f"{option}: the weights are all zero")
-    return [(name, float(w)) for name, w in named]  # type: ignore[arg-type]
+                raise InputError(f"{where} '{text}': weight '{raw}' of '{name}' is not a finite number")
+        members.append((name, weight))
+    if all(w == 0 for _, w in members):
+        raise InputError(f"{where} '{text}': every weight is 0; give at least one member a non-zero weight")
+    known = {n.lower() for n in preferences.names()} if preferences is not None else set()
+    members = [(preferences.get(n).id if n.lower() in known else n, w) for n, w in members]
+    names = [n for n, _ in members]
+    for name in names:
+        if names.count(name) > 1:
+            raise InputError(f"{where} '{text}': '{name}' appears twice")
+    return members
 
 
 def parse_weights(text: str) -> list[float]:

@@ -4,7 +4,7 @@ inputs, serving, the hf judge) goes through `text_ids`, so they all see the same
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 
 from rlphf_cli.preferences import Preference, preference_prompt
 
@@ -17,6 +17,17 @@ def instruction_with_preferences(instruction: str, prefs: Iterable[Preference] =
     return f"{instruction} {suffix}" if suffix else instruction
 
 
+def messages_with_preferences(messages: Sequence[Mapping[str, str]],
+                              prefs: Iterable[Preference] = ()) -> list[dict[str, str]]:
+    """A conversation with the preference prompts appended to its last user message, the way
+    `instruction_with_preferences` does to a single instruction."""
+    out = [dict(m) for m in messages]
+    last_user = max((i for i, m in enumerate(out) if m["role"] == "user"), default=None)
+    if last_user is not None:
+        out[last_user]["content"] = instruction_with_preferences(out[last_user]["content"], prefs)
+    return out
+
+
 def uses_chat_template(tokenizer, prompt_format: str = "chat") -> bool:
     """'chat' with a tokenizer that has a chat template; anything else is the paper's Tulu format."""
     return prompt_format != "tulu" and getattr(tokenizer, "chat_template", None) is not None
@@ -24,11 +35,19 @@ def uses_chat_template(tokenizer, prompt_format: str = "chat") -> bool:
 
 def render_prompt(tokenizer, content: str, prompt_format: str = "chat") -> str:
     """`chat`: the tokenizer's chat template (generation prompt added); `tulu`: the paper's format."""
-    if not uses_chat_template(tokenizer, prompt_format):
-        return TULU_TEMPLATE.format(content=content)
-    return tokenizer.apply_chat_template(
-        [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
-    )
+    return render_messages(tokenizer, [{"role": "user", "content": content}], prompt_format)
+
+
+def render_messages(tokenizer, messages: Sequence[Mapping[str, str]], prompt_format: str = "chat") -> str:
+    """A conversation (role/content dicts) as prompt text: `chat` applies the tokenizer's chat
+    template to the whole list (generation prompt added); `tulu` writes each turn as
+    '<|role|>\\n{content}\\n' (an assistant turn ends with EOS, as open-instruct's Tulu format does)
+    and ends with '<|assistant|>\\n'. One user message is render_prompt's text."""
+    if uses_chat_template(tokenizer, prompt_format):
+        return tokenizer.apply_chat_template([dict(m) for m in messages], tokenize=False, add_generation_prompt=True)
+    eos = getattr(tokenizer, "eos_token", None) or ""
+    turns = [f"<|{m['role']}|>\n{m['content']}{eos if m['role'] == 'assistant' else ''}\n" for m in messages]
+    return "".join(turns) + "<|assistant|>\n"
 
 
 def text_ids(tokenizer, text: str, prompt_format: str = "chat") -> list[int]:

@@ -51,3 +51,43 @@ def tiny_model():
 
     return resolve_model("tiny")
 
+
+
+# --------------------------------------------------------------------------------------------
+# rlphf serve: a run directory with LoRA policies on the tiny model, and a server on a free port
+
+SERVE_PREFS = ("P1A", "P2A", "P2B", "P3A")
+
+
+@pytest.fixture(scope="session")
+def serve_run(tiny_model, tmp_path_factory):
+    """A run directory with policy/<id>/ for P1A, P2A, P2B, P3A, and a profiles file."""
+    run = tmp_path_factory.mktemp("serve-run")
+    from lora_helpers import make_adapter
+
+    # Random lora_B at std 0.05 on every linear layer: the tiny model's answers stay fluent, and
+    # each policy's greedy answers are its own.
+    for seed, pref in enumerate(SERVE_PREFS):
+        make_adapter(tiny_model, run / "policy" / pref, seed=seed, std=0.05, targets="all-linear",
+                     randomize=("lora_B",))
+    (run / "profiles.yaml").write_text("users:\n  alice: {concise: 0.7, friendly: 0.3}\n  bob: P1A+P2A+P3A\n")
+    return run
+
+
+@pytest.fixture(scope="session")
+def serve_recipe(serve_run):
+    from rlphf_cli.recipe import load_recipe
+
+    return load_recipe(None, [], {"run_dir": str(serve_run), "generate.max_new_tokens": 48})
+
+
+@pytest.fixture(scope="session")
+def served(serve_recipe, serve_run):
+    """`rlphf serve` (transformers backend) in this process on a free port: .url, .server, .backend."""
+    from types import SimpleNamespace
+
+    from rlphf_cli.serving.server import ServerThread, build_server
+
+    server = build_server(serve_recipe, profiles=serve_run / "profiles.yaml", max_batch=16, max_soups=32, threads=1)
+    with ServerThread(server) as url:
+        yield SimpleNamespace(url=url, server=server, backend=server.backend, run=serve_run)

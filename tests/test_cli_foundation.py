@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from rlphf_cli.cli.main import app
 
 runner = CliRunner()
-COMMANDS = ["tiny-model", "generate", "annotate", "train-rm", "train-policy", "merge", "judge", "run"]
+COMMANDS = ["tiny-model", "generate", "annotate", "train-rm", "train-policy", "merge", "judge", "run", "serve"]
 
 
 def test_top_level_help_lists_every_command():

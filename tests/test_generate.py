@@ -286,7 +286,7 @@ def test_cli_soup_of_the_runs_policies(tiny_random_model, tmp_path):
         (["--prefs", "P2A,concize"], "unknown preference 'concize' (did you mean 'concise'?)"),
         (["--adapters", "A,B", "--weights", "0.5"], "1 weights for 2 adapters"),
         (["--soup", "concise=0.5,friendly=0.5"], "make it with: rlphf train-policy --prefs concise"),
-        (["--soup", "concise=half"], "weight 'half' is not a number"),
+        (["--soup", "concise=half"], "weight 'half' of 'concise' is not a number"),
         (["--adapter", "OTHER"], "made for another base model"),
         (["--adapter", "NOT_ADAPTER"], "not a PEFT adapter folder"),
         (["--adapter", "nowhere"], "no such adapter folder"),

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from lora_helpers import TARGETS, make_adapter
 from typer.testing import CliRunner
 
 from rlphf_cli.cli.main import app
@@ -20,7 +21,6 @@ from rlphf_cli.merging import METHODS, merge_adapters
 from rlphf_cli.runs import file_sha256
 
 runner = CliRunner()
-TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
 
 
 @pytest.fixture(autouse=True)
@@ -30,29 +30,6 @@ def single_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-def make_adapter(base: Path, out: Path, r: int = 4, alpha: float = 8, seed: int = 0, std: float = 0.1,
-                 targets=TARGETS, task: str = "CAUSAL_LM", **extra) -> Path:
-    """A LoRA adapter on the tiny base with random, non-zero A and B (peft would init B = 0)."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaForCausalLM, LlamaForSequenceClassification
-
-    if task == "SEQ_CLS":
-        model = LlamaForSequenceClassification.from_pretrained(base, num_labels=1)
-    else:
-        model = LlamaForCausalLM.from_pretrained(base)
-    config = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), init_lora_weights=False, task_type=task,
-                        **extra)
-    peft_model = get_peft_model(model, config)
-    gen = torch.Generator().manual_seed(seed)
-    for name, param in peft_model.named_parameters():
-        if "lora_" in name or "modules_to_save" in name:
-            param.data = torch.randn(param.shape, generator=gen) * std
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        peft_model.save_pretrained(out)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -292,6 +269,30 @@ def test_ties_trims_n_identical_inputs_like_one(adapters, tmp_path):
     three = load(merge_adapters([adapters["a1"]] * 3, [0.2, 0.2, 0.6], "ties", tmp_path / "s3", density=0.4))
     one = load(merge_adapters([adapters["a1"]], [1.0], "ties", tmp_path / "s1", density=0.4))
     assert all(torch.allclose(three[k], one[k], atol=1e-7) for k in one)
+
+
+@pytest.mark.parametrize("method, names, weights, params", [
+    ("average", ["a0", "a1", "a2"], [1, 1, 1], {}),
+    ("average", ["a0", "a1"], [0.7, 0.3], {}),
+    ("exact", ["a0", "r8", "rs"], [0.5, -0.2, 0.7], {}),
+    ("svd", ["a0", "r8"], [0.6, 0.4], {"rank": 3}),
+    ("ties", ["a0", "a1", "a2"], [0.5, 0.3, 0.2], {"density": 0.5}),
+    ("dare", ["a0", "a1"], [0.5, 0.5], {"density": 0.4, "seed": 3}),
+])
+def test_in_memory_soup_is_the_file_soup_tensor_for_tensor(adapters, tmp_path, method, names, weights, params):
+    """`rlphf serve` merges from tensors in memory; `rlphf merge` from files: the same tensors."""
+    from rlphf_cli.merging import merge_in_memory
+    from rlphf_cli.merging.io import read_adapter
+
+    dirs = [adapters[n] for n in names]
+    written = merge_adapters(dirs, weights, method, tmp_path / "soup", **params)
+    state, config = merge_in_memory([read_adapter(d) for d in dirs], [load(d) for d in dirs], weights, method,
+                                    **params)
+    on_disk = load(written)
+    assert set(state) == set(on_disk)
+    for key, tensor in on_disk.items():
+        assert state[key].dtype == tensor.dtype and torch.equal(state[key], tensor), key
+    assert config == json.loads((written / "adapter_config.json").read_text())
 
 
 # --------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from rlphf_cli import __version__
-from rlphf_cli.cli import annotate, generate, judge, merge, run, tiny_model, train_policy, train_rm
+from rlphf_cli.cli import annotate, generate, judge, merge, run, serve, tiny_model, train_policy, train_rm
 from rlphf_cli.cli.common import set_debug
 
 app = typer.Typer(
@@ -47,7 +47,7 @@ def _reflowed(doc: str) -> str:
     return "\n\n".join(" ".join(line.strip() for line in p.splitlines()) for p in paragraphs)
 
 
-for module in (tiny_model, generate, annotate, train_rm, train_policy, merge, judge, run):
+for module in (tiny_model, generate, annotate, train_rm, train_policy, merge, judge, run, serve):
     module.register(app)
 for command in app.registered_commands:
     if command.help is None and command.callback.__doc__:

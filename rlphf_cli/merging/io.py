@@ -321,7 +321,7 @@ class SafetensorsWriter:
         if key != expected or tuple(tensor.shape) != tuple(shape):
             raise RuntimeError(f"safetensors writer: got {key} {tuple(tensor.shape)}, expected {expected} {shape}")
         self._next += 1
-        tensor = tensor.to(_torch_dtype(dtype)).contiguous()
+        tensor = tensor.to(torch_dtype(dtype)).contiguous()
         if self._collected is not None:
             self._collected[key] = tensor
         elif tensor.numel():
@@ -343,7 +343,7 @@ class SafetensorsWriter:
             self._file = None
 
 
-def _torch_dtype(name: str):
+def torch_dtype(name: str):
     import torch
 
     return {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,

@@ -6,9 +6,11 @@ import contextlib
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from rlphf_cli.errors import InputError, MissingArtifactError
 from rlphf_cli.merging.card import build_card
@@ -24,11 +26,13 @@ from rlphf_cli.merging.io import (
     hash_inputs,
     output_config,
     read_adapter,
+    torch_dtype,
 )
-from rlphf_cli.merging.methods import METHODS, merge_full
+from rlphf_cli.merging.methods import METHODS, MergeMethod, merge_full
 from rlphf_cli.runs import atomic_dir
 
 Progress = Callable[[int, int], None]
+TensorReader = Callable[[int, str], Any]  # (input index, tensor key) -> tensor
 
 
 def parse_weights(weights: str | Sequence[float] | None, count: int) -> list[float]:
@@ -65,17 +69,110 @@ def _single_thread():
         torch.set_num_threads(before)
 
 
-def _read_all(handles, inputs: list[AdapterInput], key_of) -> list:
+def _file_reader(handles, inputs: list[AdapterInput]) -> TensorReader:
     from safetensors import SafetensorError
 
-    tensors = []
-    for handle, adapter in zip(handles, inputs, strict=True):
+    def read(index: int, key: str):
         try:
-            tensors.append(handle.get_tensor(key_of(adapter)))
+            return handles[index].get_tensor(key)
         except (SafetensorError, OSError, RuntimeError) as exc:
-            raise InputError(f"{adapter.weights_file}: cannot read tensor {key_of(adapter)} "
+            raise InputError(f"{inputs[index].weights_file}: cannot read tensor {key} "
                              f"({str(exc).splitlines()[0]})") from None
-    return tensors
+
+    return read
+
+
+@dataclass
+class MergePlan:
+    """A checked merge: the method with its weights, the inputs, and the shape of the output."""
+
+    merger: MergeMethod
+    inputs: list[AdapterInput]
+    given: list[float]  # the user's weights
+    used: list[float]  # the weights the formula uses (e.g. normalized)
+    ranks: dict[str, int]  # module -> output rank
+
+    @property
+    def modules(self) -> list[str]:
+        return sorted(self.inputs[0].modules)
+
+    @property
+    def full_keys(self) -> list[str]:
+        return sorted(self.inputs[0].full)
+
+    def entries(self) -> list[tuple[str, str, tuple[int, ...]]]:
+        """(key, safetensors dtype, shape) of every output tensor, in the order merged_tensors yields them."""
+        first = self.inputs[0]
+        entries = []
+        for name in self.modules:
+            mod, r = first.modules[name], self.ranks[name]
+            entries.append((mod.a_key, first.dtypes[mod.a_key], (r, *mod.a_shape[1:])))
+            entries.append((mod.b_key, first.dtypes[mod.b_key], (mod.b_shape[0], r, *mod.b_shape[2:])))
+        return entries + [(key, first.dtypes[key], first.full[key]) for key in self.full_keys]
+
+    def config(self) -> dict:
+        """The merged adapter's adapter_config.json."""
+        return output_config(self.inputs[0], self.ranks if self.merger.folds_scale else None)
+
+
+def plan_merge(adapters: Sequence[AdapterInput | str | Path], weights: str | Sequence[float] | None = None,
+               method: str = "average", *, force: bool = False, **params) -> MergePlan:
+    """Check a merge before any tensor is read: method and parameters, weights, then the inputs
+    (folders are read here; AdapterInput objects already were) and their compatibility."""
+    if not adapters:
+        raise InputError("no adapters to merge")
+    merger = METHODS.get(method)(**params)
+    given = parse_weights(weights, len(adapters))
+    used = merger.check_weights(given)
+    inputs = [a if isinstance(a, AdapterInput) else read_adapter(a) for a in adapters]
+    check_compatible(inputs, same_rank=merger.same_rank, same_scale=merger.same_scale,
+                     factor_methods=method != "average", method=method, force=force)
+    merger.prepare(inputs)
+    ranks = {name: merger.output_rank([a.modules[name].rank for a in inputs]) for name in sorted(inputs[0].modules)}
+    return MergePlan(merger, inputs, given, used, ranks)
+
+
+def merged_tensors(plan: MergePlan, read: TensorReader, progress: Progress | None = None) -> Iterator[tuple[str, Any]]:
+    """The merged adapter's (key, tensor) pairs in `plan.entries()` order, one module at a time.
+
+    `read(i, key)` returns input i's tensor `key`, from a file or from memory: `rlphf merge` and
+    `rlphf serve` both make their soups here, so a soup is the same tensors whichever made it.
+    Callers run it under _single_thread(), so the floating-point result does not depend on the
+    number of threads.
+    """
+    plan_inputs, merger, used = plan.inputs, plan.merger, plan.used
+    first = plan_inputs[0]
+    count = range(len(plan_inputs))
+    total = len(plan.modules) + len(plan.full_keys)
+    for done, name in enumerate(plan.modules, 1):
+        As = [read(i, plan_inputs[i].modules[name].a_key) for i in count]
+        Bs = [read(i, plan_inputs[i].modules[name].b_key) for i in count]
+        A, B = merger.merge_module(name, As, Bs, [a.scale(name) for a in plan_inputs], used)
+        mod = first.modules[name]
+        yield mod.a_key, A.to(torch_dtype(first.dtypes[mod.a_key]))
+        yield mod.b_key, B.to(torch_dtype(first.dtypes[mod.b_key]))
+        if progress:
+            progress(done, total)
+    for done, key in enumerate(plan.full_keys, len(plan.modules) + 1):
+        yield key, merge_full([read(i, key) for i in count], used).to(torch_dtype(first.dtypes[key]))
+        if progress:
+            progress(done, total)
+    merger.finish()
+
+
+def merge_in_memory(adapters: Sequence[AdapterInput], tensors: Sequence[Mapping[str, Any]],
+                    weights: str | Sequence[float] | None = None, method: str = "average", *, force: bool = False,
+                    **params) -> tuple[dict[str, Any], dict]:
+    """The soup of adapters whose tensors are already loaded (`tensors[i]`: key -> tensor of
+    adapters[i], as in its safetensors file): (state dict, adapter config), the same tensors that
+    merge_adapters writes for the same inputs, weights and method."""
+    plan = plan_merge(adapters, weights, method, force=force, **params)
+
+    def read(index: int, key: str):
+        return tensors[index][key]
+
+    with _single_thread():
+        return dict(merged_tensors(plan, read)), plan.config()
 
 
 def merge_adapters(
@@ -104,28 +201,11 @@ def merge_adapters(
         raise InputError("no adapters to merge")
     if out_dir is None:
         raise InputError("no output folder given (--out)")
-    merger = METHODS.get(method)(**params)
-    given = parse_weights(weights, len(dirs))
-    used = merger.check_weights(given)
-    inputs = [read_adapter(d) for d in dirs]
-    check_compatible(inputs, same_rank=merger.same_rank, same_scale=merger.same_scale,
-                     factor_methods=method != "average", method=method, force=force)
+    plan = plan_merge(dirs, weights, method, force=force, **params)
+    inputs = plan.inputs
     out = check_out_dir(out_dir, inputs)
 
     from safetensors import safe_open
-
-    first = inputs[0]
-    merger.prepare(inputs)
-    names = sorted(first.modules)
-    full_keys = sorted(first.full)
-    total = len(names) + len(full_keys)
-    ranks = {name: merger.output_rank([a.modules[name].rank for a in inputs]) for name in names}
-    entries = []
-    for name in names:
-        mod, r = first.modules[name], ranks[name]
-        entries.append((mod.a_key, first.dtypes[mod.a_key], (r, *mod.a_shape[1:])))
-        entries.append((mod.b_key, first.dtypes[mod.b_key], (mod.b_shape[0], r, *mod.b_shape[2:])))
-    entries += [(key, first.dtypes[key], first.full[key]) for key in full_keys]
 
     with contextlib.ExitStack() as stack:
         tmp = stack.enter_context(atomic_dir(out))  # removed on any error: nothing is left behind
@@ -133,28 +213,17 @@ def merge_adapters(
         hashing = stack.enter_context(ThreadPoolExecutor(max_workers=1)).submit(hash_inputs, inputs)
         stack.enter_context(_single_thread())
         handles = [stack.enter_context(safe_open(str(a.weights_file), framework="pt")) for a in inputs]
-        writer = SafetensorsWriter(tmp / WEIGHTS_FILE, entries, {"format": "pt"})
+        writer = SafetensorsWriter(tmp / WEIGHTS_FILE, plan.entries(), {"format": "pt"})
         stack.callback(writer.release)
-        for done, name in enumerate(names, 1):
-            As = _read_all(handles, inputs, lambda a, name=name: a.modules[name].a_key)
-            Bs = _read_all(handles, inputs, lambda a, name=name: a.modules[name].b_key)
-            A, B = merger.merge_module(name, As, Bs, [a.scale(name) for a in inputs], used)
-            writer.write(first.modules[name].a_key, A)
-            writer.write(first.modules[name].b_key, B)
-            if progress:
-                progress(done, total)
-        for done, key in enumerate(full_keys, len(names) + 1):
-            writer.write(key, merge_full(_read_all(handles, inputs, lambda a, key=key: key), used))
-            if progress:
-                progress(done, total)
+        for key, tensor in merged_tensors(plan, _file_reader(handles, inputs), progress):
+            writer.write(key, tensor)
         writer.close()
         hashing.result()
-        merger.finish()
-        config = output_config(first, ranks if merger.folds_scale else None)
-        card = build_card(merger, inputs, given, used, config, len(full_keys), time.perf_counter() - start,
-                          card_extra)
+        config = plan.config()
+        card = build_card(plan.merger, inputs, plan.given, plan.used, config, len(plan.full_keys),
+                          time.perf_counter() - start, card_extra)
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        copy_tokenizer(first.path, tmp)
+        copy_tokenizer(inputs[0].path, tmp)
         (tmp / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
     return out
 

@@ -1,0 +1,223 @@
+"""What a server serves: its policies, and the soup a request names.
+
+A request's `model` is `base`, one policy (`concise`, `P2A`, or a `--policy NAME=PATH` name), a
+weighted soup (`concise=0.7,friendly=0.3`) or a combination (`P1A+P2A+P3A`): the syntax of
+rlphf_cli.generation.parse_soup, shared with `rlphf generate --soup`. A soup's members are put in
+catalog order (then --policy order), as `rlphf merge --prefs` does, so 'friendly=0.3,concise=0.7'
+and 'concise=0.7,friendly=0.3' are one soup, merged once. No torch here.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from rlphf_cli.errors import InputError, MissingArtifactError, did_you_mean
+from rlphf_cli.generation import parse_soup
+from rlphf_cli.merging import METHODS, plan_merge
+from rlphf_cli.merging.io import AdapterInput, read_adapter
+from rlphf_cli.preferences import Preference, PreferenceSet, combination_name
+
+BASE = "base"
+SOUP = "soup"  # the `model` of a request whose soup comes from `preferences` or the user's profile
+
+
+class UnknownModel(InputError):
+    """A request names a policy or model the server does not have (HTTP 404 model_not_found)."""
+
+
+@dataclass(frozen=True)
+class Policy:
+    name: str  # the preference id, or the --policy NAME of a policy without a preference
+    path: Path
+    preference: Preference | None
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} ({self.preference.alias})" if self.preference else self.name
+
+
+@dataclass(frozen=True)
+class Soup:
+    """What one request decodes with: no member (the base model), one policy as trained, or a merge."""
+
+    members: tuple[tuple[str, float], ...] = ()
+    merged: bool = False  # False: `members` is one policy, used as is
+    preferences: tuple[Preference, ...] = ()  # whose prompts are appended (members with weight > 0)
+
+    @property
+    def key(self) -> str:
+        """The canonical name: 'base', 'P2A', 'P2A=0.7,P3A=0.3'."""
+        if not self.members:
+            return BASE
+        if not self.merged:
+            return self.members[0][0]
+        return ",".join(f"{name}={weight!r}" for name, weight in self.members)
+
+    @property
+    def names(self) -> list[str]:
+        return [name for name, _ in self.members]
+
+    @property
+    def weights(self) -> list[float]:
+        return [weight for _, weight in self.members]
+
+
+@dataclass
+class PolicySet:
+    """The served policies (checked adapter folders), the recipe's preferences and merge settings."""
+
+    policies: dict[str, Policy]
+    preferences: PreferenceSet
+    method: str = "average"
+    params: dict = field(default_factory=dict)
+    inputs: dict[str, AdapterInput] = field(default_factory=dict)  # name -> checked adapter (no tensors)
+
+    def __post_init__(self):
+        if not self.policies:
+            raise InputError("no policies to serve")
+        self.inputs = {name: read_adapter(p.path) for name, p in self.policies.items()}
+        self._order = {name: i for i, name in enumerate(self.policies)}
+        # A method or parameter the recipe got wrong (e.g. ties without density) stops the start-up;
+        # policies that cannot be merged together are refused per request (each still serves alone).
+        METHODS.get(self.method)(**self.params)
+
+    # -- building ---------------------------------------------------------------------------
+
+    @classmethod
+    def from_run(cls, recipe, extra: Sequence[str] = (), method: str | None = None) -> PolicySet:
+        """The run directory's policy/<id>/ folders (every preference of the recipe that has one),
+        then `extra` 'NAME=PATH' policies. NAME may be a preference id or alias (its prompt is
+        then known), or any other name."""
+        from rlphf_cli.runs import RunDir
+
+        prefs = recipe.preference_set()
+        run = RunDir(recipe.resolved_run_dir())
+        found: dict[str, Policy] = {}
+        for pref in prefs:
+            folder = run.policy(pref.id)
+            if (folder / "adapter_config.json").is_file():
+                found[pref.id] = Policy(pref.id, folder, pref)
+        known = {n.lower() for n in prefs.names()}
+        for item in extra:
+            name, sep, path = item.partition("=")
+            name, path = name.strip(), path.strip()
+            if not sep or not name or not path:
+                raise InputError(f"--policy '{item}': expected NAME=PATH, e.g. --policy concise=runs/x/policy/P2A")
+            if not re.fullmatch(r"[A-Za-z0-9_\-]+", name) or name == BASE or name == SOUP:
+                raise InputError(f"--policy '{item}': NAME must be letters, digits, '_' or '-' "
+                                 f"(and not '{BASE}' or '{SOUP}')")
+            folder = Path(path).expanduser()
+            if not (folder / "adapter_config.json").is_file():
+                raise InputError(f"--policy {name}={path}: not a PEFT adapter folder (no adapter_config.json)")
+            pref = prefs.get(name) if name.lower() in known else None
+            found[pref.id if pref else name] = Policy(pref.id if pref else name, folder, pref)
+        if not found:
+            raise MissingArtifactError("per-preference policies", run.path("policy"),
+                                       "rlphf train-policy --pref all (or give --policy NAME=PATH)")
+        merge = recipe.merge
+        method = method or merge.method
+        params = {k: v for k, v in merge.model_dump(exclude={"method"}).items() if v is not None}
+        order = {p.id: i for i, p in enumerate(prefs)}
+        ordered = dict(sorted(found.items(), key=lambda kv: order.get(kv[0], len(order))))
+        return cls(ordered, prefs, method, params)
+
+    # -- resolving a request ----------------------------------------------------------------------
+
+    def resolve(self, spec: str | Mapping[str, float], where: str = "model", prompts: bool = True) -> Soup:
+        """A `model` string or a {name: weight} mapping -> Soup. InputError (HTTP 400) for bad syntax
+        or weights the merge method refuses; UnknownModel (HTTP 404) for a name not served."""
+        if isinstance(spec, str) and spec.strip().lower() == BASE:
+            return Soup()
+        members = parse_soup(spec, self.preferences, where=where)
+        for name, _ in members:
+            if name not in self.policies:
+                raise UnknownModel(f"{where} '{spec if isinstance(spec, str) else name}': no policy '{name}'"
+                                   f"{did_you_mean(name, self._names())}; served: {self.describe()}")
+        members.sort(key=lambda m: self._order[m[0]])
+        single = isinstance(spec, str) and not re.search(r"[=,+]", spec)
+        positive = [self.policies[n].preference for n, w in members if w > 0 and self.policies[n].preference]
+        soup = Soup(tuple(members), merged=not single, preferences=tuple(positive) if prompts else ())
+        if soup.merged:
+            # The merge method's own checks (negative weights, ...) before any request is queued.
+            plan_merge([self.inputs[n] for n in soup.names], soup.weights, self.method, **self.params)
+        return soup
+
+    def _names(self) -> list[str]:
+        names = [BASE]
+        for name, policy in self.policies.items():
+            names += [name] + ([policy.preference.alias] if policy.preference else [])
+        return names
+
+    def describe(self) -> str:
+        return ", ".join([BASE] + [p.label for p in self.policies.values()])
+
+    def combinations(self) -> list[str]:
+        """Every uniform combination of served preference policies (one per dimension with a policy)."""
+        served = PreferenceSet([p.preference for p in self.policies.values() if p.preference])
+        if len(served.dimensions) < 2:
+            return []
+        return [combination_name(c) for c in served.combinations()]
+
+    def model_ids(self) -> list[str]:
+        return [BASE, *self.policies, *self.combinations()]
+
+    def dimensions(self) -> list[dict]:
+        """For the playground: each dimension's two poles and whether their policies are served."""
+        out = []
+        for name, prefs in self.preferences.dimensions.items():
+            poles = [{"id": p.id, "alias": p.alias, "served": p.id in self.policies, "prompt": p.prompt}
+                     for p in prefs]
+            if any(pole["served"] for pole in poles):
+                out.append({"dimension": name, "poles": poles})
+        return out
+
+    def others(self) -> list[str]:
+        """Served policies that belong to no preference (no slider on the playground)."""
+        return [name for name, p in self.policies.items() if p.preference is None]
+
+
+# --------------------------------------------------------------------------------------------
+# Per-user profiles: --profiles FILE
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ProfilesFile(_Strict):
+    """profiles.yaml: `users: {alice: {concise: 0.7, friendly: 0.3}, bob: P1B+P2B}`."""
+
+    users: dict[str, dict[str, float] | str]
+
+
+def load_profiles(path: str | Path, policies: PolicySet) -> dict[str, Soup]:
+    """user id -> Soup; every profile is resolved now, so a typo stops the server from starting."""
+    file = Path(path).expanduser()
+    try:
+        data = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise InputError(f"{file}: cannot read profiles: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise InputError(f"{file}: invalid YAML{where}: {getattr(exc, 'problem', None) or exc}") from None
+    try:
+        parsed = ProfilesFile.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("dict[", "str")))
+        raise InputError(f"{file}: {loc or 'top level'}: {err['msg']}") from None
+    profiles = {}
+    for user, spec in parsed.users.items():
+        try:
+            profiles[user] = policies.resolve(spec, where=f"users.{user}")
+        except InputError as exc:
+            raise InputError(f"{file}: {exc}") from None
+    return profiles
+
