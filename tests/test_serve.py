@@ -316,7 +316,6 @@ def error_of(call) -> tuple[int, dict]:
     ("concise=0.5,friendly", {}, 400, None, "model", ["'friendly' has no weight"]),
     ("concise=0,friendly=0", {}, 400, None, "model", ["every weight is 0"]),
     ("concise=-0.5,friendly=1", {}, 400, None, "model", ["negative weight -0.5"]),
-    ("elementary+expert", {}, 400, None, "model", ["picks two preferences of one dimension"]),
     ("soup", {}, 400, None, "model", ["needs 'preferences'"]),
     ("soup", {"user": "carol"}, 400, None, "user", ["user 'carol' has no profile", "alice, bob"]),
     ("concise", {"extra_body": {"preferences": {"concise": 1}}}, 400, None, "model", ["model' must be 'soup'"]),
@@ -365,12 +364,16 @@ def one_error_line(result) -> str:
     return lines[0]
 
 
-def test_help_answers_in_under_a_second():
-    start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "rlphf_cli", "serve", "--help"], capture_output=True, text=True,
+def test_help_loads_no_heavy_library():
+    """`rlphf serve --help` answers fast: it must not import torch, transformers or fastapi (a wall-time
+    bound would fail on a loaded CI machine; what is imported is what makes it slow)."""
+    code = ("import sys; from rlphf_cli.cli.main import main; sys.argv = ['rlphf', 'serve', '--help']\n"
+            "try:\n    main()\nexcept SystemExit:\n    pass\n"
+            "print([m for m in ('torch', 'transformers', 'fastapi', 'uvicorn') if m in sys.modules])")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env={**os.environ, "COLUMNS": "120"})
     assert done.returncode == 0 and "--max-soups" in done.stdout and "--backend" in done.stdout
-    assert time.perf_counter() - start < 1.0
+    assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout
 
 
 @pytest.mark.parametrize("args, words", [
@@ -378,7 +381,7 @@ def test_help_answers_in_under_a_second():
     (["--policy", "mine=/nonexistent"], "not a PEFT adapter folder"),
     (["--backend", "vlm"], "did you mean 'vllm'"),
     (["--backend", "vllm"], "vLLM is not installed"),
-    (["--merge-method", "ties"], "needs --density"),
+    (["--merge-method", "ties"], "needs a density"),
     (["--merge-method", "avg"], "unknown merge method 'avg'"),
 ])
 def test_cli_errors_are_one_line(serve_run, monkeypatch, args, words):
@@ -397,7 +400,7 @@ def test_cli_without_policies_names_the_command(tmp_path):
     ("users: {alice: {concise: 0.7}}\nextra: 1", "extra: Extra inputs are not permitted"),
     ("users: {alice: {concize: 0.7}}", "users.alice"),
     ("users: {alice: {concise: .nan}}", "not a finite number"),
-    ("users: {alice: 'P1A+P1B'}", "picks two preferences of one dimension"),
+    ("users: {alice: 'P1A+P9Z'}", "users.alice 'P1A+P9Z': no policy 'P9Z'"),
     ("users: {alice: {concise: 1", "invalid YAML"),
 ])
 def test_profile_errors_name_the_file_and_user(serve_run, tmp_path, content, words):
@@ -442,7 +445,7 @@ def test_policies_that_cannot_be_merged_are_refused_per_request(serve_run, tiny_
     ("concise=0", "every weight is 0"),
     ("concise+friendly=1", "a '+' combination has equal weights"),
     ("concise+P2A", "'P2A' appears twice"),
-    ("P1A+P1B", "--soup: combination 'P1A+P1B' picks two preferences of one dimension"),
+    ("P1A+P1B", [("P1A", 0.5), ("P1B", 0.5)]),  # one dimension's two ends: allowed (a note says so)
     ("=1", "a weight without a name"),
     ({"concise": float("inf")}, "weight 'inf' of 'concise' is not a finite number"),
 ])
@@ -510,3 +513,9 @@ def test_importing_serving_loads_no_torch_or_fastapi():
             "print(any(m in sys.modules for m in ('torch', 'fastapi', 'uvicorn')))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.stdout.strip() == "False", done.stderr
+
+
+def test_a_mix_of_one_dimensions_preferences_is_served(client):
+    """Same-dimension mixes are allowed everywhere (a researcher sweeping concise/informative)."""
+    assert answer(client, "concise+informative", "What is a volcano?", max_tokens=8)
+    assert answer(client, "concise=0.25,informative=0.75", "What is a volcano?", max_tokens=8)
