@@ -41,7 +41,7 @@ SIZES = {
     "gpu": {"rm_steps": 30, "rloo_steps": 8, "dpo_steps": 20, "qlora_steps": 5, "completion": 128, "pairs": 512,
             "batch": 8, "rl_batch": 16, "gen_prompts": 64, "serve_requests": 32},
     "cpu": {"rm_steps": 2, "rloo_steps": 2, "dpo_steps": 2, "qlora_steps": 1, "completion": 8, "pairs": 32,
-            "batch": 4, "rl_batch": 4, "gen_prompts": 4, "serve_requests": 2},
+            "batch": 4, "rl_batch": 4, "gen_prompts": 4, "serve_requests": 4},
 }
 REQUIRED = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "safetensors", "openai")
 STEP_TIMEOUT_S = 600
@@ -280,7 +280,7 @@ def serve(out: Path, env: dict, backend: str) -> dict:
         wall = time.monotonic() - begin
         return {"tokens_per_s": tokens / wall, "peak_gb": gpu_memory_in_use_gb(), "wall_s": time.monotonic() - start,
                 "note": f"{backend} backend ready in {ready_s:.0f} s; {size['serve_requests']} requests over "
-                        f"{', '.join(models)}; memory: nvidia-smi (vLLM reserves it)"}
+                        f"{', '.join(models)}" + ("; memory: nvidia-smi (vLLM reserves it)" if backend == "vllm" else "")}
     finally:
         server.terminate()
         try:
