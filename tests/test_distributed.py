@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_training import RECIPE as TRAINING_RECIPE
 from test_training import write_pairs
 
 import rlphf_cli
@@ -29,17 +30,8 @@ HOOKS = Path(__file__).parent / "launch_hooks"
 SOURCE_ROOT = Path(rlphf_cli.__file__).resolve().parents[1]
 JOB_TIMEOUT_S = 240  # a job that hangs fails here instead of stalling the suite
 
-RECIPE = {
-    "seed": 0,
-    "preferences": {"use": ["P2A", "P2B"]},
-    "train_rm": {"trl": {"learning_rate": 5.0e-3, "num_train_epochs": 1, "per_device_train_batch_size": 4,
-                         "max_length": 64}},
-    "train_policy": {
-        "rloo": {"learning_rate": 1.0e-3, "max_steps": 2, "per_device_train_batch_size": 4, "num_generations": 2,
-                 "max_completion_length": 8},
-        "dpo": {"learning_rate": 5.0e-4, "max_steps": 2, "per_device_train_batch_size": 4, "max_length": 64},
-    },
-}
+# test_training's small settings, over one dimension's two preferences (P-MORL needs two).
+RECIPE = {**TRAINING_RECIPE, "preferences": {"use": ["P2A", "P2B"]}}
 
 
 @pytest.fixture(scope="module")
@@ -131,8 +123,9 @@ def test_train_rm_on_two_ranks(prepared, tmp_path):
     rm = run / "rm" / "P2A"
     assert_published_once_by_rank_zero(rm, trace)
     metrics = json.loads((rm / "metrics.json").read_text())
-    # 32 pairs, ~10% held out, batch 4 per rank: half the single-process steps.
-    assert metrics["steps"] == -(-metrics["pairs_train"] // 8)
+    # Each rank takes half the pairs (the sampler pads to an even split): half the single-process steps.
+    per_rank = -(-metrics["pairs_train"] // 2)
+    assert metrics["steps"] == -(-per_rank // TRAINING_RECIPE["train_rm"]["trl"]["per_device_train_batch_size"])
     assert step_lines(rm / "metrics.jsonl") == list(range(1, metrics["steps"] + 1))
     assert result.stdout.count("reward models") == 1  # one results table, from rank 0
     print(f"train-rm on 2 ranks: {metrics['steps']} steps, {metrics['s_per_step']} s/step, "

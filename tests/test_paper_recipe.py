@@ -14,6 +14,7 @@ import json
 
 import pytest
 import yaml
+from test_training import one_thread  # noqa: F401 - autouse: one torch thread for the tiny model
 from typer.testing import CliRunner
 
 from rlphf_cli.cli.main import app
@@ -31,17 +32,6 @@ def leaves(tree: dict, prefix: str = "") -> dict[str, object]:
         else:
             out[f"{prefix}{key}"] = value
     return out
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tiny model's ops are too small to split over a busy machine's two cores."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.mark.slow
