@@ -61,6 +61,7 @@ def rlphf(args: list[str], hf_home: Path, cwd: Path) -> subprocess.CompletedProc
                           text=True, timeout=300)
 
 
+@pytest.mark.slow  # two fresh processes: about 15 s
 def test_generate_and_train_rm_by_hub_name_offline(hf_home, tmp_path):
     out = tmp_path / "out.jsonl"
     result = rlphf(["generate", "--model", "org/tiny-chat", "--prompts", "hf:owner/prompts:train", "--out", str(out),
