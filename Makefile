@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test test-fast bench lint clean
+.PHONY: setup demo test test-fast bench gpu-check lint clean
 
 setup: $(VENV)/.installed
 
@@ -28,7 +28,14 @@ test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
 
 bench: setup
-	for script in benchmarks/*.py; do echo "== $$script"; $(PY) $$script || exit 1; done
+	for script in $(filter-out benchmarks/gpu_check.py,$(wildcard benchmarks/*.py)); do \
+		echo "== $$script"; $(PY) $$script || exit 1; done
+
+# On one CUDA GPU (no internet needed): a random 1B Llama through train-rm, train-policy (RLOO, DPO),
+# QLoRA, generation and serve --backend vllm, with s/step, tokens/s and peak memory (about 10 min on an
+# H100). Uses .venv when there is one, else $(PYTHON) with rlphf's dependencies (and a CUDA torch) installed.
+gpu-check:
+	$(if $(wildcard $(PY)),$(PY),$(PYTHON)) benchmarks/gpu_check.py
 
 lint: setup
 	$(VENV)/bin/ruff check rlphf_cli tests benchmarks

@@ -67,10 +67,10 @@ def load_prompts(spec: str, limit: int | None = None) -> list[dict]:
             raise InputError(f"unknown built-in prompt set '{name}' (available: {', '.join(available) or 'none'})")
         records = _records_from_rows(_read_file(path), spec)
     elif spec.startswith(HUB_PREFIX):
-        import datasets
+        from rlphf_cli.hub import load_dataset_split
 
         name, _, split = spec[len(HUB_PREFIX):].partition(":")
-        records = _records_from_rows(datasets.load_dataset(name, split=split or "train"), spec)
+        records = _records_from_rows(load_dataset_split(name, split or "train"), spec)
     else:
         path = Path(spec).expanduser()
         if not path.exists():

@@ -435,6 +435,7 @@ def load_base_model(recipe):
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from rlphf_cli.hub import require_model
     from rlphf_cli.models import resolve_model
 
     transformers.utils.logging.disable_progress_bar()  # the CLI draws its own progress
@@ -450,6 +451,7 @@ def load_base_model(recipe):
 
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=dtype)
         kwargs["device_map"] = "auto"
+    require_model(name, cfg.revision)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **kwargs)

@@ -9,6 +9,7 @@ change.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -23,9 +24,14 @@ from rlphf_cli.preferences import Preference, combination_name
 from rlphf_cli.recipe import Recipe
 from rlphf_cli.runs import RunDir, fingerprint, read_jsonl
 from rlphf_cli.systems import BASE, BASE_PLAIN, EXPERTS, ORDER, PROMPTED, PSOUPS, SWEEP, TRAINED_BASELINES
+from rlphf_cli.training import is_main_process, world_size
 
 STAGE_NAMES = ("tiny-model", "rollouts", "annotate", "train-rm", "train-policy", "baselines", "merge",
                "evaluate", "judge", "report")
+# Stages whose units train with TRL: under torchrun / accelerate launch every process runs them together.
+TRAINING_STAGES = ("train-rm", "train-policy", "baselines")
+# Stages with one unit per preference (key '<stage>/<id>'), which --prefs can pick.
+PER_PREFERENCE_STAGES = ("annotate", "train-rm", "train-policy")
 
 
 @dataclass(frozen=True)
@@ -95,7 +101,10 @@ def plan(recipe: Recipe) -> list[Stage]:
 class Pipeline:
     def __init__(self, recipe: Recipe, progress: Progress | None = None):
         self.recipe = recipe
-        self.run = RunDir.open(recipe.resolved_run_dir(), recipe)
+        # Under a distributed launch only the main process writes the run's records (recipe, events, markers).
+        self.main = is_main_process()
+        root = recipe.resolved_run_dir()
+        self.run = RunDir.open(root, recipe) if self.main else RunDir(root)
         self.prefs = recipe.preference_set()
         self.combos = self.prefs.combinations()
         self.progress = progress or _quiet
@@ -357,7 +366,8 @@ class Pipeline:
     def stages(self) -> list[str]:
         return [s.name for s in plan(self.recipe)]
 
-    def execute(self, only: str | None = None, from_stage: str | None = None, force: bool = False) -> dict:
+    def execute(self, only: str | None = None, from_stage: str | None = None, force: bool = False,
+                prefs: list[str] | None = None) -> dict:
         stages = self.stages()
         start_at = stages.index(from_stage) if from_stage else 0
         summary: dict[str, Any] = {"stages": {}, "run_dir": str(self.run.root)}
@@ -367,27 +377,31 @@ class Pipeline:
             redo = force and selected or (from_stage is not None and index >= start_at)
             self.progress("stage", index, len(stages), stage, len(units))
             started = time.time()
-            summary["stages"][stage] = self._run_stage(stage, units, selected, redo)
+            summary["stages"][stage] = self._run_stage(stage, units, selected, redo, prefs)
             self.progress("stage-end", stage, summary["stages"][stage], time.time() - started)
         summary["report"] = str(self.run.report_dir() / "report.md")
         summary["report_summary"] = str(self.run.report_dir() / "summary.json")
         return summary
 
-    def _run_stage(self, stage: str, units: list[Unit], selected: bool, redo: bool) -> dict:
+    def _run_stage(self, stage: str, units: list[Unit], selected: bool, redo: bool,
+                   prefs: list[str] | None = None) -> dict:
         todo = []
         for unit in units:
             key = fingerprint(unit.inputs)
             self.fp[unit.key] = key
             finished = self.run.is_done(unit.key, key) and all(p.exists() for p in unit.outputs)
-            if redo or (selected and not finished):
+            picked = prefs is None or unit.key.rsplit("/", 1)[-1] in prefs
+            if picked and (redo or (selected and not finished)):
                 todo.append(unit)
         counts = {"units": len(units), "ran": len(todo), "skipped": len(units) - len(todo)}
         if not todo:
             return counts
-        with self.run.stage(stage, units=[u.key for u in todo]) as info:
-            parallel = self.recipe.parallel if all(isinstance(u.work, _Job) for u in todo) else 1
-            for done, (unit, result) in enumerate(self._work(todo, parallel), 1):
-                self.run.mark_done(unit.key, self.fp[unit.key], result=_jsonable(result))
+        record = self.run.stage(stage, units=[u.key for u in todo]) if self.main else contextlib.nullcontext({})
+        with record as info:
+            jobs = all(isinstance(u.work, _Job) for u in todo) and world_size() == 1
+            for done, (unit, result) in enumerate(self._work(todo, self.recipe.parallel if jobs else 1), 1):
+                if self.main:
+                    self.run.mark_done(unit.key, self.fp[unit.key], result=_jsonable(result))
                 self.progress("unit", done, len(todo), unit.label)
             info.update(counts)
         return counts
@@ -398,7 +412,8 @@ class Pipeline:
                 started = time.time()
                 self.progress("unit-start", unit.label)
                 result = unit.work() or {}
-                self.run.log_event(unit.key, "done", wall_s=round(time.time() - started, 3))
+                if self.main:
+                    self.run.log_event(unit.key, "done", wall_s=round(time.time() - started, 3))
                 yield unit, result
             return
         # Per-preference training jobs are independent: split the cores between worker processes.
@@ -458,14 +473,36 @@ def _jsonable(result: Any) -> Any:
         return str(result)
 
 
-def run_pipeline(recipe: Recipe, *, only: str | None = None, from_stage: str | None = None, force: bool = False,
-                 progress: Progress | None = None) -> dict:
-    """Run (or resume) every stage of a recipe; return a summary with the report path."""
+def check_selection(recipe: Recipe, only: str | None = None, from_stage: str | None = None,
+                    prefs: str | None = None) -> list[str] | None:
+    """Validate --only / --from / --prefs (and what a distributed launch can run); return the ids --pref picks."""
     stages = [stage.name for stage in plan(recipe)]
     for name in (only, from_stage):
         if name is not None and name not in stages:
             raise InputError(f"unknown stage '{name}'{did_you_mean(name, stages)}")
-    return Pipeline(recipe, progress).execute(only=only, from_stage=from_stage, force=force)
+    if world_size() > 1 and only not in TRAINING_STAGES:
+        # Other stages would run once per process, each writing the same files.
+        raise InputError(f"under a distributed launch ({world_size()} processes) rlphf run trains only: add --only "
+                         f"{', '.join(s for s in TRAINING_STAGES if s in stages)}; run the other stages in one process")
+    if prefs is None:
+        return None
+    if only not in PER_PREFERENCE_STAGES:
+        raise InputError(f"--prefs picks units of one per-preference stage: add --only {' or '.join(PER_PREFERENCE_STAGES)}")
+    from rlphf_cli.training import GENERAL
+
+    names = [p.strip() for p in prefs.split(",") if p.strip()]
+    ids = [GENERAL if n.lower() == GENERAL else recipe.preference_set().get(n).id for n in names]
+    if not ids:
+        raise InputError("--prefs: no preference given")
+    return ids
+
+
+def run_pipeline(recipe: Recipe, *, only: str | None = None, from_stage: str | None = None, force: bool = False,
+                 prefs: str | None = None, progress: Progress | None = None) -> dict:
+    """Run (or resume) every stage of a recipe; return a summary with the report path. `prefs` ('P2A',
+    'concise,friendly') restricts the --only stage to those preferences' units (one job-array task each)."""
+    ids = check_selection(recipe, only, from_stage, prefs)
+    return Pipeline(recipe, progress).execute(only=only, from_stage=from_stage, force=force, prefs=ids)
 
 
 def load_generations(path: Path) -> list[dict]:

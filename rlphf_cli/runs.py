@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import time
@@ -18,7 +19,8 @@ from typing import Any
 
 from rlphf_cli import __version__
 
-# Never written into a run directory, whatever their values are.
+# Never written into a run directory, whatever their values are: keys with one of these words
+# ('hf_token', 'api_key'), but not 'max_new_tokens', a recipe setting the record must keep.
 SECRET_KEY_WORDS = ("api_key", "apikey", "token", "secret", "password")
 TRACKED_PACKAGES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "safetensors",
                     "tokenizers", "openai", "vllm", "bitsandbytes")
@@ -152,7 +154,8 @@ def redact(obj: Any) -> Any:
         out = {}
         for key, value in obj.items():
             lowered = str(key).lower()
-            is_secret = any(word in lowered for word in SECRET_KEY_WORDS) and not lowered.endswith("_env")
+            words = "_" + "_".join(re.split(r"[^a-z0-9]+", lowered)) + "_"
+            is_secret = any(f"_{word}_" in words for word in SECRET_KEY_WORDS) and not lowered.endswith("_env")
             out[key] = "<redacted>" if is_secret and value not in (None, "") else redact(value)
         return out
     if isinstance(obj, list):

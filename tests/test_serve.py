@@ -392,7 +392,7 @@ def test_cli_errors_are_one_line(serve_run, monkeypatch, args, words):
 
 def test_cli_without_policies_names_the_command(tmp_path):
     result = runner.invoke(app, ["serve", "--run-dir", str(tmp_path), "--port", "0"])
-    assert "rlphf train-policy --pref all" in one_error_line(result)
+    assert "rlphf train-policy --prefs all" in one_error_line(result)
 
 
 @pytest.mark.parametrize("content, words", [

@@ -404,6 +404,6 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues(with_rm, tiny_random_mod
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == [1, 2, 3, 4]
     assert lines[2]["wall_s"] >= lines[1]["wall_s"]
-    # `--pref all --resume` after an interruption: policies finished before it are kept as they are.
+    # `--prefs all --resume` after an interruption: policies finished before it are kept as they are.
     again = train_policy(recipe, pref="P2A", model=str(tiny_random_model), resume=True)
     assert again["already_done"] and again["steps"] == 4

@@ -115,6 +115,20 @@ def one_progress_bar(description: str) -> Iterator[Callable[[int, int], None]]:
         yield update
 
 
+def record_for_launcher(message: str) -> None:
+    """Under torchrun / accelerate launch: their failure summary shows what a process wrote to
+    $TORCHELASTIC_ERROR_FILE (else 'To enable traceback see ...'), so a failed rank's one line ends
+    the job's output too."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    import json
+    import time
+
+    with contextlib.suppress(OSError):
+        Path(path).write_text(json.dumps({"message": message, "timestamp": int(time.time())}))
+
+
 def cli_errors(func):
     """Turn library errors into one line on stderr and exit code 2 (a traceback with --debug)."""
 
@@ -125,8 +139,10 @@ def cli_errors(func):
         except RlphfError as exc:
             if debug_enabled():
                 raise
-            for line in str(exc).splitlines() or [type(exc).__name__]:
+            lines = str(exc).splitlines() or [type(exc).__name__]
+            for line in lines:
                 err_console.print(f"[bold red]error:[/] {line}", highlight=False, markup=True, soft_wrap=True)
+            record_for_launcher("error: " + " ".join(lines))
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted[/]")

@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from rlphf_cli.cli.common import (
+    OldPrefOption,
     RecipeOption,
     RunDirOption,
     SetOption,
@@ -63,25 +64,40 @@ def run_command(
     set_: SetOption = None,
     only: Annotated[Optional[str], typer.Option("--only", help="Run this stage alone.")] = None,
     from_: Annotated[Optional[str], typer.Option("--from", help="Rerun from this stage on.")] = None,
+    prefs: Annotated[Optional[str], typer.Option("--prefs", help="With --only annotate, train-rm or train-policy: "
+                                                 "only these preferences' units, e.g. P2A (one job-array task).",
+                                                 show_default=False)] = None,
+    pref: OldPrefOption = None,
     force: Annotated[bool, typer.Option("--force", help="Recompute finished stages.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate and print the resolved recipe and plan.")] = False,
 ) -> None:
     """Run every stage in order (resumable): rollouts, annotate, reward models, policies, soups, judge, report.
 
+    Under torchrun or accelerate launch (several processes) it runs one training stage:
+    [bold]--only train-rm|train-policy|baselines[/], with [bold]--prefs[/] for one job-array task.
+
     Example: [bold]rlphf run recipes/tiny.yaml --dry-run[/]
     """
-    from rlphf_cli.pipeline import plan, run_pipeline
+    from rlphf_cli.pipeline import check_selection, plan, run_pipeline
     from rlphf_cli.recipe import check_trainer_fields, recipe_warnings
+    from rlphf_cli.training import is_main_process
 
     resolved = resolve_recipe(either(recipe, recipe_option, "RECIPE and --recipe"), set_, run_dir)
+    pref = either(prefs, pref, "--prefs and --pref")
     check_trainer_fields(resolved)
     print_warnings(recipe_warnings(resolved))
     if dry_run:
+        picked = check_selection(resolved, only, from_, pref)
         console.print(f"# resolved recipe ({resolved.source})", style="dim")
         console.print(resolved.to_yaml(), highlight=False, markup=False)
         console.print(f"# plan: {len(plan(resolved))} stages into {resolved.resolved_run_dir()}", style="dim")
         for i, stage in enumerate(plan(resolved), 1):
             console.print(f"{i:>2}. [bold]{stage.name}[/]: {stage.description}", highlight=False)
+        if only or from_:
+            chosen = f"--only {only}" if only else f"--from {from_}"
+            console.print(f"# this command runs {chosen}" + (f" for {', '.join(picked)}" if picked else ""),
+                          style="dim", highlight=False)
+        _print_estimate(resolved)
         return
 
     from rich.table import Table
@@ -89,8 +105,12 @@ def run_command(
     from rlphf_cli.training import quiet_libraries
 
     quiet_libraries()
+    if not is_main_process():  # the other processes of a distributed launch train alongside, silently
+        run_pipeline(resolved, only=only, from_stage=from_, force=force, prefs=pref)
+        return
     with progress_bar() as progress:
-        summary = run_pipeline(resolved, only=only, from_stage=from_, force=force, progress=PipelineDisplay(progress))
+        summary = run_pipeline(resolved, only=only, from_stage=from_, force=force, prefs=pref,
+                               progress=PipelineDisplay(progress))
 
     table = Table(title=f"rlphf run: {summary['run_dir']}")
     for column in ("stage", "units", "ran", "skipped"):
@@ -100,6 +120,19 @@ def run_command(
     console.print(table)
     _print_results(summary["report_summary"])
     console.print(f"report: [bold]{summary['report']}[/]")
+
+
+def _print_estimate(recipe) -> None:
+    from rlphf_cli.estimate import estimate_gpu_hours
+
+    estimate = estimate_gpu_hours(recipe)
+    if estimate is None:
+        return
+    stages = ", ".join(f"{name} {hours:,.1f}" for name, hours in estimate["stages"].items())
+    console.print(f"# estimated GPU-hours at full scale ({estimate['params'] / 1e9:.1f}B parameters, "
+                  f"{estimate['basis']}): {stages}; total {estimate['total']:,.0f} on {estimate['gpu']} "
+                  f"({estimate['total_h100']:,.0f} on an H100). An order of magnitude: see "
+                  "rlphf_cli/estimate.py for what it counts.", style="dim", highlight=False, soft_wrap=True)
 
 
 def _print_results(path) -> None:

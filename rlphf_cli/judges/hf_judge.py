@@ -46,9 +46,11 @@ class HFJudge(BaseJudge):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from rlphf_cli.hub import require_model
         from rlphf_cli.models import resolve_model
 
         path = resolve_model(self.cfg.model)
+        require_model(path)
         self._device = "cuda" if torch.cuda.is_available() else "cpu"
         self._tokenizer = AutoTokenizer.from_pretrained(path)
         dtype = torch.bfloat16 if self._device == "cuda" else torch.float32

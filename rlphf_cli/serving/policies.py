@@ -119,7 +119,7 @@ class PolicySet:
             found[pref.id if pref else name] = Policy(pref.id if pref else name, folder, pref)
         if not found:
             raise MissingArtifactError("per-preference policies", run.path("policy"),
-                                       "rlphf train-policy --pref all (or give --policy NAME=PATH)")
+                                       "rlphf train-policy --prefs all (or give --policy NAME=PATH)")
         merge = recipe.merge
         method = method or merge.method
         params = {k: v for k, v in merge.model_dump(exclude={"method"}).items() if v is not None}

@@ -18,6 +18,11 @@ def is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+def world_size() -> int:
+    """The number of processes of a distributed launch (torchrun and accelerate launch set WORLD_SIZE)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def quiet_libraries() -> None:
     """For the CLI: no transformers progress bars or info logs, no deprecation chatter from the stack
     (our own progress bar and one-line errors are what the user reads)."""

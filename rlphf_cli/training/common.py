@@ -37,6 +37,9 @@ def seqcls_load_quietly():
 def load_tokenizer(model_path: str, *, revision: str | None = None, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
+    from rlphf_cli.hub import require_model
+
+    require_model(model_path, revision)
     tokenizer = AutoTokenizer.from_pretrained(model_path, revision=revision, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

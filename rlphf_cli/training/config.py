@@ -36,13 +36,14 @@ def model_dtype(recipe: Recipe) -> str:
 
 
 def device_defaults() -> dict[str, Any]:
-    """CPU: no bf16 (TRL's default refuses to build there) and no activation checkpointing (slower on
-    small models); GPU: bf16 where supported, TRL's checkpointing default."""
+    """CPU: float32 (TRL defaults to bf16) and no activation checkpointing (slower on small models);
+    `use_cpu` lets a recipe that asks for bf16 train in CPU bf16 autocast instead of failing with
+    "Your setup doesn't support bf16/gpu". GPU: bf16 where supported, TRL's checkpointing default."""
     if on_gpu():
         import torch
 
         return {"bf16": torch.cuda.is_bf16_supported()}
-    return {"bf16": False, "activation_checkpointing": False, "dataloader_pin_memory": False}
+    return {"bf16": False, "use_cpu": True, "activation_checkpointing": False, "dataloader_pin_memory": False}
 
 
 def quantization_config(recipe: Recipe):

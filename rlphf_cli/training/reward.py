@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from rlphf_cli.errors import InputError, MissingArtifactError
+from rlphf_cli.hub import require_model
 from rlphf_cli.recipe import Recipe, check_trainer_fields
 from rlphf_cli.runs import RunDir
 from rlphf_cli.training import GENERAL, is_main_process
@@ -91,7 +92,8 @@ def train_reward_model(recipe: Recipe, pref: str, data_path: str | Path | None =
         }
 
     metrics_file = staging_dir(out_dir, "metrics.jsonl")
-    metrics_file.unlink(missing_ok=True)
+    if is_main_process():  # rank 0 alone writes it
+        metrics_file.unlink(missing_ok=True)
     metrics_cb, progress_cb, interrupt_cb = make_callbacks(metrics_file, progress)
     start = time.monotonic()
     trainer = RewardTrainer(
@@ -256,6 +258,7 @@ class RewardScorer:
         self.base = adapter_config.get("base_model_name_or_path") or info.get("base_model")
         if not self.base:
             raise InputError(f"{self.rm_dir}: adapter_config.json does not name its base model")
+        require_model(self.base)
         self.prompt_format = info.get("prompt_format", "chat")
         self.max_length = info.get("max_length", DEFAULT_MAX_LENGTH)
         self.batch_size = batch_size
