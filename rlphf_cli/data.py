@@ -11,7 +11,10 @@ from importlib import resources
 from pathlib import Path
 
 from rlphf_cli.errors import InputError
-from rlphf_cli.recipe import BUILTIN_PREFIX, HUB_PREFIX
+
+# Prompt set names that are not paths: shipped with the package, or a hub dataset.
+BUILTIN_PREFIX = "builtin:"
+HUB_PREFIX = "hf:"
 
 
 def builtin_data_dir() -> Path:

@@ -16,11 +16,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from rlphf_cli.data import BUILTIN_PREFIX, HUB_PREFIX
 from rlphf_cli.errors import RecipeError, did_you_mean
+from rlphf_cli.merging.methods import METHODS
 from rlphf_cli.preferences import CATALOG, Preference, PreferenceSet
-
-BUILTIN_PREFIX = "builtin:"
-HUB_PREFIX = "hf:"
 
 
 class Strict(BaseModel):
@@ -204,8 +203,6 @@ class Recipe(Strict):
 
     @model_validator(mode="after")
     def _check_merge_method(self) -> Recipe:
-        from rlphf_cli.merging import METHODS  # no torch at import time
-
         if self.merge.method not in METHODS:
             name = self.merge.method
             raise _FieldError("merge.method", f"unknown merge method '{name}'{did_you_mean(name, METHODS.names())}")

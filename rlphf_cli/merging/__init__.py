@@ -8,7 +8,17 @@ soup.json): average (the paper's, default), exact, svd, ties, dare. The base mod
 """
 
 from rlphf_cli.merging.methods import METHODS, PARAMETERS, MergeMethod
-from rlphf_cli.merging.soup import merge_adapters, merge_from_recipe, merge_into_base, parse_weights
 
-__all__ = ["METHODS", "PARAMETERS", "MergeMethod", "merge_adapters", "merge_from_recipe", "merge_into_base",
-           "parse_weights"]
+_SOUP_NAMES = ("merge_adapters", "merge_from_recipe", "merge_into_base", "parse_weights")
+
+__all__ = ["METHODS", "PARAMETERS", "MergeMethod", *_SOUP_NAMES]
+
+
+def __getattr__(name: str):
+    # The recipe checks merge.method against METHODS; making soups (files, run directories, models)
+    # loads on first use, so that the recipe depends on the method names alone.
+    if name in _SOUP_NAMES:
+        from rlphf_cli.merging import soup
+
+        return getattr(soup, name)
+    raise AttributeError(f"module 'rlphf_cli.merging' has no attribute '{name}'")
