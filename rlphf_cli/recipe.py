@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from rlphf_cli.data import BUILTIN_PREFIX, HUB_PREFIX
 from rlphf_cli.errors import RecipeError, did_you_mean
@@ -182,6 +182,8 @@ class Recipe(Strict):
 
     # Where the recipe came from, for messages; not part of the recipe itself.
     _source: str = "<defaults>"
+    # Dotted keys set by --set or a command-line flag -> how ('--set train_rm.trl.x', ...).
+    _overridden: dict[str, str] = PrivateAttr(default_factory=dict)
 
     @model_validator(mode="after")
     def _check_preference_names(self) -> Recipe:
@@ -211,6 +213,10 @@ class Recipe(Strict):
     @property
     def source(self) -> str:
         return self._source
+
+    def origin(self, loc: str) -> str:
+        """Where the value at dotted `loc` came from: the recipe file, or the --set/flag that set it."""
+        return _origin_of(loc, self._overridden, self._source)
 
     def preference_set(self) -> PreferenceSet:
         """The preferences this recipe uses, in catalog order then definition order."""
@@ -368,18 +374,19 @@ def validate(data: Any, source: str, overridden: dict[str, str] | None = None) -
             lines.append(f"{_origin_of(loc, overridden, source)}: {loc}: {message}")
         raise RecipeError("\n".join(dict.fromkeys(lines))) from None
     recipe._source = source
-    _check_files(recipe, overridden)
+    recipe._overridden = dict(overridden)
+    _check_files(recipe)
     return recipe
 
 
-def _check_files(recipe: Recipe, overridden: dict[str, str]) -> None:
+def _check_files(recipe: Recipe) -> None:
     def check(loc: str, value: str | None, kind: str = "file") -> None:
         if value is None or value.startswith((BUILTIN_PREFIX, HUB_PREFIX)):
             return
         if kind == "model" and not value.startswith((".", "/", "~")) and not Path(value).exists():
             return  # a hub name such as 'allenai/tulu-2-7b'
         if not Path(value).expanduser().exists():
-            raise RecipeError(f"{_origin_of(loc, overridden, recipe.source)}: {loc}: file not found: {value}")
+            raise RecipeError(f"{recipe.origin(loc)}: {loc}: file not found: {value}")
 
     check("data.train_prompts", recipe.data.train_prompts)
     check("data.eval_prompts", recipe.data.eval_prompts)
@@ -471,5 +478,5 @@ def check_trainer_fields(recipe: Recipe) -> None:
         for key in keys:
             if key not in fields:
                 raise RecipeError(
-                    f"{recipe.source}: {loc}.{key}: unknown {class_name} field{did_you_mean(key, fields)}"
+                    f"{recipe.origin(f'{loc}.{key}')}: {loc}.{key}: unknown {class_name} field{did_you_mean(key, fields)}"
                 )

@@ -75,11 +75,18 @@ def progress_bar(*extra: Any, transient: bool = True, eta: bool = True):
         TimeRemainingColumn,
     )
 
+    class QuietProgress(Progress):
+        def stop(self) -> None:
+            # Rich ends a display that is not a terminal (a pipe, a CI log) with an empty line,
+            # which then stands before an `error:` line or a summary.
+            if not self.disable:
+                self.live.stop()
+
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                *(TextColumn(c) if isinstance(c, str) else c for c in extra), TimeElapsedColumn()]
     if eta:
         columns.append(TimeRemainingColumn())
-    return Progress(*columns, console=console, transient=transient)
+    return QuietProgress(*columns, console=console, transient=transient)
 
 
 @contextlib.contextmanager

@@ -6,13 +6,41 @@ import inspect
 from typing import Annotated, Optional
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 
 from rlphf_cli import __version__
 from rlphf_cli.cli import annotate, generate, judge, merge, run, tiny_model, train_policy, train_rm
 from rlphf_cli.cli.common import set_debug
 
+
+class _FlagsReadAsFlags:
+    """Typer's help prints a type beside every option, flags included (`--force <bool>`), as if
+    they took a value: give flags an empty metavar, the help option too."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for param in self.params:
+            if getattr(param, "is_flag", False):
+                param.metavar = ""
+
+    def get_help_option(self, ctx):
+        option = super().get_help_option(ctx)
+        if option is not None:
+            option.metavar = ""
+        return option
+
+
+class FlagCommand(_FlagsReadAsFlags, TyperCommand):
+    pass
+
+
+class FlagGroup(_FlagsReadAsFlags, TyperGroup):
+    pass
+
+
 app = typer.Typer(
     name="rlphf",
+    cls=FlagGroup,
     help="Personalized Soups: per-preference reward models and LoRA policies, merged post hoc "
     "for any mix of preferences, measured with pairwise judges.",
     no_args_is_help=True,
@@ -50,6 +78,8 @@ def _reflowed(doc: str) -> str:
 for module in (tiny_model, generate, annotate, train_rm, train_policy, merge, judge, run):
     module.register(app)
 for command in app.registered_commands:
+    if command.cls in (None, TyperCommand):
+        command.cls = FlagCommand
     if command.help is None and command.callback.__doc__:
         command.help = _reflowed(command.callback.__doc__)
 
