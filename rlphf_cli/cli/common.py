@@ -15,7 +15,7 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.console import Console
 
-from rlphf_cli.errors import RlphfError
+from rlphf_cli.errors import Interrupted, RlphfError
 
 console = Console()
 err_console = Console(stderr=True)
@@ -55,7 +55,29 @@ def resolve_recipe(recipe: str | None, sets: list[str] | None, run_dir: Path | N
     overrides = {key.replace("__", "."): value for key, value in flags.items()}
     if run_dir is not None:
         overrides["run_dir"] = str(run_dir)
-    return load_recipe(recipe, sets, overrides)
+    resolved = load_recipe(recipe, sets, overrides, origins={"run_dir": "--run-dir"})
+    resolved._invocation = invocation()
+    return resolved
+
+
+def invocation() -> dict | None:
+    """The running command and the options it was given, for the run directory's events.jsonl."""
+    import click
+
+    ctx = click.get_current_context(silent=True)
+    if ctx is None:
+        return None
+    options = {key: [str(v) for v in value] if isinstance(value, (list, tuple)) else
+               str(value) if isinstance(value, Path) else value
+               for key, value in ctx.params.items() if value not in (None, False, (), [])}
+    record = {"command": f"rlphf {ctx.info_name}", "options": options}
+    if ARGV is not None:
+        record["argv"] = ARGV
+    return record
+
+
+# The command line of this process when it came through `rlphf` (not a test's CliRunner).
+ARGV: list[str] | None = None
 
 
 def print_warnings(lines: list[str]) -> None:
@@ -101,6 +123,20 @@ def one_progress_bar(description: str) -> Iterator[Callable[[int, int], None]]:
         yield update
 
 
+def _print_error(message: str) -> None:
+    for line in message.splitlines() or ["error"]:
+        err_console.print(f"[bold red]error:[/] {line}", highlight=False, markup=True, soft_wrap=True)
+
+
+def resume_command() -> str:
+    """The command line of this process with --resume, or a description where it is not known."""
+    if ARGV is None:
+        return "the same command with --resume"
+    import shlex
+
+    return "rlphf " + shlex.join([*ARGV, *([] if "--resume" in ARGV else ["--resume"])])
+
+
 def cli_errors(func):
     """Turn library errors into one line on stderr and exit code 2 (a traceback with --debug)."""
 
@@ -108,14 +144,26 @@ def cli_errors(func):
     def wrapper(*args, **kwargs):
         try:
             return func(*args, **kwargs)
+        except Interrupted as exc:
+            for line in str(exc).splitlines():
+                err_console.print(f"[yellow]interrupted:[/] {line}", highlight=False, markup=True, soft_wrap=True)
+            if getattr(exc, "resume", False):
+                err_console.print(f"resume with: {resume_command()}", highlight=False, markup=False, soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
         except RlphfError as exc:
             if debug_enabled():
                 raise
-            for line in str(exc).splitlines() or [type(exc).__name__]:
-                err_console.print(f"[bold red]error:[/] {line}", highlight=False, markup=True, soft_wrap=True)
+            _print_error(str(exc))
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted[/]")
             raise typer.Exit(130) from None
+        except OSError as exc:  # a file-system failure the library did not name itself
+            if debug_enabled():
+                raise
+            from rlphf_cli.runs import describe_os_error
+
+            _print_error(f"{exc.filename}: {describe_os_error(exc)}" if exc.filename else describe_os_error(exc))
+            raise typer.Exit(2) from None
 
     return wrapper

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import inspect
+import sys
 from typing import Annotated, Optional
 
 import typer
 from typer.core import TyperCommand, TyperGroup
 
 from rlphf_cli import __version__
-from rlphf_cli.cli import annotate, generate, judge, merge, run, tiny_model, train_policy, train_rm
-from rlphf_cli.cli.common import set_debug
+from rlphf_cli.cli import annotate, common, generate, judge, merge, run, tiny_model, train_policy, train_rm
 
 
 class _FlagsReadAsFlags:
@@ -65,7 +65,7 @@ def main_callback(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks instead of one-line errors.")] = False,
 ) -> None:
     # Set on every invocation, so one `--debug` run does not leak into the next in the same process.
-    set_debug(debug)
+    common.set_debug(debug)
 
 
 def _reflowed(doc: str) -> str:
@@ -85,6 +85,7 @@ for command in app.registered_commands:
 
 
 def main() -> None:
+    common.ARGV = sys.argv[1:]
     app()
 
 
