@@ -396,7 +396,8 @@ class Pipeline:
                 self.progress("changed", unit.key, [str(p.relative_to(self.run.root)) for p in unit.outputs])
                 self.run.log_event(unit.key, "changed", outputs=[str(p) for p in unit.outputs])
             if finished and marker.get("outputs") != on_disk:
-                self.run.mark_done(unit.key, key, **{**marker, "outputs": on_disk, "files": files})
+                kept = {k: v for k, v in marker.items() if k not in ("stage", "fingerprint", "time")}
+                self.run.mark_done(unit.key, key, **{**kept, "outputs": on_disk, "files": files})
             # Downstream units depend on what is on disk, not only on how it was asked for.
             self.fp[unit.key] = fingerprint({"inputs": key, "outputs": on_disk})
             if redo or (selected and not finished):

@@ -103,11 +103,21 @@ def _finished(path: Path) -> bool:
 
 
 def _describe_output(path: Path) -> str:
-    made = time.strftime("%Y-%m-%d %H:%M", time.localtime(path.stat().st_mtime))
+    """What a finished output holds, from its own record where it has one."""
+    made = f"written {time.strftime('%Y-%m-%d %H:%M', time.localtime(path.stat().st_mtime))}"
     if path.is_file() and path.suffix == ".jsonl":
         with open(path, "rb") as handle:
-            return f"{sum(1 for line in handle if line.strip())} records, written {made}"
-    return f"written {made}"
+            return f"{sum(1 for line in handle if line.strip())} records, {made}"
+    record = {}
+    for name in ("soup.json", "training.json", "metrics.json"):
+        with contextlib.suppress(OSError, ValueError):
+            record = json.loads((path / name).read_text(encoding="utf-8"))
+            break
+    if "method" in record and "weights" in record:
+        return f"a soup made with '{record['method']}', weights {', '.join(f'{w:g}' for w in record['weights'])}, {made}"
+    if "steps" in record:
+        return f"a model trained {record['steps']} steps, {made}"
+    return made
 
 
 # --------------------------------------------------------------------------------------------

@@ -48,9 +48,10 @@ def test_a_flag_takes_no_value():
         (["generate", "--prompts", "nowhere.jsonl"], "nowhere.jsonl: file not found"),
     ],
 )
-def test_no_empty_line_before_an_error(tmp_path, monkeypatch, args, expected):
+def test_no_empty_line_before_an_error_and_no_run_directory_made(tmp_path, monkeypatch, args, expected):
     monkeypatch.chdir(tmp_path)
     only_error_line(runner.invoke(app, [*args, "--run-dir", str(tmp_path / "run")]), expected)
+    assert list(tmp_path.iterdir()) == []  # validation failed: nothing written, not even recipe.yaml
 
 
 def test_a_set_error_names_the_set_not_the_recipe_file():

@@ -62,15 +62,13 @@ def resolve_recipe(recipe: str | None, sets: list[str] | None, run_dir: Path | N
 
 def invocation() -> dict | None:
     """The running command and the options it was given, for the run directory's events.jsonl."""
-    import click
-
-    ctx = click.get_current_context(silent=True)
-    if ctx is None:
+    if _running is None:
         return None
+    name, params = _running
     options = {key: [str(v) for v in value] if isinstance(value, (list, tuple)) else
                str(value) if isinstance(value, Path) else value
-               for key, value in ctx.params.items() if value not in (None, False, (), [])}
-    record = {"command": f"rlphf {ctx.info_name}", "options": options}
+               for key, value in params.items() if value not in (None, False, (), [])}
+    record = {"command": f"rlphf {name}", "options": options}
     if ARGV is not None:
         record["argv"] = ARGV
     return record
@@ -78,6 +76,8 @@ def invocation() -> dict | None:
 
 # The command line of this process when it came through `rlphf` (not a test's CliRunner).
 ARGV: list[str] | None = None
+# (command name, its parameters) while a command runs.
+_running: tuple[str, dict] | None = None
 
 
 def print_warnings(lines: list[str]) -> None:
@@ -142,6 +142,8 @@ def cli_errors(func):
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
+        global _running
+        _running = (func.__name__.removesuffix("_command").replace("_", "-"), kwargs)
         try:
             return func(*args, **kwargs)
         except Interrupted as exc:
@@ -165,5 +167,7 @@ def cli_errors(func):
 
             _print_error(f"{exc.filename}: {describe_os_error(exc)}" if exc.filename else describe_os_error(exc))
             raise typer.Exit(2) from None
+        finally:
+            _running = None
 
     return wrapper
