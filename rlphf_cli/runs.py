@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import hashlib
 import json
 import os
@@ -128,6 +129,28 @@ def _tmp_sibling(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}-{time.monotonic_ns()}")
 
 
+def _clear_stale_siblings(path: Path) -> None:
+    """Remove temporary siblings of `path` left by a process that was killed (SIGKILL, power loss):
+    their writer is gone, so they can never be renamed into place."""
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.tmp-*"):
+        pid = stale.name.rsplit(".tmp-", 1)[-1].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Write to a temporary sibling, fsync, then rename: readers never see half a file."""
     path = Path(path)
@@ -135,6 +158,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     try:
         with fs_errors(path):
             path.parent.mkdir(parents=True, exist_ok=True)
+            _clear_stale_siblings(path)
             with open(tmp, "w", encoding="utf-8") as handle:
                 handle.write(text)
                 handle.flush()
@@ -157,6 +181,7 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Path
     tmp = _tmp_sibling(path)
     with fs_errors(path):
         path.parent.mkdir(parents=True, exist_ok=True)
+        _clear_stale_siblings(path)
         tmp.mkdir()  # not mkdtemp: its 0700 would be published with the folder
     try:
         with fs_errors(path):

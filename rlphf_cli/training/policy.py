@@ -126,7 +126,6 @@ def train_policy(recipe: Recipe, *, pref: str | None = None, mode: str | None = 
     of the run directory is replaced only with `force`."""
     import datasets
     import trl
-    from transformers.trainer_utils import get_last_checkpoint
 
     from rlphf_cli.data import load_prompts
     from rlphf_cli.models import resolve_model
@@ -161,7 +160,7 @@ def train_policy(recipe: Recipe, *, pref: str | None = None, mode: str | None = 
     config_name, trainer_name = ALGOS[algo]
     rm_ids = _reward_ids(recipe, mode, preference)
     ckpt_dir = staging_dir(out_dir, "checkpoints")
-    last = get_last_checkpoint(str(ckpt_dir)) if resume and ckpt_dir.is_dir() else None
+    last = last_complete_checkpoint(ckpt_dir) if resume else None
     if resume and not last and (out_dir / SUMMARY).is_file():
         # Finished before the interruption (e.g. the first policies of `--pref all`): keep it.
         return {**json.loads((out_dir / SUMMARY).read_text()), "out_dir": str(out_dir), "already_done": True}
@@ -283,6 +282,20 @@ def train_policy(recipe: Recipe, *, pref: str | None = None, mode: str | None = 
         shutil.rmtree(ckpt_dir, ignore_errors=True)
     summary["out_dir"] = str(out_dir)
     return summary
+
+
+def last_complete_checkpoint(folder: Path) -> str | None:
+    """The newest checkpoint-N that was saved whole. The Trainer writes trainer_state.json last, so a
+    process killed while saving leaves a checkpoint without a readable one: resume from the one before."""
+    found = sorted((p for p in folder.glob("checkpoint-*") if p.is_dir() and p.name.rsplit("-", 1)[-1].isdigit()),
+                   key=lambda p: int(p.name.rsplit("-", 1)[-1]), reverse=True) if folder.is_dir() else []
+    for checkpoint in found:
+        try:
+            json.loads((checkpoint / "trainer_state.json").read_text())
+        except (OSError, ValueError):
+            continue
+        return str(checkpoint)
+    return None
 
 
 def _step_of(checkpoint: str) -> int:
