@@ -159,3 +159,47 @@ def test_every_input_file_fault_is_one_line_naming_the_file(kind, fault, tmp_pat
     line = only_error_line(_invoke_with_bad(kind, bad, tmp_path, tiny_random_model), expected)
     assert line.startswith(f"error: {bad}: "), line
     assert not (tmp_path / "run").exists()  # nothing written for an input that does not read
+
+
+# --------------------------------------------------------------------------------------------
+# Greedy decoding and the sample count, decided in one place
+
+
+def test_greedy_without_a_sample_count_just_works_with_one_sample(tiny_random_model, tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "Explain gravity."}\n{"prompt": "Hi."}\n')
+    out = tmp_path / "o.jsonl"
+    result = runner.invoke(app, ["generate", "--temperature", "0", "--prompts", str(prompts), "--out", str(out),
+                                 "--model", str(tiny_random_model), "--max-new-tokens", "4",
+                                 "--run-dir", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    assert "greedy decoding (temperature 0): one response per prompt" in result.output
+    from rlphf_cli.runs import read_jsonl
+
+    assert [len(r["responses"]) for r in read_jsonl(out)] == [1, 1]
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["--temperature", "0", "--num-samples", "3", "--prefs", "P2A"], "--num-samples 3 with --temperature 0"),
+    (["--set", "generate.temperature=0", "--num-samples", "2"], "--num-samples 2 with --set generate.temperature 0"),
+    (["--temperature", "0", "--set", "generate.num_samples=2"], "--set generate.num_samples 2 with --temperature 0"),
+])
+def test_an_explicit_sample_count_with_greedy_decoding_is_one_line(tmp_path, args, expected):
+    only_error_line(runner.invoke(app, ["generate", *args, "--run-dir", str(tmp_path / "run")]), expected)
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_sample_count_rules():
+    from rlphf_cli.errors import InputError
+    from rlphf_cli.generation import sample_count
+    from rlphf_cli.recipe import load_recipe
+
+    sampled, greedy = load_recipe(), load_recipe(None, ["generate.temperature=0"])
+    assert sample_count(sampled) == (1, None) and sample_count(sampled, rollouts=True) == (2, None)
+    assert sample_count(sampled, 4) == (4, None)
+    assert sample_count(greedy, rollouts=True)[0] == 1 and "greedy" in sample_count(greedy)[1]
+    assert sample_count(load_recipe(None, ["generate.num_samples=3"]), rollouts=True) == (3, None)
+    # `rlphf run` asks for annotate.num_samples rollouts: a greedy recipe cannot make pairs.
+    with pytest.raises(InputError, match=r"annotate.num_samples \(.*tiny.yaml\) 2 with --set generate.temperature 0"):
+        sample_count(greedy, greedy.annotate.num_samples,
+                     requested_by=f"annotate.num_samples ({greedy.origin('annotate.num_samples')})")
