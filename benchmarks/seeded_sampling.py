@@ -14,39 +14,33 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from generate_throughput import (  # noqa: E402 (after the environment)
+    decoding_arguments,
+    decoding_recipe,
+    print_rates,
+    tokens_per_second,
+)
+
+TRANSFORMERS = "transformers (one RNG per batch)"
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="tiny")
-    parser.add_argument("--prompts", type=int, default=48)
+    decoding_arguments(parser, batch_size=32, repeats=3)
     parser.add_argument("--samples", type=int, default=2)
-    parser.add_argument("--new-tokens", type=int, default=48)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is steadier on a shared machine)")
     args = parser.parse_args()
 
     import torch
-    import transformers
 
-    torch.set_num_threads(args.threads)
-    transformers.utils.logging.disable_progress_bar()
     from rlphf_cli.data import load_prompts
     from rlphf_cli.generation import Generator
-    from rlphf_cli.models import resolve_model
-    from rlphf_cli.recipe import load_recipe
 
-    model_dir = resolve_model(args.model)
-    recipe = load_recipe(None, [], {
-        "model.name": model_dir, "generate.temperature": 1.0, "generate.top_p": 0.9,
-        "generate.max_new_tokens": args.new_tokens, "generate.min_new_tokens": args.new_tokens,
-        "generate.batch_size": args.batch_size,
-    })
+    recipe = decoding_recipe(args, **{"generate.temperature": 1.0, "generate.top_p": 0.9})
+    model_dir = recipe.model.name
     gen = Generator.load(recipe)
     texts = [gen.prompt_text(p["instruction"]) for p in load_prompts("builtin:tiny-eval", args.prompts)]
     seeded_decode = gen._decode
@@ -72,29 +66,22 @@ def main() -> None:
             total += tokens
         return results, total
 
-    ways = {"transformers (one RNG per batch)": global_rng_decode, "rlphf seeded per row": seeded_decode,
+    ways = {TRANSFORMERS: global_rng_decode, "rlphf seeded per row": seeded_decode,
             "one generate per prompt": per_prompt_decode}
-    expected = len(texts) * args.samples * args.new_tokens
-    times: dict[str, list[float]] = {name: [] for name in ways}
     for decode in ways.values():  # warm-up
         gen._decode = decode
         gen.generate(texts[:4], num_samples=args.samples)
-    for _ in range(args.repeats):  # interleaved, so load changes hit every way alike
-        for name, decode in ways.items():
-            gen._decode = decode
-            start = time.perf_counter()
-            results, _ = gen.generate(texts, num_samples=args.samples)
-            times[name].append(time.perf_counter() - start)
-            assert sum(n for group in results for _, n in group) == expected, name
 
-    # The fastest of the repeats, as timeit does: slower ones measure what else the machine was doing.
-    rates = {name: expected / min(ts) for name, ts in times.items()}
-    base = rates["transformers (one RNG per batch)"]
+    def run(decode):
+        gen._decode = decode
+        return gen.generate(texts, num_samples=args.samples)[0]
+
+    runs = {name: lambda decode=decode: run(decode) for name, decode in ways.items()}
+    rates = tokens_per_second(runs, args.repeats, len(texts) * args.samples * args.new_tokens)
     print(f"model {model_dir}: {len(texts)} prompts x {args.samples} samples x {args.new_tokens} new tokens, "
           f"batch {args.batch_size} sequences, {args.threads} thread(s), best of {args.repeats}")
-    print(f"{'way':<34}{'tokens/s':>10}{'vs transformers':>17}")
-    for name, rate in rates.items():
-        print(f"{name:<34}{rate:>10.0f}{rate / base:>17.2f}")
+    print_rates(rates, TRANSFORMERS)
+    base = rates[TRANSFORMERS]
     ratio = rates["rlphf seeded per row"] / base
     print(f"seeded / transformers = {ratio:.2f} (target >= 0.9: {'met' if ratio >= 0.9 else 'NOT met'})")
 
