@@ -81,7 +81,8 @@ def check_outputs(recipe, outputs: Sequence[str | os.PathLike], *, force: bool =
                   hint: str = "pass --force to replace it") -> RunDir | None:
     """Before any work: every output can be written, and none replaces a finished output of the
     recipe's run directory unless `force` (the message says what would be replaced, then `hint`).
-    Returns the run directory when an output lies in it; call its `begin` before the first write."""
+    Returns the run directory when an output lies in it, or when it exists (the command runs against
+    it, reading its outputs): call its `begin` before the first write."""
     root = recipe.resolved_run_dir()
     inside = [Path(p) for p in outputs if _within(Path(p), root)]
     for path in outputs:
@@ -90,7 +91,7 @@ def check_outputs(recipe, outputs: Sequence[str | os.PathLike], *, force: bool =
         for path in inside:
             if _finished(path):
                 raise InputError(f"{path}: exists ({_describe_output(path)}); {hint}")
-    return RunDir(root) if inside else None
+    return RunDir(root) if inside or (root / "recipe.yaml").is_file() else None
 
 
 def _within(path: Path, root: Path) -> bool:

@@ -273,6 +273,24 @@ def test_an_output_that_cannot_be_written_fails_before_the_work(tmp_path, monkey
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("command", ["generate", "annotate", "train-rm", "merge", "run --only report"])
+def test_an_immutable_output_folder_is_one_line_for_every_command(finished, command):
+    run, common = finished
+    locked = run.parent / "locked"
+    locked.mkdir()
+    args = {
+        "generate": ["generate", "--limit", "1", "--out", str(locked / "o.jsonl"), *common],
+        "annotate": ["annotate", "--prefs", "P2A", "--out", str(locked / "ann"), *common[:2]],
+        "train-rm": ["train-rm", "--pref", "P2A", "--out", str(locked / "rm"), *common],
+        "merge": ["merge", "--prefs", "P2A,P3A", "--out", str(locked / "soup"), *common[:2]],
+        "run --only report": ["run", "--only", "report", "--run-dir", str(locked / "run")],
+    }[command]
+    with unwritable(locked):
+        line = one_line(runner.invoke(app, args), f"{locked}/")
+    assert "permission denied" in line or "not permitted" in line
+    assert list(locked.iterdir()) == []
+
+
 class unwritable:
     """A folder nobody may write into: chmod for a user, the immutable attribute for root (who
     ignores permissions)."""
