@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import tempfile
@@ -60,6 +61,14 @@ def fs_errors(path: str | os.PathLike) -> Iterator[None]:
         raise
     except OSError as exc:
         raise FileSystemError(f"{path}: {describe_os_error(exc)}") from None
+    except Exception as exc:
+        # Libraries written in Rust (safetensors, tokenizers) report an I/O error as their own
+        # exception, with the errno in the message: "... File too large (os error 27)".
+        found = re.search(r"\(os error (\d+)\)", str(exc))
+        if found is None:
+            raise
+        code = int(found.group(1))
+        raise FileSystemError(f"{path}: {_REASONS.get(code, os.strerror(code))}") from None
 
 
 def check_writable(path: str | os.PathLike) -> None:

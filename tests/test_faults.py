@@ -209,3 +209,18 @@ def test_a_file_size_limit_is_one_line_and_the_previous_soup_stays(tiny_random_m
                              "system's)", stderr
     assert "Traceback" not in stdout + stderr
     assert tree_hash(soup) == before and not leftovers(run)
+
+
+def test_a_file_size_limit_in_a_rust_writer_is_named_too(tmp_path):
+    """safetensors (Rust) reports EFBIG as its own exception; the trainer saves models through it."""
+    code = ("import resource, sys, torch\n"
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))\n"
+            "from safetensors.torch import save_file\n"
+            "from rlphf_cli.runs import fs_errors\n"
+            "with fs_errors(sys.argv[1]):\n"
+            "    save_file({'a': torch.zeros(10000)}, sys.argv[1] + '/model.safetensors')\n")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 1
+    assert done.stderr.strip().endswith(f"rlphf_cli.errors.FileSystemError: {tmp_path}: file too large (a file size "
+                                        "limit, e.g. `ulimit -f`, or the file system's)"), done.stderr

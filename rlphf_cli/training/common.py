@@ -8,7 +8,7 @@ from pathlib import Path
 from rlphf_cli import files
 from rlphf_cli.errors import InputError, MissingArtifactError
 from rlphf_cli.prompting import TULU_TEMPLATE, text_ids, uses_chat_template
-from rlphf_cli.runs import atomic_dir, atomic_write_json, atomic_write_text
+from rlphf_cli.runs import atomic_dir, atomic_write_json, atomic_write_text, fs_errors
 from rlphf_cli.training import is_main_process
 
 # Files Trainer.save_model writes that a published folder does not need (a pickle of the config).
@@ -138,7 +138,8 @@ def publish(trainer, out_dir: Path, files: dict[str, object], copies: dict[str, 
     (name -> existing file), then replace `out_dir` in one rename. Every process must call this (DeepSpeed
     gathers weights collectively); only the main one writes."""
     stage = staging_dir(out_dir, "saving")
-    trainer.save_model(str(stage))
+    with fs_errors(out_dir):
+        trainer.save_model(str(stage))
     trainer.accelerator.wait_for_everyone()
     if is_main_process():
         with atomic_dir(out_dir) as tmp:
