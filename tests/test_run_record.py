@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_generate import PROMPTS, make_adapter, recipe_for, write_prompts
+from test_generate import PROMPTS, make_adapter, other_base, recipe_for, write_prompts  # noqa: F401 (fixture)
 from typer.testing import CliRunner
 
 from rlphf_cli.cli.main import app
@@ -160,7 +160,7 @@ def test_sampling_is_seeded_per_prompt_not_per_batch(tiny_random_model, tmp_path
     assert len({s for r in together for s, _ in r}) > 5  # and they are samples, not one answer
 
 
-def test_resume_refuses_other_settings_naming_the_difference(tiny_random_model, tmp_path):
+def test_resume_refuses_other_settings_naming_the_difference(tiny_random_model, other_base, tmp_path):  # noqa: F811
     prompts = write_prompts(tmp_path / "p.jsonl", PROMPTS)
     out = tmp_path / "o.jsonl"
     base = ["generate", "--model", str(tiny_random_model), "--prompts", str(prompts), "--out", str(out),
@@ -173,6 +173,7 @@ def test_resume_refuses_other_settings_naming_the_difference(tiny_random_model, 
         (["--prefs", "P2A"], "combination '', not 'P2A'"),
         (["--adapter", str(adapter), "--system", "base"], "adapters 'none', not '"),
         (["--seed", "4"], "sampling.seed 0, not 4"),
+        (["--model", str(other_base)], f"model '{tiny_random_model}', not '{other_base}'"),
         (["--num-samples", "3"], "samples per prompt 2, not 3"),  # rollouts: annotate.num_samples
     ]:
         one_line(runner.invoke(app, [*base, "--resume", *extra]), f"{out}: id 'p0' was written with {difference}")
