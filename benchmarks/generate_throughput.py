@@ -41,33 +41,64 @@ def random_adapters(model_dir: str, out: Path, count: int = 3) -> list[Path]:
     return dirs
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def decoding_arguments(parser: argparse.ArgumentParser, *, batch_size: int, repeats: int) -> None:
+    """The options every decoding benchmark takes."""
     parser.add_argument("--model", default="tiny")
-    parser.add_argument("--run-dir", default=None, help="use its policy/P1A, P2A, P3A when present")
     parser.add_argument("--prompts", type=int, default=48)
     parser.add_argument("--new-tokens", type=int, default=48)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=batch_size)
+    parser.add_argument("--repeats", type=int, default=repeats)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is steadier on a shared machine)")
-    args = parser.parse_args()
 
+
+def decoding_recipe(args, **settings):
+    """Threads set, transformers quiet; a recipe for args.model where every response is exactly
+    --new-tokens long (min = max), with `settings` (dotted recipe keys) on top."""
     import torch
     import transformers
 
-    torch.set_num_threads(args.threads)
-    transformers.utils.logging.disable_progress_bar()
-    from rlphf_cli.data import load_prompts
-    from rlphf_cli.generation import Generator
     from rlphf_cli.models import resolve_model
     from rlphf_cli.recipe import load_recipe
 
-    model_dir = resolve_model(args.model)
-    recipe = load_recipe(None, [], {
-        "model.name": model_dir, "generate.temperature": 0, "generate.max_new_tokens": args.new_tokens,
-        "generate.min_new_tokens": args.new_tokens, "generate.batch_size": args.batch_size,
-        **({"run_dir": args.run_dir} if args.run_dir else {}),
-    })
+    torch.set_num_threads(args.threads)
+    transformers.utils.logging.disable_progress_bar()
+    return load_recipe(None, [], {"model.name": resolve_model(args.model), "generate.max_new_tokens": args.new_tokens,
+                                  "generate.min_new_tokens": args.new_tokens, "generate.batch_size": args.batch_size,
+                                  **settings})
+
+
+def tokens_per_second(runs: dict, repeats: int, expected_tokens: int) -> dict[str, float]:
+    """Each run (name -> callable returning [[(text, tokens), ...] per prompt]) `repeats` times,
+    interleaved so that load changes hit every run alike; the fastest repeat counts, as in timeit
+    (slower ones measure what else the machine was doing)."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            results = run()
+            times[name].append(time.perf_counter() - start)
+            assert sum(n for group in results for _, n in group) == expected_tokens, name
+    return {name: expected_tokens / min(ts) for name, ts in times.items()}
+
+
+def print_rates(rates: dict[str, float], base: str) -> None:
+    width = max(len(name) for name in rates) + 2
+    print(f"{'':<{width}}{'tokens/s':>10}{'ratio':>8}  (to {base})")
+    for name, rate in rates.items():
+        print(f"{name:<{width}}{rate:>10.0f}{rate / rates[base]:>8.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    decoding_arguments(parser, batch_size=16, repeats=5)
+    parser.add_argument("--run-dir", default=None, help="use its policy/P1A, P2A, P3A when present")
+    args = parser.parse_args()
+
+    from rlphf_cli.data import load_prompts
+    from rlphf_cli.generation import Generator
+
+    recipe = decoding_recipe(args, **{"generate.temperature": 0, **({"run_dir": args.run_dir} if args.run_dir else {})})
+    model_dir = recipe.model.name
     prompts = load_prompts("builtin:tiny-eval", args.prompts)
 
     with tempfile.TemporaryDirectory(prefix="rlphf-bench-") as tmp:
@@ -86,25 +117,15 @@ def main() -> None:
               f"(soup: merge + merge_and_unload {soup_load:.2f} s)")
 
         texts = [systems["base"].prompt_text(p["instruction"]) for p in prompts]
-        expected_tokens = len(texts) * args.new_tokens
-        times: dict[str, list[float]] = {name: [] for name in systems}
         for gen in systems.values():  # warm-up
             gen.generate(texts[: args.batch_size])
-        for _ in range(args.repeats):  # interleaved, so load changes hit every system alike
-            for name, gen in systems.items():
-                t0 = time.perf_counter()
-                results, _ = gen.generate(texts)
-                times[name].append(time.perf_counter() - t0)
-                assert sum(n for group in results for _, n in group) == expected_tokens, name
+        runs = {name: lambda gen=gen: gen.generate(texts)[0] for name, gen in systems.items()}
+        rates = tokens_per_second(runs, args.repeats, len(texts) * args.new_tokens)
 
-    # The fastest of the repeats, as timeit does: slower ones measure what else the machine was doing.
-    rates = {name: expected_tokens / min(ts) for name, ts in times.items()}
-    base = rates["base"]
     print(f"{len(texts)} prompts x {args.new_tokens} new tokens, batch {args.batch_size}, "
           f"{args.threads} thread(s), best of {args.repeats}")
-    print(f"{'system':<22}{'tokens/s':>10}{'vs base':>9}")
-    for name, rate in rates.items():
-        print(f"{name:<22}{rate:>10.0f}{rate / base:>9.2f}")
+    print_rates(rates, "base")
+    base = rates["base"]
     soup_ratio = rates["soup (3-way, merged)"] / base
     print(f"soup / base = {soup_ratio:.2f} (target >= 0.9: {'met' if soup_ratio >= 0.9 else 'NOT met'}); "
           f"unmerged LoRA / base = {rates['lora (unmerged)'] / base:.2f}")

@@ -6,31 +6,44 @@ or `instruction` joined with the optional `input` as Alpaca does.
 
 from __future__ import annotations
 
-import json
 from importlib import resources
 from pathlib import Path
 
+from rlphf_cli import files
 from rlphf_cli.errors import InputError
-from rlphf_cli.recipe import BUILTIN_PREFIX, HUB_PREFIX
+
+# Prompt set names that are not paths: shipped with the package, or a hub dataset.
+BUILTIN_PREFIX = "builtin:"
+HUB_PREFIX = "hf:"
 
 
 def builtin_data_dir() -> Path:
     return Path(str(resources.files("rlphf_cli") / "models" / "data"))
 
 
+def _prompt_problem(row) -> str | None:
+    if not isinstance(row, dict):
+        return "a prompt record is not an object"
+    for key in ("prompt", "instruction", "input"):
+        if row.get(key) is not None and not isinstance(row[key], str):
+            return f"'{key}' is not a string"
+    if not (row.get("prompt") or row.get("instruction")):
+        return "a prompt record needs a non-empty 'prompt' or 'instruction'"
+    return None
+
+
 def _records_from_rows(rows, source: str) -> list[dict]:
     records = []
     for i, row in enumerate(rows):
-        if not isinstance(row, dict):
-            raise InputError(f"{source}: record {i} is not an object")
+        problem = _prompt_problem(row)
+        if problem:
+            raise InputError(f"{source}: record {i}: {problem}")
         if row.get("prompt"):
-            text = str(row["prompt"])
-        elif row.get("instruction"):
-            text = str(row["instruction"])
+            text = row["prompt"]
+        else:
+            text = row["instruction"]
             if row.get("input"):
                 text = f"{text}\n\n{row['input']}"
-        else:
-            raise InputError(f"{source}: record {i} has neither 'prompt' nor 'instruction'")
         record = {"id": str(row.get("id", f"{i:05d}")), "instruction": text}
         for extra in ("topic", "keyword"):
             if extra in row:
@@ -40,21 +53,26 @@ def _records_from_rows(rows, source: str) -> list[dict]:
 
 
 def _read_file(path: Path) -> list:
-    text = path.read_text(encoding="utf-8")
     if path.suffix == ".jsonl":
-        rows = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise InputError(f"{path}: line {n}: invalid JSON ({exc.msg})") from None
-        return rows
+        return files.read_jsonl(path, "prompt", check=_prompt_problem)
+    data = files.read_json(path, "prompts")
+    if isinstance(data, dict):
+        data = data.get("data", data.get("prompts", [data]))
+    if not isinstance(data, list):
+        raise InputError(f"{path}: expected a list of prompt records")
+    return data
+
+
+def _load_from_disk(path: Path, spec: str):
+    import datasets
+
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise InputError(f"{path}: invalid JSON ({exc.msg}, line {exc.lineno})") from None
-    return data if isinstance(data, list) else data.get("data", data.get("prompts", [data]))
+        loaded = datasets.load_from_disk(str(path))
+    except (OSError, ValueError, FileNotFoundError) as exc:
+        raise InputError(f"{spec}: not a saved dataset folder ({str(exc).splitlines()[0]})") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        loaded = loaded["train"] if "train" in loaded else next(iter(loaded.values()))
+    return loaded
 
 
 def load_prompts(spec: str, limit: int | None = None) -> list[dict]:
@@ -76,12 +94,7 @@ def load_prompts(spec: str, limit: int | None = None) -> list[dict]:
         if not path.exists():
             raise InputError(f"{spec}: file not found")
         if path.is_dir():
-            import datasets
-
-            loaded = datasets.load_from_disk(str(path))
-            if isinstance(loaded, datasets.DatasetDict):
-                loaded = loaded["train"] if "train" in loaded else next(iter(loaded.values()))
-            records = _records_from_rows(loaded, spec)
+            records = _records_from_rows(_load_from_disk(path, spec), spec)
         else:
             records = _records_from_rows(_read_file(path), spec)
     if limit is not None:

@@ -29,6 +29,24 @@ class InputError(RlphfError):
     """A bad input file, option value or combination of options."""
 
 
+class FileSystemError(RlphfError):
+    """A path that cannot be read or written: a file where a folder should be, no permission, a full
+    disk, a file size limit. The message names the path."""
+
+
+class Interrupted(RlphfError):
+    """Ctrl-C: the message says what was kept; `resume` says whether --resume continues it."""
+
+    exit_code = 130
+
+    def __init__(self, message: str, resume: bool = False):
+        super().__init__(message)
+        self.resume = resume
+
+    def __reduce__(self):
+        return type(self), (str(self), self.resume)
+
+
 class MissingArtifactError(RlphfError):
     """An artifact of an earlier stage is missing; the message names the command that makes it."""
 

@@ -2,12 +2,16 @@
 
 An adapter or soup is merged into the weights before decoding (peft's merge_and_unload), so a soup
 decodes as fast as the base model. Prompts are sorted by length and left-padded in batches.
+Sampling is seeded per prompt and sample: each row of a batch draws its tokens from its own random
+stream (a seed from the sampling seed, the prompt text and the sample index), so what a prompt gets
+does not depend on which prompts share its batch, on the batch size, or on a resume.
 Outputs are JSONL records (see the team's shared format), appended as they are generated, so an
-interrupted run resumes (`resume=True`) without duplicate ids.
+interrupted run resumes (`resume=True`) without duplicate ids and with the same records.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -15,14 +19,15 @@ import re
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rlphf_cli.errors import InputError, MissingArtifactError
-from rlphf_cli.preferences import Preference, PreferenceSet, combination_name
+from rlphf_cli import files
+from rlphf_cli.errors import InputError, Interrupted, MissingArtifactError
+from rlphf_cli.preferences import Preference, PreferenceSet, combination_name, soup_name
 from rlphf_cli.prompting import instruction_with_preferences, render_prompt, text_ids
-from rlphf_cli.runs import JsonlAppender, RunDir, atomic_write_text, read_jsonl
+from rlphf_cli.runs import JsonlAppender, RunDir, atomic_write_text, file_sha256, read_jsonl
 
 # progress(label, prompts done, prompts total, tokens generated so far): called after each batch.
 Progress = Callable[[str, int, int, int], None]
@@ -61,6 +66,32 @@ class Sampling:
 
     def to_record(self) -> dict:
         return asdict(self)
+
+
+def sample_count(recipe, requested: int | None = None, *, rollouts: bool = False,
+                 requested_by: str = "--num-samples", temperature_by: str | None = None) -> tuple[int, str | None]:
+    """How many responses per prompt, decided in one place: (count, a note for the summary or None).
+
+    `requested`: an explicit count (a flag); else `generate.num_samples` when the recipe sets it,
+    else 1, or for rollouts `annotate.num_samples` (pairs need two). Greedy decoding
+    (temperature 0) has one answer per prompt: without an explicit count it gets 1 (said in the
+    note); an explicit count above 1 is an error naming both settings.
+    """
+    greedy = recipe.generate.temperature == 0
+    temperature_by = temperature_by or _where(recipe, "generate.temperature")
+    if requested is None and "num_samples" in recipe.generate.model_fields_set:
+        requested, requested_by = recipe.generate.num_samples, _where(recipe, "generate.num_samples")
+    if requested is not None:
+        if requested < 1:
+            raise InputError(f"{requested_by}: expected at least 1 response per prompt, got {requested}")
+        if greedy and requested > 1:
+            raise InputError(f"{requested_by} {requested} with {temperature_by} 0: greedy decoding gives one response "
+                             f"per prompt; sample with a temperature above 0, or ask for 1")
+        return requested, None
+    if greedy:
+        return 1, "greedy decoding (temperature 0): one response per prompt"
+    return (max(recipe.generate.num_samples, recipe.annotate.num_samples) if rollouts
+            else recipe.generate.num_samples), None
 
 
 # --------------------------------------------------------------------------------------------
@@ -167,8 +198,7 @@ def resolve_adapter(recipe, name_or_path: str | os.PathLike) -> tuple[Path, str]
 
 def system_name(adapter_label: str | None = None, soup: Sequence[tuple[str, float]] | None = None) -> str:
     if soup:
-        uniform = len({round(w, 9) for _, w in soup}) == 1
-        return "soup:" + "+".join(label if uniform else f"{label}={w:g}" for label, w in soup)
+        return "soup:" + soup_name([label for label, _ in soup], [w for _, w in soup])
     if adapter_label:
         return f"adapter:{adapter_label}"
     return "base"
@@ -177,10 +207,7 @@ def system_name(adapter_label: str | None = None, soup: Sequence[tuple[str, floa
 def check_adapter_fits(adapter_dir: Path, model, model_name: str) -> None:
     """Raise InputError when the adapter was made for another base model (or is not a causal LM
     adapter), before peft fails with a long size-mismatch traceback."""
-    try:
-        config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise InputError(f"{adapter_dir}: unreadable {ADAPTER_CONFIG} ({exc})") from None
+    config = files.read_json_object(adapter_dir / ADAPTER_CONFIG, "adapter config")
     task = config.get("task_type")
     if task not in (None, "CAUSAL_LM"):
         raise InputError(f"{adapter_dir}: a {task} adapter (a reward model?), not a CAUSAL_LM policy")
@@ -220,11 +247,66 @@ def _adapter_shapes(adapter_dir: Path) -> dict[str, list[int]]:
 # The generator: a loaded model, reused across files and combinations
 
 
+def _where(recipe, key: str) -> str:
+    origin = recipe.origin(key)
+    return origin if origin.startswith("--") else f"{key} ({origin})"
+
+
+@dataclass
+class Weights:
+    """What a generator decodes with, resolved without loading a model: the recipe's base model,
+    plus one adapter or a soup of adapters (folder, label, weight)."""
+
+    model: str
+    adapter: Path | None = None
+    adapter_label: str | None = None
+    members: list[tuple[Path, str, float]] = field(default_factory=list)
+    merge_method: str | None = None
+
+    @classmethod
+    def resolve(cls, recipe, adapter: str | os.PathLike | None = None, soup: SoupSpec | None = None) -> Weights:
+        if adapter is not None and soup is not None:
+            raise InputError("give an adapter or a soup, not both")
+        weights = cls(model=recipe.model.name)
+        if soup is not None:
+            pairs = parse_soup(soup) if isinstance(soup, str) else list(soup)
+            if not pairs:
+                raise InputError("the soup has no members")
+            for name, weight in pairs:
+                folder, label = resolve_adapter(recipe, name)
+                weights.members.append((folder, label, float(weight)))
+            # Catalog order, as rlphf merge: 'friendly=0.3,concise=0.7' is the soup 'P2A=0.7+P3A=0.3'.
+            order = {p.id: i for i, p in enumerate(recipe.preference_set())}
+            weights.members.sort(key=lambda m: order.get(m[1], len(order)))
+            weights.merge_method = recipe.merge.method
+        if adapter is not None:
+            weights.adapter, weights.adapter_label = resolve_adapter(recipe, adapter)
+        return weights
+
+    def system(self) -> str:
+        return system_name(self.adapter_label, [(label, w) for _, label, w in self.members] or None)
+
+    def folders(self) -> list[Path]:
+        return [self.adapter] if self.adapter is not None else [m[0] for m in self.members]
+
+    def record(self) -> dict:
+        """For each generated record: which weights made it (adapter files by content hash)."""
+        weights = [1.0] if self.adapter is not None else [m[2] for m in self.members]
+        adapters = [{"path": str(folder), "weight": w, "sha256": _adapter_sha(folder)}
+                    for folder, w in zip(self.folders(), weights, strict=True)]
+        return {"model": self.model, "adapters": adapters, "merge_method": self.merge_method}
+
+
+def _adapter_sha(folder: Path) -> str:
+    weights = folder / "adapter_model.safetensors"
+    return file_sha256(weights)[:16] if weights.is_file() else ""
+
+
 class Generator:
     """A model ready to decode (any adapter or soup already merged) with its tokenizer and settings."""
 
     def __init__(self, model, tokenizer, *, system: str, sampling: Sampling, prompt_format: str = "chat",
-                 batch_size: int = 32, model_name: str = ""):
+                 batch_size: int = 32, model_name: str = "", weights: dict | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.system = system
@@ -232,46 +314,30 @@ class Generator:
         self.prompt_format = prompt_format
         self.batch_size = batch_size
         self.model_name = model_name
+        self.weights = weights or {"model": model_name, "adapters": [], "merge_method": None}
 
     @classmethod
     def load(cls, recipe, *, adapter: str | os.PathLike | None = None, soup: SoupSpec | None = None,
-             system: str | None = None, merge: bool = True) -> Generator:
+             system: str | None = None, merge: bool = True, weights: Weights | None = None) -> Generator:
         """Load the recipe's model; with `adapter` (a folder or preference name) or `soup`
         ('concise=0.5,friendly=0.5' or [(name or folder, weight), ...]) merge it in first.
         `merge=False` keeps peft's unmerged LoRA layers (for comparison only)."""
-        if adapter is not None and soup is not None:
-            raise InputError("give an adapter or a soup, not both")
-        members: list[tuple[Path, str, float]] = []
-        if soup is not None:
-            pairs = parse_soup(soup) if isinstance(soup, str) else list(soup)
-            if not pairs:
-                raise InputError("the soup has no members")
-            for name, weight in pairs:
-                folder, label = resolve_adapter(recipe, name)
-                members.append((folder, label, float(weight)))
-            # Catalog order, as rlphf merge: 'friendly=0.3,concise=0.7' is the soup 'P2A=0.7+P3A=0.3'.
-            order = {p.id: i for i, p in enumerate(recipe.preference_set())}
-            members.sort(key=lambda m: order.get(m[1], len(order)))
-        adapter_dir = adapter_label = None
-        if adapter is not None:
-            adapter_dir, adapter_label = resolve_adapter(recipe, adapter)
-
+        weights = weights or Weights.resolve(recipe, adapter, soup)
         model, tokenizer, model_name = load_base_model(recipe)
-        for folder in [adapter_dir] + [m[0] for m in members]:
-            if folder is not None:
-                check_adapter_fits(folder, model, model_name)
+        for folder in weights.folders():
+            check_adapter_fits(folder, model, model_name)
 
-        if members:
+        if weights.members:
             with tempfile.TemporaryDirectory(prefix="rlphf-soup-") as tmp:
-                soup_dir = _merge_soup(recipe, [m[0] for m in members], [m[2] for m in members], Path(tmp) / "soup")
+                soup_dir = _merge_soup(recipe, [m[0] for m in weights.members], [m[2] for m in weights.members],
+                                       Path(tmp) / "soup")
                 model = _apply_adapter(model, soup_dir, merge)
-        elif adapter_dir is not None:
-            model = _apply_adapter(model, adapter_dir, merge)
+        elif weights.adapter is not None:
+            model = _apply_adapter(model, weights.adapter, merge)
         model.eval()
-        name = system or system_name(adapter_label, [(m[1], m[2]) for m in members] or None)
-        return cls(model, tokenizer, system=name, sampling=Sampling.from_recipe(recipe),
+        return cls(model, tokenizer, system=system or weights.system(), sampling=Sampling.from_recipe(recipe),
                    prompt_format=recipe.model.prompt_format, batch_size=recipe.generate.batch_size,
-                   model_name=model_name)
+                   model_name=model_name, weights=weights.record())
 
     # -- decoding -------------------------------------------------------------------------------
 
@@ -293,27 +359,36 @@ class Generator:
         per_batch = max(1, self.batch_size // num_samples)
         for start in range(0, len(order), per_batch):
             indices = order[start:start + per_batch]
-            outputs, tokens = self._decode([encoded[i] for i in indices], num_samples, seed_offset=start)
+            rows = [(i, s) for i in indices for s in range(num_samples)]
+            outputs, tokens = self._decode([encoded[i] for i, _ in rows], [self.row_seed(texts[i], s) for i, s in rows])
             for k, i in enumerate(indices):
                 results[i] = outputs[k * num_samples:(k + 1) * num_samples]
             if num_samples > 1 and self.sampling.temperature > 0:
-                tokens += self._make_distinct([encoded[i] for i in indices], [results[i] for i in indices], start)
+                tokens += self._make_distinct(texts, encoded, indices, results)
             if on_batch is not None:
                 on_batch(indices, [results[i] for i in indices], tokens)
         return results, prompt_tokens
 
-    def _decode(self, batch_ids: list[list[int]], num_samples: int, seed_offset: int) -> tuple[list, int]:
+    def row_seed(self, text: str, sample: int, attempt: int = 0) -> int:
+        """The seed of one response: the sampling seed, the prompt text, the sample index (and the
+        resampling attempt), never the batch it is decoded in."""
+        key = f"{self.sampling.seed}\0{sample}\0{attempt}\0{text}".encode()
+        return int.from_bytes(hashlib.sha256(key).digest()[:8], "little") >> 1
+
+    def _decode(self, batch_ids: list[list[int]], seeds: list[int]) -> tuple[list, int]:
         import torch
 
         tok = self.tokenizer
         padded = tok.pad({"input_ids": batch_ids}, padding=True, return_tensors="pt")
         device = next(self.model.parameters()).device
         padded = {k: v.to(device) for k, v in padded.items()}
-        # Seeded per batch: the same prompts and settings give the same samples.
-        torch.manual_seed(self.sampling.seed * 1_000_003 + seed_offset)
+        kwargs = self.sampling.generate_kwargs()
+        if self.sampling.temperature > 0:
+            # Greedy selection of the token a per-row seeded sampler picked (see seeded_sampler).
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None,
+                          logits_processor=[seeded_sampler(self.sampling, seeds, padded["input_ids"].shape[1])])
         with torch.inference_mode():
-            out = self.model.generate(**padded, num_return_sequences=num_samples, pad_token_id=tok.pad_token_id,
-                                      eos_token_id=self._eos_ids(), **self.sampling.generate_kwargs())
+            out = self.model.generate(**padded, pad_token_id=tok.pad_token_id, eos_token_id=self._eos_ids(), **kwargs)
         generated = out[:, padded["input_ids"].shape[1]:].tolist()
         stops = set(self._eos_ids()) | {tok.pad_token_id}
         results, total = [], 0
@@ -323,23 +398,25 @@ class Generator:
             results.append((tok.decode(row[:n], skip_special_tokens=True).strip(), n))
         return results, total
 
-    def _make_distinct(self, batch_ids: list[list[int]], samples: list[list[tuple[str, int]]], seed_offset: int) -> int:
+    def _make_distinct(self, texts: Sequence[str], encoded: list[list[int]], indices: list[int],
+                       results: list[list[tuple[str, int]]]) -> int:
         """Resample duplicate responses in place (a few rounds at most); returns tokens generated."""
         total = 0
-        for round_ in range(1, MAX_RESAMPLE_ROUNDS + 1):
-            todo = []  # (prompt position, sample position)
-            for p, group in enumerate(samples):
+        for attempt in range(1, MAX_RESAMPLE_ROUNDS + 1):
+            todo = []  # (prompt index, sample position)
+            for i in indices:
                 seen = set()
-                for s, (text, _) in enumerate(group):
+                for s, (text, _) in enumerate(results[i]):
                     if text in seen:
-                        todo.append((p, s))
+                        todo.append((i, s))
                     seen.add(text)
             if not todo:
                 break
-            fresh, tokens = self._decode([batch_ids[p] for p, _ in todo], 1, seed_offset + 7919 * round_)
+            fresh, tokens = self._decode([encoded[i] for i, _ in todo],
+                                         [self.row_seed(texts[i], s, attempt) for i, s in todo])
             total += tokens
-            for (p, s), new in zip(todo, fresh, strict=True):
-                samples[p][s] = new
+            for (i, s), new in zip(todo, fresh, strict=True):
+                results[i][s] = new
         return total
 
     def _eos_ids(self) -> list[int]:
@@ -354,62 +431,73 @@ class Generator:
     def write_file(self, prompts: Sequence[dict], out_path: str | os.PathLike, *, prefs: Sequence[Preference] = (),
                    num_samples: int = 1, resume: bool = False, progress: Progress | None = None) -> dict:
         """Generate for every prompt into `out_path` (JSONL, appended per batch, rewritten in prompt
-        order when complete). With `resume`, prompts already in the file are skipped."""
+        order when complete). With `resume`, prompts already in the file are skipped; the file must
+        have been written with the same settings, and every record in it is kept. Ctrl-C raises
+        Interrupted saying how many records were kept."""
         if not prompts:
             raise InputError("no prompts to generate for")
         out_path = Path(out_path)
         combo = combination_name(prefs)
-        done: dict[str, dict] = {}
+        pref_ids = [p.id for p in prefs]
+        sampling = self.sampling.to_record()
+        saved: dict[str, dict] = {}
         if resume and out_path.exists():
+            current = self._settings(combo, sampling, num_samples)
+            instructions = {str(p["id"]): p["instruction"] for p in prompts}
             for record in read_jsonl(out_path):
-                if record.get("system") != self.system or record.get("combo", "") != combo:
-                    raise InputError(f"{out_path}: written for system '{record.get('system')}', combination "
-                                     f"'{record.get('combo', '')}', not '{self.system}', '{combo}'; "
-                                     "use another --out or drop --resume")
-                done.setdefault(str(record.get("id")), record)
-            # Drop a torn last line and any duplicate before appending.
-            atomic_write_text(out_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in done.values()))
+                _check_resumable(out_path, record, current, instructions)
+                saved.setdefault(str(record.get("id")), record)
+        done = {key: record for key, record in saved.items() if key in {str(p["id"]) for p in prompts}}
         todo = [p for p in prompts if str(p["id"]) not in done]
         label = combo or self.system
         start, tokens_total = time.time(), 0
         texts = [self.prompt_text(p["instruction"], prefs) for p in todo]
-        if not resume or not out_path.exists():
-            out_path.parent.mkdir(parents=True, exist_ok=True)
-            out_path.write_text("")
+        prompt_tokens = [len(self.prompt_ids(t)) for t in texts]
+        # Drop a torn last line and any duplicate before appending (or start the file).
+        _write_records(out_path, saved.values())
         completed = len(prompts) - len(todo)
         if progress:
             progress(label, completed, len(prompts), 0)
-        pref_ids = [p.id for p in prefs]
-        sampling = self.sampling.to_record()
 
-        with JsonlAppender(out_path) as sink:
-            def on_batch(indices, results, new_tokens):
-                nonlocal completed, tokens_total
-                for i, samples in zip(indices, results, strict=True):
-                    record = self._record(todo[i], pref_ids, combo, samples, prompt_tokens[i], sampling)
-                    sink.write(record)
-                    done[record["id"]] = record
-                completed += len(indices)
-                tokens_total += new_tokens
-                if progress:
-                    progress(label, completed, len(prompts), tokens_total)
+        def on_batch(indices, results, new_tokens):
+            nonlocal completed, tokens_total
+            for i, samples in zip(indices, results, strict=True):
+                record = self._record(todo[i], pref_ids, combo, samples, prompt_tokens[i], sampling)
+                sink.write(record)
+                done[record["id"]] = record
+            completed += len(indices)
+            tokens_total += new_tokens
+            if progress:
+                progress(label, completed, len(prompts), tokens_total)
 
-            prompt_tokens = [len(self.prompt_ids(t)) for t in texts]
-            if todo:
-                self.generate(texts, num_samples, on_batch)
-        ordered = [done[str(p["id"])] for p in prompts]
-        atomic_write_text(out_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ordered))
+        try:
+            with JsonlAppender(out_path) as sink:
+                if todo:
+                    self.generate(texts, num_samples, on_batch)
+            ordered = [done[str(p["id"])] for p in prompts]
+            # Records of prompts not asked for this time (a smaller --limit) stay, after the others.
+            _write_records(out_path, ordered + [r for key, r in saved.items() if key not in done])
+        except KeyboardInterrupt:
+            kept = len(done) + len([key for key in saved if key not in done])
+            finished = len(done) == len(prompts)
+            raise Interrupted(f"{out_path}: {kept} records kept, {len(done)} of the {len(prompts)} prompts asked for"
+                              + ("; all written, nothing to resume" if finished else ""),
+                              resume=not finished) from None
         seconds = time.time() - start
         distinct = [len(set(r["responses"])) == len(r["responses"]) for r in ordered]
         return {
             "path": str(out_path), "system": self.system, "combo": combo, "prompts": len(prompts),
-            "generated": len(todo), "resumed": len(prompts) - len(todo), "num_samples": num_samples,
+            "generated": len(todo), "resumed": len(prompts) - len(todo),
+            "kept": len(saved) - (len(prompts) - len(todo)), "num_samples": num_samples,
             "tokens": tokens_total, "seconds": round(seconds, 2),
             "tokens_per_s": round(tokens_total / seconds, 1) if seconds > 0 else 0.0,
             "distinct_fraction": round(sum(distinct) / len(distinct), 4),
             "mean_response_tokens": round(sum(sum(r["response_tokens"]) for r in ordered)
                                           / max(1, sum(len(r["response_tokens"]) for r in ordered)), 1),
         }
+
+    def _settings(self, combo: str, sampling: dict, num_samples: int) -> dict:
+        return resume_settings(self.system, combo, self.weights, self.prompt_format, sampling, num_samples)
 
     def _record(self, prompt: dict, pref_ids: list[str], combo: str, samples, prompt_tokens: int,
                 sampling: dict) -> dict:
@@ -418,11 +506,105 @@ class Generator:
             "combo": combo, "system": self.system, "response": samples[0][0],
             "responses": [text for text, _ in samples], "prompt_tokens": prompt_tokens,
             "response_tokens": [n for _, n in samples], "sampling": sampling,
+            "prompt_format": self.prompt_format, "weights": self.weights,
         }
         for extra in ("topic", "keyword"):
             if extra in prompt:
                 record[extra] = prompt[extra]
         return record
+
+
+def _write_records(path: Path, records) -> None:
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
+def _record_settings(record: dict) -> dict:
+    """What decides a record's responses, flattened for comparison (adapters by content and weight)."""
+    weights = record.get("weights") or {}
+    adapters = [f"{a.get('sha256')}@{a.get('weight'):g}" for a in weights.get("adapters") or []
+                if isinstance(a, dict) and isinstance(a.get("weight"), (int, float))]
+    settings = {"system": record.get("system"), "combination": record.get("combo", ""),
+                "model": weights.get("model"), "adapters": ", ".join(adapters) or "none",
+                "merge method": weights.get("merge_method"), "prompt format": record.get("prompt_format"),
+                "samples per prompt": len(record.get("responses") or [])}
+    for key, value in (record.get("sampling") or {}).items():
+        settings[f"sampling.{key}"] = value
+    return settings
+
+
+def seeded_sampler(sampling: Sampling, seeds: list[int], prompt_length: int):
+    """A logits processor that samples each row from its own random stream, and leaves only the drawn
+    token finite so `generate`'s greedy step takes it. transformers draws every row of a batch from
+    one global generator, so a row's tokens would depend on the rows beside it (and a resumed file
+    would differ from an uninterrupted one). Temperature, top-k and top-p are applied as
+    transformers does; the draw is inverse-CDF sampling with one uniform per row and step."""
+    import torch
+    from transformers import LogitsProcessor
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    warpers = []
+    if sampling.temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(sampling.temperature))
+    if sampling.top_k:
+        warpers.append(TopKLogitsWarper(sampling.top_k))
+    if sampling.top_p < 1.0:
+        warpers.append(TopPLogitsWarper(sampling.top_p))
+    uniforms = torch.stack([torch.rand(sampling.max_new_tokens, dtype=torch.float64,
+                                       generator=torch.Generator().manual_seed(seed)) for seed in seeds])
+
+    class SeededSampler(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            nonlocal uniforms
+            uniforms = uniforms.to(scores.device)
+            for warper in warpers:
+                scores = warper(input_ids, scores)
+            cdf = torch.softmax(scores.double(), dim=-1).cumsum(-1)
+            u = uniforms[:, input_ids.shape[1] - prompt_length] * cdf[:, -1]
+            tokens = torch.searchsorted(cdf, u.unsqueeze(1), right=True).squeeze(1)
+            # Rounding can put u at the very top: take the last token with any probability.
+            last = (cdf < cdf[:, -1:]).sum(-1)
+            tokens = torch.minimum(tokens, last)
+            chosen = torch.full_like(scores, float("-inf"))
+            return chosen.scatter_(1, tokens.unsqueeze(1), 0.0)
+
+    return SeededSampler()
+
+
+def resume_settings(system: str, combo: str, weights: dict, prompt_format: str, sampling: dict,
+                    num_samples: int) -> dict:
+    return _record_settings({"system": system, "combo": combo, "weights": weights, "prompt_format": prompt_format,
+                             "sampling": sampling, "responses": [None] * num_samples})
+
+
+def check_resume(path: str | os.PathLike, recipe, weights: Weights, system: str, prefs: Sequence[Preference],
+                 num_samples: int, prompts: Sequence[dict]) -> None:
+    """Before loading a model: --resume of `path` would mix in no record made otherwise."""
+    path = Path(path)
+    if not path.exists():
+        return
+    current = resume_settings(system, combination_name(prefs), weights.record(), recipe.model.prompt_format,
+                              Sampling.from_recipe(recipe).to_record(), num_samples)
+    instructions = {str(p["id"]): p["instruction"] for p in prompts}
+    for record in read_jsonl(path):
+        _check_resumable(path, record, current, instructions)
+
+
+def _check_resumable(path: Path, record: dict, current: dict, instructions: dict[str, str]) -> None:
+    """A record made with other settings (or for another prompt under the same id) cannot be mixed in."""
+    saved = _record_settings(record)
+    for key, value in current.items():
+        if saved.get(key) != value:
+            raise InputError(f"{path}: id '{record.get('id')}' was written with {key} {_show(saved.get(key))}, "
+                             f"not {_show(value)}; resume with the same settings, or write another --out "
+                             "(--force starts the file over)")
+    key = str(record.get("id"))
+    if key in instructions and record.get("instruction") != instructions[key]:
+        raise InputError(f"{path}: id '{key}' has another instruction in the file than in the prompts; "
+                         "resume with the same prompts, or write another --out")
+
+
+def _show(value) -> str:
+    return "(not recorded)" if value is None else repr(value) if isinstance(value, str) else str(value)
 
 
 # --------------------------------------------------------------------------------------------
@@ -491,7 +673,7 @@ def _apply_adapter(model, adapter_dir: Path, merge: bool):
 def generate_file(recipe, prompts: Sequence[dict], out_path: str | os.PathLike, *, prefs: Sequence[Preference] | str = (),
                   adapter: str | os.PathLike | None = None, soup: SoupSpec | None = None, system: str | None = None,
                   num_samples: int | None = None, resume: bool = False, progress: Progress | None = None,
-                  generator: Generator | None = None) -> dict:
+                  generator: Generator | None = None, requested_by: str = "--num-samples") -> dict:
     """Generate responses for `prompts` (records with id, instruction) into one JSONL file.
 
     `prefs` (Preference objects or 'P1A,concise') are appended to each instruction as the paper did.
@@ -501,9 +683,7 @@ def generate_file(recipe, prompts: Sequence[dict], out_path: str | os.PathLike, 
     pref_list = _resolve_prefs(recipe, prefs)
     if not prompts:
         raise InputError("no prompts to generate for")
-    num_samples = num_samples or recipe.generate.num_samples
-    if num_samples < 1:
-        raise InputError(f"num_samples must be >= 1, got {num_samples}")
+    num_samples, _ = sample_count(recipe, num_samples, requested_by=requested_by)
     if generator is None:
         generator = Generator.load(recipe, adapter=adapter, soup=soup, system=system)
     elif system:

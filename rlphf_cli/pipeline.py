@@ -104,7 +104,7 @@ class Pipeline:
         # Under a distributed launch only the main process writes the run's records (recipe, events, markers).
         self.main = is_main_process()
         root = recipe.resolved_run_dir()
-        self.run = RunDir.open(root, recipe) if self.main else RunDir(root)
+        self.run = RunDir.open(root, recipe, run_recipe=True) if self.main else RunDir(root)
         self.prefs = recipe.preference_set()
         self.combos = self.prefs.combinations()
         self.progress = progress or _quiet
@@ -152,7 +152,8 @@ class Pipeline:
             prompts = load_prompts(self.recipe.data.train_prompts, self.recipe.data.max_train_prompts)
             return generate_file(self.recipe, prompts, self.run.rollouts(), prefs=(), system=BASE,
                                  num_samples=self.recipe.annotate.num_samples, generator=self.base_generator(),
-                                 progress=self._unit_progress)
+                                 progress=self._unit_progress,
+                                 requested_by=f"annotate.num_samples ({self.recipe.origin('annotate.num_samples')})")
 
         inputs = {**self._section("model", "data", "generate", "seed"), "num_samples": self.recipe.annotate.num_samples}
         return [Unit("rollouts", "rollouts", inputs, work, [self.run.rollouts()])]
@@ -179,7 +180,7 @@ class Pipeline:
                 from rlphf_cli.judges.annotate import annotate_rollouts
 
                 return annotate_rollouts(self.recipe, self.run.rollouts(), [pref], self.run.path("annotations"),
-                                         progress=self._unit_progress)
+                                         progress=self._unit_progress, force=True)
 
             inputs = {"rollouts": self.fp.get("rollouts"), "pref": pref.to_dict(), **self._annotator_inputs()}
             units.append(Unit(f"annotate/{pref.id}", pref.id, inputs, work, [self.run.annotations(pref.id)]))
@@ -192,7 +193,7 @@ class Pipeline:
             inputs = {"annotations": self.fp.get(f"annotate/{pref_id}"), **self._section("model", "train_rm", "seed")}
             units.append(Unit(f"train-rm/{pref_id}", pref_id, inputs,
                               _Job(_train_rm_job, self.recipe, pref_id, str(self.run.root), self.model_path),
-                              [self.run.reward_model(pref_id) / "metrics.json"]))
+                              [self.run.reward_model(pref_id)]))
         return units
 
     def _units_train_policy(self) -> list[Unit]:
@@ -201,7 +202,7 @@ class Pipeline:
             inputs = {"rm": self.fp.get(f"train-rm/{pref.id}"), **self._section("model", "data", "train_policy", "seed")}
             units.append(Unit(f"train-policy/{pref.id}", pref.id, inputs,
                               _Job(_train_policy_job, self.recipe, "soup", pref.id, str(self.run.root), self.model_path),
-                              [self.run.policy(pref.id) / "adapter_model.safetensors"]))
+                              [self.run.policy(pref.id)]))
         return units
 
     def _units_baselines(self) -> list[Unit]:
@@ -215,7 +216,7 @@ class Pipeline:
                 inputs = {"rms": [self.fp.get(k) for k in rm_keys], **self._section("model", "data", "train_policy", "seed")}
             units.append(Unit(f"baselines/{mode}", mode, inputs,
                               _Job(_train_policy_job, self.recipe, mode, None, str(self.run.root), self.model_path),
-                              [self.run.policy(mode) / "adapter_model.safetensors"]))
+                              [self.run.policy(mode)]))
         return units
 
     def sweep_weights(self) -> list[float]:
@@ -244,7 +245,7 @@ class Pipeline:
                 return {"inputs": [d.name for d in dirs], "weights": weights}
 
             inputs = {"policies": [self.fp.get(f"train-policy/{p.id}") for p in combo], "merge": self._section("merge")}
-            units.append(Unit(f"merge/{name}", name, inputs, work, [self.run.soup(name) / "soup.json"]))
+            units.append(Unit(f"merge/{name}", name, inputs, work, [self.run.soup(name)]))
         if self.recipe.evaluation.sweep:
             a, b = self.sweep_prefs()
             for weight in self.sweep_weights():
@@ -257,7 +258,7 @@ class Pipeline:
 
                 inputs = {"policies": [self.fp.get(f"train-policy/{p.id}") for p in (a, b)], "weight": weight}
                 units.append(Unit(f"merge/sweep-{a.id}-{b.id}-w{weight:g}", f"sweep {weight:g}", inputs, work,
-                                  [self.sweep_soup(weight) / "soup.json"]))
+                                  [self.sweep_soup(weight)]))
         return units
 
     def systems(self) -> list[str]:
@@ -341,7 +342,7 @@ class Pipeline:
                 a = self._generations_for_judging(system, names)
                 b = self._generations_for_judging(baseline, names)
                 # Criteria: each record's own combination (the experts: their one preference).
-                result = judge_files(self.recipe, a, b, None, out, progress=self._unit_progress)
+                result = judge_files(self.recipe, a, b, None, out, progress=self._unit_progress, force=True)
                 return {"win_rate": result["overall"]["win_rate"]}
 
             inputs = {"judge": self._section("judge"), "generations": [self.fp.get(k) for k in upstream]}
@@ -386,22 +387,39 @@ class Pipeline:
     def _run_stage(self, stage: str, units: list[Unit], selected: bool, redo: bool,
                    prefs: list[str] | None = None) -> dict:
         todo = []
+        changed = 0
         for unit in units:
             key = fingerprint(unit.inputs)
-            self.fp[unit.key] = key
-            finished = self.run.is_done(unit.key, key) and all(p.exists() for p in unit.outputs)
+            marker = self.run.marker(unit.key) or {}
+            finished = marker.get("fingerprint") == key and all(p.exists() for p in unit.outputs)
+            on_disk, files = self.run.outputs_fingerprint(unit.outputs, marker.get("files"))
+            if finished and marker.get("outputs") not in (None, on_disk):
+                # Replaced by a stage command (with --force) since this run made it: keep it, and let
+                # what depends on it see the change.
+                changed += 1
+                self.progress("changed", unit.key, [str(p.relative_to(self.run.root)) for p in unit.outputs])
+                if self.main:
+                    self.run.log_event(unit.key, "changed", outputs=[str(p) for p in unit.outputs])
+            if finished and marker.get("outputs") != on_disk and self.main:
+                kept = {k: v for k, v in marker.items() if k not in ("stage", "fingerprint", "time")}
+                self.run.mark_done(unit.key, key, **{**kept, "outputs": on_disk, "files": files})
+            # Downstream units depend on what is on disk, not only on how it was asked for.
+            self.fp[unit.key] = fingerprint({"inputs": key, "outputs": on_disk})
             picked = prefs is None or unit.key.rsplit("/", 1)[-1] in prefs
             if picked and (redo or (selected and not finished)):
                 todo.append(unit)
-        counts = {"units": len(units), "ran": len(todo), "skipped": len(units) - len(todo)}
+        counts = {"units": len(units), "ran": len(todo), "skipped": len(units) - len(todo), "changed": changed}
         if not todo:
             return counts
         record = self.run.stage(stage, units=[u.key for u in todo]) if self.main else contextlib.nullcontext({})
         with record as info:
             jobs = all(isinstance(u.work, _Job) for u in todo) and world_size() == 1
             for done, (unit, result) in enumerate(self._work(todo, self.recipe.parallel if jobs else 1), 1):
+                key = fingerprint(unit.inputs)
+                on_disk, files = self.run.outputs_fingerprint(unit.outputs)
                 if self.main:
-                    self.run.mark_done(unit.key, self.fp[unit.key], result=_jsonable(result))
+                    self.run.mark_done(unit.key, key, result=_jsonable(result), outputs=on_disk, files=files)
+                self.fp[unit.key] = fingerprint({"inputs": key, "outputs": on_disk})
                 self.progress("unit", done, len(todo), unit.label)
             info.update(counts)
         return counts
@@ -452,7 +470,8 @@ def _train_rm_job(recipe: Recipe, pref_id: str, run_root: str, model_path: str) 
     from rlphf_cli.training.reward import train_reward_model
 
     run = RunDir(run_root)
-    return train_reward_model(recipe, pref_id, run.annotations(pref_id), run.reward_model(pref_id), model=model_path)
+    return train_reward_model(recipe, pref_id, run.annotations(pref_id), run.reward_model(pref_id), model=model_path,
+                              force=True)
 
 
 def _train_policy_job(recipe: Recipe, mode: str, pref_id: str | None, run_root: str, model_path: str) -> dict:
@@ -461,7 +480,7 @@ def _train_policy_job(recipe: Recipe, mode: str, pref_id: str | None, run_root: 
     run = RunDir(run_root)
     name = pref_id if mode == "soup" else mode
     return train_policy(recipe, pref=pref_id, mode=mode, model=model_path, out_dir=run.policy(name),
-                        run_dir=run.root)
+                        run_dir=run.root, force=True)
 
 
 def _jsonable(result: Any) -> Any:

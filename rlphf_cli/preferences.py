@@ -143,6 +143,13 @@ def combination_name(prefs: Iterable[Preference]) -> str:
     return "+".join(p.id for p in prefs)
 
 
+def soup_name(labels: Sequence[str], weights: Sequence[float]) -> str:
+    """'P1A+P2A' for the equal-share soup (every weight 1/n, what `rlphf run` makes), else with the
+    weights, 'P1A=0.7+P2A=0.3': soups of other weights get other names (folders, system names)."""
+    equal = all(abs(w - 1.0 / len(weights)) < 1e-9 for w in weights)
+    return "+".join(label if equal else f"{label}={w:g}" for label, w in zip(labels, weights, strict=True))
+
+
 def preference_prompt(prefs: Iterable[Preference]) -> str:
     """The text the paper appends to an instruction for a set of preferences."""
     return " ".join(p.prompt for p in prefs)

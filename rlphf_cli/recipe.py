@@ -14,13 +14,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from rlphf_cli.errors import RecipeError, did_you_mean
+from rlphf_cli import files
+from rlphf_cli.data import BUILTIN_PREFIX, HUB_PREFIX
+from rlphf_cli.errors import InputError, RecipeError, did_you_mean
+from rlphf_cli.merging.methods import METHODS
 from rlphf_cli.preferences import CATALOG, Preference, PreferenceSet
-
-BUILTIN_PREFIX = "builtin:"
-HUB_PREFIX = "hf:"
 
 
 class Strict(BaseModel):
@@ -183,6 +183,10 @@ class Recipe(Strict):
 
     # Where the recipe came from, for messages; not part of the recipe itself.
     _source: str = "<defaults>"
+    # Dotted keys set by --set or a command-line flag -> how ('--set train_rm.trl.x', ...).
+    _overridden: dict[str, str] = PrivateAttr(default_factory=dict)
+    # The command that resolved it ({'command': 'rlphf generate', 'options': {...}}), for events.jsonl.
+    _invocation: dict | None = PrivateAttr(default=None)
 
     @model_validator(mode="after")
     def _check_preference_names(self) -> Recipe:
@@ -204,8 +208,6 @@ class Recipe(Strict):
 
     @model_validator(mode="after")
     def _check_merge_method(self) -> Recipe:
-        from rlphf_cli.merging import METHODS  # no torch at import time
-
         if self.merge.method not in METHODS:
             name = self.merge.method
             raise _FieldError("merge.method", f"unknown merge method '{name}'{did_you_mean(name, METHODS.names())}")
@@ -214,6 +216,26 @@ class Recipe(Strict):
     @property
     def source(self) -> str:
         return self._source
+
+    def overrides(self) -> dict[str, Any]:
+        """The values set by --set or a flag, by dotted key, as resolved."""
+        dumped = self.model_dump(mode="json")
+        out = {}
+        for key in self._overridden:
+            node: Any = dumped
+            for part in key.split("."):
+                node = node.get(part) if isinstance(node, dict) else None
+            out[key] = node
+        return out
+
+    def settings(self, *sections: str) -> dict:
+        """Resolved recipe sections by name, for the record an output keeps of how it was made."""
+        dumped = self.model_dump(mode="json")
+        return {name: dumped[name] for name in sections}
+
+    def origin(self, loc: str) -> str:
+        """Where the value at dotted `loc` came from: the recipe file, or the --set/flag that set it."""
+        return _origin_of(loc, self._overridden, self._source)
 
     def preference_set(self) -> PreferenceSet:
         """The preferences this recipe uses, in catalog order then definition order."""
@@ -374,19 +396,24 @@ def validate(data: Any, source: str, overridden: dict[str, str] | None = None) -
             lines.append(f"{_origin_of(loc, overridden, source)}: {loc}: {message}")
         raise RecipeError("\n".join(dict.fromkeys(lines))) from None
     recipe._source = source
-    _check_files(recipe, overridden)
+    recipe._overridden = dict(overridden)
+    _check_files(recipe)
     return recipe
 
 
-def _check_files(recipe: Recipe, overridden: dict[str, str]) -> None:
+def _check_files(recipe: Recipe) -> None:
     def check(loc: str, value: str | None, kind: str = "file") -> None:
         if value is None or value.startswith((BUILTIN_PREFIX, HUB_PREFIX)):
             return
         if kind == "model" and not value.startswith((".", "/", "~")) and not Path(value).exists():
             return  # a hub name such as 'allenai/tulu-2-7b'
         if not Path(value).expanduser().exists():
-            raise RecipeError(f"{_origin_of(loc, overridden, recipe.source)}: {loc}: file not found: {value}")
+            raise RecipeError(f"{recipe.origin(loc)}: {loc}: file not found: {value}")
 
+    run_dir = recipe.resolved_run_dir().expanduser()
+    blocked = next((p for p in [run_dir, *run_dir.parents] if p.exists() and not p.is_dir()), None)
+    if blocked is not None:
+        raise RecipeError(f"{recipe.origin('run_dir')}: run_dir: {run_dir}: {blocked} is a file, not a folder")
     check("data.train_prompts", recipe.data.train_prompts)
     check("data.eval_prompts", recipe.data.eval_prompts)
     check("judge.templates", recipe.judge.templates)
@@ -398,22 +425,19 @@ def load_recipe(
     path: str | os.PathLike | None = None,
     sets: list[str] | None = None,
     overrides: dict[str, Any] | None = None,
+    origins: dict[str, str] | None = None,
 ) -> Recipe:
     """Resolve a recipe: file (or default) < --set assignments < explicit flags (`overrides`).
 
     `overrides` maps dotted recipe paths to flag values; None values mean "flag not given".
+    `origins` names the flag of an override in messages (e.g. {'run_dir': '--run-dir'}).
     """
     recipe_path = find_recipe(path)
     source = str(recipe_path)
     try:
-        data = yaml.safe_load(recipe_path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise RecipeError(f"{source}: invalid YAML{where}: {problem}") from None
-    except OSError as exc:
-        raise RecipeError(f"{source}: cannot read recipe: {exc.strerror}") from None
+        data = files.read_yaml(recipe_path, "recipe")
+    except InputError as exc:
+        raise RecipeError(str(exc)) from None
     data = copy.deepcopy(data) if isinstance(data, dict) else data
     overridden: dict[str, str] = {}
     if isinstance(data, dict):
@@ -424,7 +448,7 @@ def load_recipe(
         for key, value in (overrides or {}).items():
             if value is not None:
                 _set_path(data, key, value)
-                overridden[key] = f"option for {key}"
+                overridden[key] = (origins or {}).get(key, f"option for {key}")
     return validate(data, source, overridden)
 
 
@@ -477,5 +501,5 @@ def check_trainer_fields(recipe: Recipe) -> None:
         for key in keys:
             if key not in fields:
                 raise RecipeError(
-                    f"{recipe.source}: {loc}.{key}: unknown {class_name} field{did_you_mean(key, fields)}"
+                    f"{recipe.origin(f'{loc}.{key}')}: {loc}.{key}: unknown {class_name} field{did_you_mean(key, fields)}"
                 )

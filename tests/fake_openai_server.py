@@ -19,6 +19,7 @@ Usage:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import threading
@@ -47,6 +48,7 @@ class FakeOpenAIServer:
         self.faults = {marker: list(items) for marker, items in (faults or {}).items()}
         self.requests = 0
         self.answered = 0
+        self.answered_messages: list[str] = []  # sha256 of every answered request's messages, in order
         self.faults_served: list[str] = []
         self.log: list[dict] = []  # time, marker fault, authorization header
         self._lock = threading.Lock()
@@ -90,6 +92,7 @@ class FakeOpenAIServer:
         with self._lock:
             self.requests = 0
             self.answered = 0
+            self.answered_messages.clear()
             self.log.clear()
 
     # ---------------------------------------------------------------------------------------
@@ -153,6 +156,7 @@ class _Handler(BaseHTTPRequestHandler):
         text = GARBAGE if kind == "garbage" else owner.answer(messages)
         with owner._lock:
             owner.answered += 1
+            owner.answered_messages.append(hashlib.sha256(json.dumps(messages).encode()).hexdigest())
         prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in messages)
         self._send(200, {
             "id": f"chatcmpl-{owner.requests}", "object": "chat.completion", "created": int(time.time()),

@@ -155,7 +155,9 @@ def test_annotate_with_the_openai_judge_keeps_the_key_out_of_the_run_dir(tmp_pat
         first_requests = server.requests
         assert first_requests == 12 + 2  # 6 pairs x 2 preferences, one 500 retried, one garbage re-asked
         server.reset_counts()
-        assert runner.invoke(app, args).exit_code == 0
+        again = runner.invoke(app, args)
+        assert again.exit_code == 2 and "P2A.jsonl: exists" in again.output and "--force" in again.output
+        assert runner.invoke(app, [*args, "--force"]).exit_code == 0
         assert server.requests == 0  # everything came from annotations/judge_cache.jsonl
     assert (run / "annotations" / "judge_cache.jsonl").is_file()
     for file in tmp_path.rglob("*"):

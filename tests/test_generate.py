@@ -168,8 +168,9 @@ def test_samples_are_resampled_until_distinct(tiny_random_model, tmp_path, monke
     gen = Generator.load(recipe_for(tiny_random_model, tmp_path))
     answers = iter(["same", "same", "same", "new"])
 
-    def fake_decode(batch_ids, num_samples, seed_offset):
-        return [(next(answers), 1) for _ in range(len(batch_ids) * num_samples)], 2
+    def fake_decode(batch_ids, seeds):
+        assert len(seeds) == len(batch_ids)
+        return [(next(answers), 1) for _ in batch_ids], 2
 
     monkeypatch.setattr(gen, "_decode", fake_decode)
     results, _ = gen.generate(["one prompt"], num_samples=2)
@@ -282,7 +283,7 @@ def test_cli_soup_of_the_runs_policies(tiny_random_model, tmp_path):
     ("args", "expected"),
     [
         (["--prompts", "missing.jsonl"], "missing.jsonl: file not found"),
-        (["--prompts", "EMPTY"], "no prompts"),
+        (["--prompts", "EMPTY"], "empty.jsonl: empty file"),
         (["--prefs", "P2A,concize"], "unknown preference 'concize' (did you mean 'concise'?)"),
         (["--adapters", "A,B", "--weights", "0.5"], "1 weights for 2 adapters"),
         (["--soup", "concise=0.5,friendly=0.5"], "make it with: rlphf train-policy --prefs concise"),

@@ -264,13 +264,14 @@ def test_sigkill_loses_only_requests_in_flight(tmp_path, monkeypatch):
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         answered = server.answered
-        kept = len(JudgeCache(cache)._records)
-        assert kept >= 6 and answered - kept <= 2  # at most the 2 requests in flight were lost
+        records = JudgeCache(cache)._records.values()
+        answers, kept = sum("answer" in r for r in records), sum("verdict" in r for r in records)
+        assert kept >= 2 and answers >= kept and answered - answers <= 2  # lost: the 2 requests in flight
         server.reset_counts()
         judge = fast_judge(openai_recipe(server), cache)
         out = judge.judge_many(requests_for(40))
         assert all(j.verdict == "A" for j in out)
-        assert server.requests == 40 - kept and judge.stats.cached == kept
+        assert server.requests == 40 - answers and judge.stats.cached == kept  # no answer asked for twice
 
 
 # --------------------------------------------------------------------------------------------

@@ -459,8 +459,9 @@ def test_cli_merges_preferences_from_a_run_directory(adapters, tmp_path):
         shutil.copytree(adapters[name], run / "policy" / pref)
     result = runner.invoke(app, ["merge", "--soup", "friendly=0.25,concise=0.75", "--run-dir", str(run)])
     assert result.exit_code == 0, result.output
-    card = json.loads((run / "soups" / "P2A+P3A" / "soup.json").read_text())
-    assert card["preferences"] == ["P2A", "P3A"] and card["weights"] == [0.75, 0.25]  # catalog order
+    # Catalog order; a soup of unequal weights is named with them, beside the equal-share one.
+    card = json.loads((run / "soups" / "P2A=0.75+P3A=0.25" / "soup.json").read_text())
+    assert card["preferences"] == ["P2A", "P3A"] and card["weights"] == [0.75, 0.25]
     assert (run / "recipe.yaml").is_file()
     # The old spelling, and the merge-method name every command shares.
     result = runner.invoke(app, ["merge", "--prefs", "P2A,P3A", "--weights", "0.5,0.5", "--merge-method", "svd",
@@ -529,7 +530,7 @@ ERROR_CASES = [
     (["a0", "nope"], [], "adapter folder not found"),
     (["a0", "bad:missing"], [], "adapter_model.safetensors: file not found"),
     (["a0", "bad:safetensors"], [], "not a valid safetensors file"),
-    (["a0", "bad:config"], [], "adapter_config.json: invalid JSON"),
+    (["a0", "bad:config"], [], "adapter_config.json: line 1: invalid JSON"),
     (["a0", "bad:bin"], [], "pickle weights are not read"),
     (["a0", "bad:base"], [], "different base models"),
     (["a0", "bad:targets"], [], "different target modules"),

@@ -229,7 +229,8 @@ def test_train_rm_writes_adapter_metrics_and_scores(setup, tiny_random_model):
     # Retrained in place (same process, same folder): the scorer loads the new weights.
     from rlphf_cli.training.reward import train_reward_model
 
-    train_reward_model(load(setup, "train_rm.trl.learning_rate=0.02"), "P2A", model=str(tiny_random_model))
+    train_reward_model(load(setup, "train_rm.trl.learning_rate=0.02"), "P2A", model=str(tiny_random_model),
+                       force=True)
     assert RewardScorer(rm).score(["Explain sun"], ["sun hot"])[0] != pytest.approx(scores[0], abs=1e-5)
 
 
@@ -242,9 +243,12 @@ def test_train_rm_errors(setup, tiny_random_model):
     assert not (setup["run"] / "rm").exists()
 
     bad = setup["run"] / "annotations" / "P2B.jsonl"
-    bad.write_text(json.dumps({"prompt": "x", "chosen": "same", "rejected": "same"}) + "\n{torn\n")
+    bad.write_text(json.dumps({"prompt": "x", "chosen": "same", "rejected": "same"}) + "\n")
     result = runner.invoke(app, ["train-rm", "--prefs", "P2B", *base_args(setup, tiny_random_model)])
-    one_error_line(result, "no usable preference pairs", "2 lines skipped")
+    one_error_line(result, "no usable preference pairs", "1 skipped")
+    bad.write_text(json.dumps({"prompt": "x", "chosen": "a", "rejected": "b"}) + "\n{torn")
+    result = runner.invoke(app, ["train-rm", "--prefs", "P2B", *base_args(setup, tiny_random_model)])
+    one_error_line(result, "P2B.jsonl: line 2: invalid JSON", "truncated")
 
     result = runner.invoke(app, ["train-rm", "--prefs", "concize", *base_args(setup, tiny_random_model)])
     one_error_line(result, "unknown preference 'concize'", "concise")
@@ -374,7 +378,7 @@ def test_multitask_fine_tunes_one_policy_on_every_preferences_chosen_responses(s
     missing = runner.invoke(app, ["train-policy", "--mode", "multitask", *args, "--set", "preferences.use=[P2A,P2B]"])
     one_error_line(missing, "annotations for informative not found")
     short = runner.invoke(app, ["train-policy", "--mode", "multitask", *args, "--set", "preferences.use=[P2A,P3A]",
-                                "--set", "train_policy.sft.max_length=4"])
+                                "--set", "train_policy.sft.max_length=4", "--force"])
     one_error_line(short, "train_policy.sft.max_length 4", "raise it")
 
 
@@ -391,8 +395,9 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues(with_rm, tiny_random_mod
             sent.append(done)
             os.kill(os.getpid(), signal.SIGINT)
 
-    with pytest.raises(TrainingInterrupted, match="interrupted at step 2.*--resume"):
+    with pytest.raises(TrainingInterrupted, match="stopped at step 2; checkpoint saved") as stopped:
         train_policy(recipe, pref="P2A", model=str(tiny_random_model), progress=interrupt_at_two)
+    assert stopped.value.resume and stopped.value.exit_code == 130
     assert not out.exists()
     assert (out.parent / ".P2A.checkpoints" / "checkpoint-2").is_dir()
 

@@ -37,6 +37,8 @@ def annotate_command(
     pairs_per_prompt: Annotated[Optional[int], typer.Option("--pairs-per-prompt", min=1,
                                                             help="Pairs drawn per prompt (default: "
                                                             "annotate.pairs_per_prompt).", show_default=False)] = None,
+    force: Annotated[bool, typer.Option("--force", help="Label again, replacing the run directory's "
+                                        "annotations (verdicts are cached).")] = False,
     recipe: RecipeOption = None,
     run_dir: RunDirOption = None,
     set_: SetOption = None,
@@ -53,12 +55,10 @@ def annotate_command(
 
     resolved = resolve_recipe(recipe, set_, run_dir, annotate__prefs=prefs, annotate__judge=judge,
                               annotate__pairs_per_prompt=pairs_per_prompt)
-    if rollouts is None or out is None:
-        run = RunDir.open(resolved.resolved_run_dir(), resolved)
-        rollouts = rollouts or run.rollouts()
-        out = out or run.path("annotations")
+    run = RunDir(resolved.resolved_run_dir())
     with one_progress_bar(f"annotating with the {resolved.annotate.judge} judge") as update:
-        summary = annotate_rollouts(resolved, rollouts, None, out, progress=update)
+        summary = annotate_rollouts(resolved, rollouts or run.rollouts(), None, out or run.path("annotations"),
+                                    progress=update, force=force)
     _print_summary(summary)
 
 

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.console import Console
 
-from rlphf_cli.errors import RlphfError
+from rlphf_cli.errors import Interrupted, RlphfError
 
 console = Console()
 err_console = Console(stderr=True)
@@ -71,7 +71,29 @@ def resolve_recipe(recipe: str | None, sets: list[str] | None, run_dir: Path | N
     overrides = {key.replace("__", "."): value for key, value in flags.items()}
     if run_dir is not None:
         overrides["run_dir"] = str(run_dir)
-    return load_recipe(recipe, sets, overrides)
+    resolved = load_recipe(recipe, sets, overrides, origins={"run_dir": "--run-dir"})
+    resolved._invocation = invocation()
+    return resolved
+
+
+def invocation() -> dict | None:
+    """The running command and the options it was given, for the run directory's events.jsonl."""
+    if _running is None:
+        return None
+    name, params = _running
+    options = {key: [str(v) for v in value] if isinstance(value, (list, tuple)) else
+               str(value) if isinstance(value, Path) else value
+               for key, value in params.items() if value not in (None, False, (), [])}
+    record = {"command": f"rlphf {name}", "options": options}
+    if ARGV is not None:
+        record["argv"] = ARGV
+    return record
+
+
+# The command line of this process when it came through `rlphf` (not a test's CliRunner).
+ARGV: list[str] | None = None
+# (command name, its parameters) while a command runs.
+_running: tuple[str, dict] | None = None
 
 
 def print_note(line: str | None) -> None:
@@ -96,11 +118,18 @@ def progress_bar(*extra: Any, transient: bool = True, eta: bool = True):
         TimeRemainingColumn,
     )
 
+    class QuietProgress(Progress):
+        def stop(self) -> None:
+            # Rich ends a display that is not a terminal (a pipe, a CI log) with an empty line,
+            # which then stands before an `error:` line or a summary.
+            if not self.disable:
+                self.live.stop()
+
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                *(TextColumn(c) if isinstance(c, str) else c for c in extra), TimeElapsedColumn()]
     if eta:
         columns.append(TimeRemainingColumn())
-    return Progress(*columns, console=console, transient=transient)
+    return QuietProgress(*columns, console=console, transient=transient)
 
 
 @contextlib.contextmanager
@@ -129,23 +158,53 @@ def record_for_launcher(message: str) -> None:
         Path(path).write_text(json.dumps({"message": message, "timestamp": int(time.time())}))
 
 
+def _print_error(message: str) -> None:
+    for line in message.splitlines() or ["error"]:
+        err_console.print(f"[bold red]error:[/] {line}", highlight=False, markup=True, soft_wrap=True)
+
+
+def resume_command() -> str:
+    """The command line of this process with --resume, or a description where it is not known."""
+    if ARGV is None:
+        return "the same command with --resume"
+    import shlex
+
+    return "rlphf " + shlex.join([*ARGV, *([] if "--resume" in ARGV else ["--resume"])])
+
+
 def cli_errors(func):
     """Turn library errors into one line on stderr and exit code 2 (a traceback with --debug)."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
+        global _running
+        _running = (func.__name__.removesuffix("_command").replace("_", "-"), kwargs)
         try:
             return func(*args, **kwargs)
+        except Interrupted as exc:
+            for line in str(exc).splitlines():
+                err_console.print(f"[yellow]interrupted:[/] {line}", highlight=False, markup=True, soft_wrap=True)
+            if getattr(exc, "resume", False):
+                err_console.print(f"resume with: {resume_command()}", highlight=False, markup=False, soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
         except RlphfError as exc:
             if debug_enabled():
                 raise
-            lines = str(exc).splitlines() or [type(exc).__name__]
-            for line in lines:
-                err_console.print(f"[bold red]error:[/] {line}", highlight=False, markup=True, soft_wrap=True)
-            record_for_launcher("error: " + " ".join(lines))
+            message = str(exc) or type(exc).__name__
+            _print_error(message)
+            record_for_launcher("error: " + " ".join(message.splitlines()))
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted[/]")
             raise typer.Exit(130) from None
+        except OSError as exc:  # a file-system failure the library did not name itself
+            if debug_enabled():
+                raise
+            from rlphf_cli.runs import describe_os_error
+
+            _print_error(f"{exc.filename}: {describe_os_error(exc)}" if exc.filename else describe_os_error(exc))
+            raise typer.Exit(2) from None
+        finally:
+            _running = None
 
     return wrapper

@@ -49,7 +49,10 @@ def generate_command(
                                                "rollouts: annotate.num_samples).", min=1)] = None,
     out: Annotated[Optional[Path], _opt("--out", help="Output .jsonl (a folder with --combos). Default: the run "
                                         "directory's rollouts.jsonl or generations/<system>/<combo>.jsonl.")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Skip prompts already in the output file.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted output file (written with "
+                                         "the same settings); its records are kept.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output file of the run "
+                                        "directory.")] = False,
     system: Annotated[Optional[str], _opt("--system", help="System name written in the records (default: "
                                           "base, adapter:<name> or soup:<names>).")] = None,
     temperature: Annotated[Optional[float], _opt("--temperature", help="0 means greedy.", min=0)] = None,
@@ -81,7 +84,7 @@ def generate_command(
     """
     from rlphf_cli import generation
     from rlphf_cli.data import load_prompts
-    from rlphf_cli.runs import RunDir
+    from rlphf_cli.runs import RunDir, check_outputs
     from rlphf_cli.training import quiet_libraries
 
     quiet_libraries()  # no deprecation chatter from transformers/peft while a soup is merged in
@@ -98,6 +101,8 @@ def generate_command(
         raise InputError("--weights goes with --adapters (for --soup write name=weight)")
     if prefs and combos:
         raise InputError("--prefs and --combos: give one (--combos writes one file per combination)")
+    if resume and force:
+        raise InputError("--resume and --force: give one (--resume continues the file, --force starts it over)")
     soup_spec = generation.parse_soup(soup) if soup else None
     if adapters:
         soup_spec = generation.soup_from_adapters([a.strip() for a in adapters.split(",") if a.strip()],
@@ -117,28 +122,39 @@ def generate_command(
     spec = prompts or (cfg.data.train_prompts if rollouts else cfg.data.eval_prompts)
     default_limit = cfg.data.max_train_prompts if rollouts else cfg.data.max_eval_prompts
     records = load_prompts(spec, limit or (None if prompts else default_limit))
-    if rollouts and num_samples is None:
-        cfg.generate.num_samples = max(cfg.generate.num_samples, cfg.annotate.num_samples)
+    count, note = generation.sample_count(cfg, num_samples, rollouts=rollouts,
+                                          temperature_by="--temperature" if temperature is not None else None)
 
-    loaded = generation.Generator.load(cfg, adapter=adapter, soup=soup_spec, system=system)
-    run = None
-    if out is None:
-        run = RunDir.open(cfg.resolved_run_dir(), cfg)
-    system_dir = loaded.system.replace(":", "-")
+    # Everything the outputs depend on is known before the model loads: check them first.
+    chosen = generation.Weights.resolve(cfg, adapter, soup_spec)
+    system_dir = (system or chosen.system()).replace(":", "-")
+    default_run = RunDir(cfg.resolved_run_dir())
+    if combinations is not None:
+        out_dir = out or default_run.path("generations", system_dir)
+        files = {combo: Path(out_dir) / f"{generation.combination_name(combo)}.jsonl" for combo in combinations}
+    else:
+        files = {tuple(pref_list): out or (default_run.rollouts() if rollouts else default_run.generations(
+            system_dir, generation.combination_name(pref_list) or "none"))}
+    run = check_outputs(cfg, list(files.values()), force=force or resume,
+                        hint="--resume continues it, --force replaces it, or write another --out")
+    if resume:
+        for combo, path in files.items():
+            generation.check_resume(path, cfg, chosen, system or chosen.system(), combo, count, records)
 
+    loaded = generation.Generator.load(cfg, system=system, weights=chosen)
+    if run is not None:
+        run.begin(cfg)
     bar, progress = _progress()
     with bar:
         if combinations is not None:
-            out_dir = out or run.path("generations", system_dir)
             summaries = list(generation.generate_combinations(
                 cfg, records, out_dir, combos=[generation.combination_name(c) for c in combinations],
-                resume=resume, progress=progress, generator=loaded).values())
+                num_samples=count, resume=resume, progress=progress, generator=loaded).values())
         else:
-            path = out or (run.rollouts() if rollouts else run.generations(
-                system_dir, generation.combination_name(pref_list) or "none"))
-            summaries = [generation.generate_file(cfg, records, path, prefs=pref_list, resume=resume,
-                                                  progress=progress, generator=loaded)]
-    _print_summary(summaries)
+            summaries = [generation.generate_file(cfg, records, files[tuple(pref_list)], prefs=pref_list,
+                                                  num_samples=count, resume=resume, progress=progress,
+                                                  generator=loaded)]
+    _print_summary(summaries, note)
 
 
 def _progress():
@@ -158,7 +174,7 @@ def _progress():
     return bar, progress
 
 
-def _print_summary(summaries: list[dict]) -> None:
+def _print_summary(summaries: list[dict], note: str | None = None) -> None:
     table = Table(title=f"generate: {summaries[0]['system']}")
     for column in ("file", "prompts", "new", "resumed", "samples", "distinct", "tokens", "tok/s"):
         table.add_column(column, justify="left" if column == "file" else "right")
@@ -170,6 +186,11 @@ def _print_summary(summaries: list[dict]) -> None:
     folders = sorted({str(Path(s["path"]).parent) for s in summaries})
     where = summaries[0]["path"] if len(summaries) == 1 else ", ".join(folders)
     console.print(f"wrote {where}", soft_wrap=True, highlight=False)
+    kept = sum(s["kept"] for s in summaries)
+    if kept:
+        console.print(f"kept {kept} records of prompts not asked for this time", highlight=False)
+    if note:
+        console.print(note, highlight=False)
 
 
 def register(app: typer.Typer) -> None:

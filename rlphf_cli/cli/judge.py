@@ -39,6 +39,8 @@ def judge_command(
     bootstrap_samples: Annotated[Optional[int], typer.Option("--bootstrap-samples", min=0, help="Bootstrap "
                                                              "resamples for the 95% interval.",
                                                              show_default=False)] = None,
+    force: Annotated[bool, typer.Option("--force", help="Judge again, replacing the run directory's judgment "
+                                        "(verdicts are cached).")] = False,
     recipe: RecipeOption = None,
     run_dir: RunDirOption = None,
     set_: SetOption = None,
@@ -59,10 +61,9 @@ def judge_command(
     resolved = resolve_recipe(recipe, set_, run_dir, judge__backend=judge,
                               judge__both_orders=False if single_order else None,
                               judge__bootstrap_samples=bootstrap_samples)
-    if out is None:
-        out = default_out(RunDir.open(resolved.resolved_run_dir(), resolved), a, b)
+    out = out or default_out(RunDir(resolved.resolved_run_dir()), a, b)
     with one_progress_bar(f"judging with the {resolved.judge.backend} judge") as update:
-        result = judge_files(resolved, a, b, criteria, out, progress=update, common=common)
+        result = judge_files(resolved, a, b, criteria, out, progress=update, force=force, common=common)
     _print_result(result, out)
 
 

@@ -3,16 +3,44 @@
 from __future__ import annotations
 
 import inspect
+import sys
 from typing import Annotated, Optional
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 
 from rlphf_cli import __version__
-from rlphf_cli.cli import annotate, generate, judge, merge, run, serve, tiny_model, train_policy, train_rm
-from rlphf_cli.cli.common import set_debug
+from rlphf_cli.cli import annotate, common, generate, judge, merge, run, serve, tiny_model, train_policy, train_rm
+
+
+class _FlagsReadAsFlags:
+    """Typer's help prints a type beside every option, flags included (`--force <bool>`), as if
+    they took a value: give flags an empty metavar, the help option too."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for param in self.params:
+            if getattr(param, "is_flag", False):
+                param.metavar = ""
+
+    def get_help_option(self, ctx):
+        option = super().get_help_option(ctx)
+        if option is not None:
+            option.metavar = ""
+        return option
+
+
+class FlagCommand(_FlagsReadAsFlags, TyperCommand):
+    pass
+
+
+class FlagGroup(_FlagsReadAsFlags, TyperGroup):
+    pass
+
 
 app = typer.Typer(
     name="rlphf",
+    cls=FlagGroup,
     help="Personalized Soups: per-preference reward models and LoRA policies, merged post hoc "
     "for any mix of preferences, measured with pairwise judges.",
     no_args_is_help=True,
@@ -37,7 +65,7 @@ def main_callback(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks instead of one-line errors.")] = False,
 ) -> None:
     # Set on every invocation, so one `--debug` run does not leak into the next in the same process.
-    set_debug(debug)
+    common.set_debug(debug)
 
 
 def _reflowed(doc: str) -> str:
@@ -50,11 +78,14 @@ def _reflowed(doc: str) -> str:
 for module in (tiny_model, generate, annotate, train_rm, train_policy, merge, judge, run, serve):
     module.register(app)
 for command in app.registered_commands:
+    if command.cls in (None, TyperCommand):
+        command.cls = FlagCommand
     if command.help is None and command.callback.__doc__:
         command.help = _reflowed(command.callback.__doc__)
 
 
 def main() -> None:
+    common.ARGV = sys.argv[1:]
     app()
 
 

@@ -43,7 +43,8 @@ def merge_command(
                                                 show_default=False)] = None,
     out: Annotated[Optional[Path], typer.Option(
         "--out", help="Output folder (default with --prefs: <run-dir>/soups/<combo>/).", show_default=False)] = None,
-    force: Annotated[bool, typer.Option("--force", help="Merge adapters whose base_model_name_or_path differ.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing soup of the run directory; merge "
+                                        "adapters whose base_model_name_or_path differ.")] = False,
     into_base: Annotated[Optional[Path], typer.Option(
         "--into-base", help="Also write a full model with the soup merged into the base weights (loads the base).",
         show_default=False)] = None,
@@ -82,7 +83,7 @@ def merge_command(
         card = merge_from_recipe(
             resolved, adapters=[str(a) for a in adapters or []], prefs=prefs, weights=weights, out_dir=out,
             force=force, into_base=into_base, base_model=resolved.model.name if model else None, explicit=explicit,
-            progress=update,
+            progress=update, replace=force,
         )
 
     table = Table(title=f"soup: {card['method']}", title_justify="left")

@@ -41,6 +41,10 @@ class PipelineDisplay:
         elif kind == "unit":
             done, total, label = args
             p.update(self.unit_task, completed=done, total=total, visible=True, description=f"  {label}")
+        elif kind == "changed":
+            key, outputs = args
+            p.console.print(f"[yellow]![/] {', '.join(outputs)} changed since `rlphf run` made it ({key}): kept, "
+                            "and what depends on it is recomputed", highlight=False, soft_wrap=True)
         elif kind == "stage-end":
             # A line per stage stays on screen (and in a CI log, where the live display is not drawn).
             name, counts, seconds = args

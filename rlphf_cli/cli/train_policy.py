@@ -18,6 +18,7 @@ from rlphf_cli.cli.common import (
     resolve_recipe,
 )
 from rlphf_cli.cli.train_rm import ModelOption, training_progress
+from rlphf_cli.errors import InputError
 
 
 def _fmt(value, spec: str = ".3f") -> str:
@@ -45,6 +46,8 @@ def train_policy_command(
                                                 show_default=False)] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint (saved every "
                                          "train_policy.save_steps and on Ctrl-C).")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Train again, replacing the run directory's "
+                                        "policy.")] = False,
     recipe: RecipeOption = None,
     run_dir: RunDirOption = None,
     set_: SetOption = None,
@@ -66,7 +69,6 @@ def train_policy_command(
     from rich.table import Table
 
     from rlphf_cli.recipe import check_trainer_fields, recipe_warnings
-    from rlphf_cli.runs import RunDir
     from rlphf_cli.training import is_main_process
     from rlphf_cli.training.policy import train_policies
 
@@ -74,11 +76,11 @@ def train_policy_command(
                               train_policy__mode=mode, data__train_prompts=prompts)
     check_trainer_fields(resolved)
     prefs = either(prefs, pref, "--prefs and --pref")
-    if is_main_process():
-        RunDir.open(resolved.resolved_run_dir(), resolved)
+    if resume and force:
+        raise InputError("--resume and --force: give one (--resume continues training, --force starts it over)")
     with training_progress(warnings=recipe_warnings(resolved)) as progress_factory:
         results = train_policies(resolved, prefs, out_dir=out, reward_model=reward_model, resume=resume,
-                                 progress_factory=progress_factory)
+                                 progress_factory=progress_factory, force=force)
     if not is_main_process():
         return
     table = Table(title="policies")

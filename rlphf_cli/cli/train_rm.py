@@ -70,6 +70,8 @@ def train_rm_command(
     model: ModelOption = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Output folder (default: <run-dir>/rm/<id>; with "
                                                 "several preferences, a parent of <id>/).", show_default=False)] = None,
+    force: Annotated[bool, typer.Option("--force", help="Train again, replacing the run directory's reward "
+                                        "model.")] = False,
     recipe: RecipeOption = None,
     run_dir: RunDirOption = None,
     set_: SetOption = None,
@@ -86,7 +88,6 @@ def train_rm_command(
     """
     from rich.table import Table
 
-    from rlphf_cli.runs import RunDir
     from rlphf_cli.training import is_main_process
     from rlphf_cli.training.reward import train_reward_models
 
@@ -94,10 +95,9 @@ def train_rm_command(
     if not prefs:
         raise InputError("give --prefs: a preference id or alias, a comma list, 'all' or 'general'")
     resolved = resolve_recipe(recipe, set_, run_dir, model__name=model)
-    if is_main_process():
-        RunDir.open(resolved.resolved_run_dir(), resolved)
     with training_progress() as progress_factory:
-        results = train_reward_models(resolved, prefs, data_path=data, out_dir=out, progress_factory=progress_factory)
+        results = train_reward_models(resolved, prefs, data_path=data, out_dir=out, progress_factory=progress_factory,
+                                      force=force)
     if not is_main_process():
         return
     table = Table(title="reward models")

@@ -16,9 +16,9 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from rlphf_cli import files
 from rlphf_cli.errors import InputError, MissingArtifactError
 from rlphf_cli.evaluation.winrate import summarize
-from rlphf_cli.judges.annotate import read_records
 from rlphf_cli.judges.base import JudgeRequest, ProgressFn
 from rlphf_cli.preferences import Preference
 from rlphf_cli.runs import atomic_write_json, atomic_write_text
@@ -37,25 +37,29 @@ def _as_list(paths: Paths) -> list[Path]:
 
 def load_generations(paths: Paths) -> dict[str, list[dict]]:
     """{file name: records} for a JSONL file, a folder of them, or a list of files."""
-    files: list[Path] = []
+    found_files: list[Path] = []
     for path in _as_list(paths):
         if path.is_dir():
             found = sorted(path.glob("*.jsonl"))
             if not found:
                 raise InputError(f"{path}: no .jsonl generation files in the folder")
-            files += found
+            found_files += found
         elif path.is_file():
-            files.append(path)
+            found_files.append(path)
         else:
             raise MissingArtifactError("generations", path, f"rlphf generate --out {path}")
     out = {}
-    for file in files:
-        records = read_records(file, "generation")
-        for n, record in enumerate(records, 1):
-            if "id" not in record or not (record.get("response") is not None or record.get("responses")):
-                raise InputError(f"{file}: record {n}: a generation needs 'id' and 'response'")
-        out[str(file)] = records
+    for file in found_files:
+        out[str(file)] = files.read_jsonl(file, "generation", check=_generation_problem)
     return out
+
+
+def _generation_problem(record: dict) -> str | None:
+    if "id" not in record or not (record.get("response") is not None or record.get("responses")):
+        return "a generation needs 'id' and 'response'"
+    if not isinstance(record.get("response") or "", str):
+        return "'response' is not a string"
+    return None
 
 
 def _key(record: dict) -> tuple[str, str]:
@@ -147,7 +151,7 @@ def _criteria_for(recipe, a: dict, b: dict, criteria) -> list[Preference]:
 
 def judge_files(recipe, a_path: Paths, b_path: Paths, criteria: str | Sequence[str] | None,
                 out_path: str | Path | None, *, judge=None, progress: ProgressFn | None = None,
-                common: bool = False) -> dict:
+                common: bool = False, force: bool = False) -> dict:
     """Judge system A's generations against system B's; write `out_path` (JSON) and its `.md`.
 
     `a_path`/`b_path`: a generation JSONL file each, a folder of per-combination files each (matched
@@ -156,9 +160,11 @@ def judge_files(recipe, a_path: Paths, b_path: Paths, criteria: str | Sequence[s
     of the other. `common`: judge the shared records only (the result says how many were left out).
     `criteria`: None or 'combo' (each record's own preferences), 'all', or names ('P1A,P2A').
     `judge`: a judge object (default: `get_judge(recipe.judge.backend, recipe)`), cached in
-    `<out_path folder>/judge_cache.jsonl`. Returns the result written to `out_path`.
+    `<out_path folder>/judge_cache.jsonl`. A judgment of the run directory is replaced only with
+    `force`. Returns the result written to `out_path`.
     """
     from rlphf_cli.judges import get_judge
+    from rlphf_cli.runs import check_outputs
 
     start = time.time()
     pairs, left_out = match_records(a_path, b_path, common)
@@ -173,6 +179,11 @@ def judge_files(recipe, a_path: Paths, b_path: Paths, criteria: str | Sequence[s
     else:
         judge.use_cache(cache_path)
     judge.check(used)
+    if out_path is not None:
+        run = check_outputs(recipe, [Path(out_path), Path(out_path).with_suffix(".md")], force=force,
+                            hint="pass --force to judge again (verdicts are cached), or --out")
+        if run is not None:
+            run.begin(recipe)
 
     both = recipe.judge.both_orders
     requests: list[JudgeRequest] = []
@@ -210,6 +221,7 @@ def judge_files(recipe, a_path: Paths, b_path: Paths, criteria: str | Sequence[s
         "criteria": criteria if isinstance(criteria, str) or criteria is None
         else ",".join(c.id if isinstance(c, Preference) else str(c) for c in criteria),
         "pairs": len(pairs), "left_out": left_out, "judgments": len(items),
+        "settings": recipe.settings("judge", "seed"),
         "overall": _summary(items, samples, seed),
         "per_criterion": {p.id: _summary([i for i in items if i["criterion"] == p.id], samples, seed) for p in used},
         "per_combo": {},

@@ -18,6 +18,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from rlphf_cli import files
 from rlphf_cli.errors import InputError, MissingArtifactError
 from rlphf_cli.judges.base import JudgeRequest, ProgressFn
 from rlphf_cli.preferences import Preference
@@ -26,35 +27,21 @@ from rlphf_cli.runs import atomic_write_json, atomic_write_text
 CACHE_NAME = "judge_cache.jsonl"
 
 
-def read_records(path: Path, what: str) -> list[dict]:
-    """A JSONL file of objects; a bad line is an error naming the file and the line."""
-    records = []
-    with open(path, encoding="utf-8") as handle:
-        for n, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise InputError(f"{path}: line {n}: invalid JSON ({exc.msg})") from None
-            if not isinstance(record, dict):
-                raise InputError(f"{path}: line {n}: expected a {what} object")
-            records.append(record)
-    return records
+def _rollout_problem(record: dict) -> str | None:
+    responses = record.get("responses")
+    if not isinstance(record.get("instruction"), str) or not isinstance(responses, list):
+        return ("a rollout needs 'instruction' and a 'responses' list "
+                "(make rollouts with: rlphf generate --num-samples 2)")
+    if not all(isinstance(r, str) for r in responses):
+        return "'responses' must be a list of strings"
+    return None
 
 
 def load_rollouts(path: str | Path) -> list[dict]:
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise MissingArtifactError("rollouts", path, f"rlphf generate --num-samples 2 --out {path}")
-    records = read_records(path, "rollout")
-    if not records:
-        raise InputError(f"{path}: no rollouts")
-    for n, record in enumerate(records, 1):
-        responses = record.get("responses")
-        if "instruction" not in record or not isinstance(responses, list):
-            raise InputError(f"{path}: record {n}: a rollout needs 'instruction' and a 'responses' list "
-                             "(make rollouts with: rlphf generate --num-samples 2)")
+    records = files.read_jsonl(path, "rollout", check=_rollout_problem)
     if max(len(r["responses"]) for r in records) < 2:
         raise InputError(f"{path}: one sample per prompt; pairs need at least 2: "
                          f"rlphf generate --num-samples 2 --out {path}")
@@ -83,14 +70,17 @@ def form_pairs(records: list[dict], pairs_per_prompt: int, seed: int) -> tuple[l
 
 
 def annotate_rollouts(recipe, rollouts_path: str | Path, prefs: str | Sequence[str | Preference] | None,
-                      out_dir: str | Path, *, judge=None, progress: ProgressFn | None = None) -> dict:
+                      out_dir: str | Path, *, judge=None, progress: ProgressFn | None = None,
+                      force: bool = False) -> dict:
     """Label rollout pairs for each preference; write `<out_dir>/<id>.jsonl` + `<id>.summary.json`.
 
     `prefs`: preferences, names ('P1A,concise'), 'all', or None for `annotate.prefs`. `judge`: a
     judge object (default: `get_judge(recipe.annotate.judge, recipe)` with its cache in out_dir).
-    `progress(done, total)` is called as verdicts arrive. Returns the summary of every preference.
+    `progress(done, total)` is called as verdicts arrive. Annotations of the run directory are
+    replaced only with `force`. Returns the summary of every preference.
     """
     from rlphf_cli.judges import get_judge
+    from rlphf_cli.runs import check_outputs
 
     start = time.time()
     out_dir = Path(out_dir)
@@ -105,6 +95,10 @@ def annotate_rollouts(recipe, rollouts_path: str | Path, prefs: str | Sequence[s
     if not pairs:
         raise InputError(f"{rollouts_path}: no pair of distinct samples to annotate "
                          f"({counts['identical_samples']} prompts with identical samples)")
+    run = check_outputs(recipe, [out_dir / f"{pref.id}.jsonl" for pref in preferences], force=force,
+                        hint="pass --force to label them again (verdicts so far are cached)")
+    if run is not None:
+        run.begin(recipe)
 
     requests, shown_first = [], []
     for pref in preferences:
@@ -144,7 +138,8 @@ def annotate_rollouts(recipe, rollouts_path: str | Path, prefs: str | Sequence[s
         atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         summary = {"preference": pref.id, "path": str(path), "rollouts": str(rollouts_path), **counts, **info,
                    "judge": judge.describe(), "seed": recipe.seed,
-                   "pairs_per_prompt": recipe.annotate.pairs_per_prompt}
+                   "pairs_per_prompt": recipe.annotate.pairs_per_prompt,
+                   "settings": recipe.settings("annotate", "judge", "seed")}
         summaries[pref.id] = summary
 
     total = {"preferences": summaries, "pairs": len(pairs), **counts,

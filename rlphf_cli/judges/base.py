@@ -15,6 +15,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Literal, Protocol
 
+from rlphf_cli import files
 from rlphf_cli.errors import InputError
 from rlphf_cli.preferences import Preference
 
@@ -130,7 +131,13 @@ class TemplateSet:
     def text(self, pref: Preference, use: str) -> str:
         key = (pref.id, use)
         if key not in self._texts:
-            self._texts[key] = template_path(pref, use, self.folder).read_text(encoding="utf-8")
+            path = template_path(pref, use, self.folder)
+            text = files.read_text(path, "judge template")
+            missing = [p for p in ("{instruction}", "{output_a}", "{output_b}") if p not in text]
+            if missing:
+                raise InputError(f"{path}: a judge template needs {', '.join(missing)} (placeholders: "
+                                 "{instruction} {output_a} {output_b} {criterion})")
+            self._texts[key] = text
         return self._texts[key]
 
     def render(self, request: JudgeRequest) -> str:

@@ -14,7 +14,7 @@ import json
 import os
 from pathlib import Path
 
-from rlphf_cli.runs import read_jsonl
+from rlphf_cli.runs import fs_errors, read_jsonl
 
 
 def cache_key(backend: str, model: str, template: str, criterion: str, instruction: str, a: str, b: str,
@@ -54,13 +54,14 @@ class JudgeCache:
     def put(self, key: str, record: dict) -> None:
         record = {"key": key, **record}
         self._records[key] = record
-        if self._fd is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-            if _ends_torn(self.path):
-                os.write(self._fd, b"\n")  # keep the next record off a line a killed run left half-written
-        line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
-        os.write(self._fd, line)
+        with fs_errors(self.path):
+            if self._fd is None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+                if _ends_torn(self.path):
+                    os.write(self._fd, b"\n")  # keep the next record off a line a killed run left half-written
+            line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+            os.write(self._fd, line)
 
     def close(self) -> None:
         if self._fd is not None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import json
 import os
 import random
 import time
@@ -142,7 +143,24 @@ class OpenAIJudge(BaseJudge):
                                        {"role": "user", "content": REASK[request.use]}]
         return judgment
 
+    def _answer_key(self, messages) -> str:
+        from rlphf_cli.judges.cache import cache_key
+
+        return cache_key(self.name, self.cfg.model, "answer", f"{self.cfg.temperature}:{self.cfg.max_tokens}",
+                         json.dumps(messages, ensure_ascii=False), "", "", "")
+
     async def _complete(self, client, semaphore, messages, judgment: Judgment) -> str:
+        """One answer from the endpoint. Every answer is cached the moment it arrives, before it is
+        parsed: a run killed between an unreadable answer and its re-ask asks neither again."""
+        key = self._answer_key(messages) if self.cache is not None else None
+        if key is not None and "answer" in (self.cache.get(key) or {}):
+            return self.cache.get(key)["answer"]
+        text = await self._request(client, semaphore, messages, judgment)
+        if key is not None:
+            self.cache.put(key, {"backend": self.name, "model": self.cfg.model, "answer": text})
+        return text
+
+    async def _request(self, client, semaphore, messages, judgment: Judgment) -> str:
         import openai
 
         for attempt in range(self.cfg.max_retries + 1):

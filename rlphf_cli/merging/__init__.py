@@ -12,16 +12,18 @@ soup.json): average (the paper's, default), exact, svd, ties, dare. The base mod
 """
 
 from rlphf_cli.merging.methods import METHODS, PARAMETERS, MergeMethod
-from rlphf_cli.merging.soup import (
-    MergePlan,
-    merge_adapters,
-    merge_from_recipe,
-    merge_in_memory,
-    merge_into_base,
-    merged_tensors,
-    parse_weights,
-    plan_merge,
-)
 
-__all__ = ["METHODS", "PARAMETERS", "MergeMethod", "MergePlan", "merge_adapters", "merge_from_recipe",
-           "merge_in_memory", "merge_into_base", "merged_tensors", "parse_weights", "plan_merge"]
+_SOUP_NAMES = ("MergePlan", "merge_adapters", "merge_from_recipe", "merge_in_memory", "merge_into_base",
+               "merged_tensors", "parse_weights", "plan_merge")
+
+__all__ = ["METHODS", "PARAMETERS", "MergeMethod", *_SOUP_NAMES]
+
+
+def __getattr__(name: str):
+    # The recipe checks merge.method against METHODS; making soups (files, run directories, models)
+    # loads on first use, so that the recipe depends on the method names alone.
+    if name in _SOUP_NAMES:
+        from rlphf_cli.merging import soup
+
+        return getattr(soup, name)
+    raise AttributeError(f"module 'rlphf_cli.merging' has no attribute '{name}'")

@@ -15,6 +15,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rlphf_cli import files
 from rlphf_cli.errors import InputError
 from rlphf_cli.runs import file_sha256
 
@@ -102,14 +103,7 @@ def read_adapter(path: str | Path) -> AdapterInput:
     config_path = folder / CONFIG_FILE
     if not config_path.is_file():
         raise InputError(f"{config_path}: file not found (not a PEFT adapter folder)")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise InputError(f"{config_path}: invalid JSON (line {exc.lineno}): {exc.msg}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"{config_path}: cannot read: {exc}") from None
-    if not isinstance(config, dict):
-        raise InputError(f"{config_path}: expected a JSON object")
+    config = files.read_json_object(config_path, "adapter config")
     kind = config.get("peft_type")
     if kind != "LORA":
         raise InputError(f"{config_path}: a {kind or 'non-PEFT'} adapter; only LoRA adapters can be merged")

@@ -15,7 +15,7 @@ sum_i w_i T_i (`merge_full`). Under `exact`/`svd` that equals base + sum_i w_i (
 when the weights sum to 1, and the base is never loaded, so other sums are refused there unless
 the tensors are identical (identical tensors are copied unchanged under every method).
 
-torch is imported inside functions: this module is imported by the recipe check.
+torch is imported inside functions: the recipe imports this module to check `merge.method`.
 """
 
 from __future__ import annotations

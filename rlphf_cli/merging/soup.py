@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rlphf_cli import files
 from rlphf_cli.errors import InputError, MissingArtifactError
 from rlphf_cli.merging.card import build_card
 from rlphf_cli.merging.io import (
@@ -243,7 +244,7 @@ def merge_into_base(soup_dir: str | Path, out_dir: str | Path, base_model: str |
     """Write a full model: the base (`base_model`, else the soup's base_model_name_or_path) with the
     soup merged into its weights (transformers + peft merge_and_unload). Loads the base model."""
     soup = Path(soup_dir)
-    config = json.loads((soup / CONFIG_FILE).read_text(encoding="utf-8"))
+    config = files.read_json_object(soup / CONFIG_FILE, "adapter config")
     base = base_model or config.get("base_model_name_or_path")
     if not base:
         raise InputError(f"{soup / CONFIG_FILE}: no base_model_name_or_path; name the base model with --model")
@@ -291,13 +292,16 @@ def merge_from_recipe(
     base_model: str | None = None,
     explicit: Sequence[str] = (),
     progress: Progress | None = None,
+    replace: bool = False,
 ) -> dict:
     """`rlphf merge`: adapter folders (with out_dir), or preferences resolved to the run directory's
-    policy/<id>/ folders (default out_dir: soups/<combo>/). Method and parameters come from the recipe's `merge`
-    section; `explicit` names the parameters the user set on the command line (an error if the
-    method does not use them). Returns the merge card plus 'out' (and 'into_base')."""
-    from rlphf_cli.preferences import combination_name
-    from rlphf_cli.runs import RunDir
+    policy/<id>/ folders (default out_dir: soups/<combo>/ for equal shares, soups/<id>=<w>+.../
+    otherwise). Method and parameters come from the recipe's `merge` section; `explicit` names the
+    parameters the user set on the command line (an error if the method does not use them). A
+    finished soup of the run directory is replaced only with `replace`. Returns the merge card plus
+    'out' (and 'into_base')."""
+    from rlphf_cli.preferences import combination_name, soup_name
+    from rlphf_cli.runs import RunDir, check_outputs
 
     method = recipe.merge.method
     method_cls = METHODS.get(method)
@@ -335,16 +339,18 @@ def merge_from_recipe(
                                            f"rlphf train-policy --prefs {pref.alias}")
         combo = combination_name(chosen)
         dirs = [run.policy(p.id) for p in chosen]
-        out_dir = out_dir or run.soup(combo)
+        out_dir = out_dir or run.soup(soup_name([p.id for p in chosen], weights))
         extra = {"preferences": [p.id for p in chosen], "combo": combo}
 
     def merge() -> Path:
         return merge_adapters(dirs, weights, method, out_dir, force=force, progress=progress, card_extra=extra,
                               **params)
 
-    if run is not None:
-        run = RunDir.open(run.root, recipe)
-        with run.stage(f"merge/{extra['combo']}", method=method, weights=list(weights)):
+    record = check_outputs(recipe, [Path(out_dir)], force=replace, hint="pass --force to replace it, or --out")
+    if record is not None:
+        record.begin(recipe)
+    if record is not None:
+        with record.stage(f"merge/{Path(out_dir).name}", method=method, weights=list(weights)):
             out = merge()
     else:
         out = merge()

@@ -2,14 +2,7 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 TINY = "tiny"
-
-
-def rlphf_home() -> Path:
-    return Path(os.environ.get("RLPHF_HOME", "~/.cache/rlphf")).expanduser()
 
 
 def resolve_model(name: str) -> str:

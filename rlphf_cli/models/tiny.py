@@ -19,7 +19,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from rlphf_cli.models import rlphf_home
 from rlphf_cli.models.corpus import DATA_DIR, TOPICS_FILE, build_sft_examples, load_topics
 
 BUILDER_VERSION = 1
@@ -65,6 +64,10 @@ def build_fingerprint(seed: int = 0, **overrides: Any) -> str:
                 "overrides": overrides}
     digest.update(json.dumps(settings, sort_keys=True).encode())
     return digest.hexdigest()
+
+
+def rlphf_home() -> Path:
+    return Path(os.environ.get("RLPHF_HOME", "~/.cache/rlphf")).expanduser()
 
 
 def tiny_model_dir(seed: int = 0) -> Path:

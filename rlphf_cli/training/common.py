@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
+from rlphf_cli import files
 from rlphf_cli.errors import InputError, MissingArtifactError
 from rlphf_cli.prompting import TULU_TEMPLATE, text_ids, uses_chat_template
-from rlphf_cli.runs import atomic_dir, atomic_write_json, atomic_write_text
+from rlphf_cli.runs import atomic_dir, atomic_write_json, atomic_write_text, fs_errors
 from rlphf_cli.training import is_main_process
 
 # Files Trainer.save_model writes that a published folder does not need (a pickle of the config).
@@ -87,39 +87,48 @@ def encode(tokenizer, text: str, prompt_format: str, max_length: int | None) -> 
 # Annotations
 
 
-def load_pairs(path: Path, annotate_alias: str) -> tuple[list[dict], int]:
-    """Usable preference pairs from an annotations JSONL, and how many lines were skipped.
+def _pair_problem(row: dict) -> str | None:
+    if not all(isinstance(row.get(k), str) for k in ("prompt", "chosen", "rejected")):
+        return "a preference pair needs 'prompt', 'chosen' and 'rejected' strings (TRL's preference format)"
+    return None
 
-    A pair is usable when prompt, chosen and rejected are non-empty strings and chosen != rejected.
+
+def load_pairs(path: Path, annotate_alias: str) -> tuple[list[dict], int]:
+    """Usable preference pairs from an annotations JSONL, and how many were skipped.
+
+    A pair is usable when prompt, chosen and rejected are non-empty and chosen != rejected.
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise MissingArtifactError(f"annotations for {annotate_alias}", path,
                                    f"rlphf annotate --prefs {annotate_alias}")
     pairs, skipped = [], 0
-    with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                skipped += 1
-                continue
-            fields = [row.get(k) if isinstance(row, dict) else None for k in ("prompt", "chosen", "rejected")]
-            if not all(isinstance(f, str) and f.strip() for f in fields) or fields[1] == fields[2]:
-                skipped += 1
-                continue
-            pairs.append({"prompt": fields[0], "chosen": fields[1], "rejected": fields[2],
-                          "id": str(row.get("id", fields[0]))})
+    for row in files.read_jsonl(path, "preference pair", check=_pair_problem):
+        fields = [row[k] for k in ("prompt", "chosen", "rejected")]
+        if not all(f.strip() for f in fields) or fields[1] == fields[2]:
+            skipped += 1
+            continue
+        pairs.append({"prompt": fields[0], "chosen": fields[1], "rejected": fields[2],
+                      "id": str(row.get("id", fields[0]))})
     if not pairs:
-        raise InputError(f"{path}: no usable preference pairs ({skipped} lines skipped; each line needs non-empty "
-                         "'prompt', 'chosen' and 'rejected' strings with chosen != rejected)")
+        raise InputError(f"{path}: no usable preference pairs ({skipped} skipped; each needs non-empty "
+                         "'prompt', 'chosen' and 'rejected' with chosen != rejected)")
     return pairs, skipped
 
 
 # --------------------------------------------------------------------------------------------
 # Publishing
+
+
+def begin_outputs(recipe, outputs: list[Path], force: bool, hint: str) -> None:
+    """After the inputs are checked, before training: the outputs can be written and replace no
+    finished model of the run directory unless `force`; the run directory records the command."""
+    from rlphf_cli.runs import check_outputs
+
+    run = check_outputs(recipe, outputs, force=force, hint=hint)
+    if run is not None and is_main_process():
+        run.begin(recipe)
+
 
 
 def staging_dir(out_dir: Path, kind: str) -> Path:
@@ -132,7 +141,8 @@ def publish(trainer, out_dir: Path, files: dict[str, object], copies: dict[str, 
     (name -> existing file), then replace `out_dir` in one rename. Every process must call this (DeepSpeed
     gathers weights collectively); only the main one writes."""
     stage = staging_dir(out_dir, "saving")
-    trainer.save_model(str(stage))
+    with fs_errors(out_dir):
+        trainer.save_model(str(stage))
     trainer.accelerator.wait_for_everyone()
     if is_main_process():
         with atomic_dir(out_dir) as tmp:

@@ -82,7 +82,7 @@ def trainer_config(recipe: Recipe, class_name: str, output_dir: str, defaults: d
     }
     if "gradient_checkpointing" in user:  # the deprecated alias only counts when the new name is unset
         kwargs.pop("activation_checkpointing", None)
-    user = _coerce_numbers(getattr(trl, class_name), user, f"{recipe.source}: {section}.{sub}")
+    user = _coerce_numbers(getattr(trl, class_name), user, recipe, f"{section}.{sub}")
     if "save_steps" in user and "save_strategy" not in user:
         kwargs["save_strategy"] = "steps"
     kwargs.update(user)
@@ -94,7 +94,7 @@ def trainer_config(recipe: Recipe, class_name: str, output_dir: str, defaults: d
         raise RecipeError(f"{recipe.source}: {section}.{sub}: {exc}") from None
 
 
-def _coerce_numbers(config_class, values: dict[str, Any], where: str) -> dict[str, Any]:
+def _coerce_numbers(config_class, values: dict[str, Any], recipe: Recipe, where: str) -> dict[str, Any]:
     """YAML reads `5e-4` (no dot) as a string: turn strings into numbers for numeric-only fields."""
     import dataclasses
 
@@ -107,5 +107,5 @@ def _coerce_numbers(config_class, values: dict[str, Any], where: str) -> dict[st
         try:
             out[key] = int(value) if "float" not in kind else float(value)
         except ValueError:
-            raise RecipeError(f"{where}.{key}: expected a number, got {value!r}") from None
+            raise RecipeError(f"{recipe.origin(f'{where}.{key}')}: {where}.{key}: expected a number, got {value!r}") from None
     return out

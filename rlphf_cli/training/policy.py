@@ -20,7 +20,7 @@ import shutil
 import time
 from pathlib import Path
 
-from rlphf_cli.errors import InputError, RecipeError, RlphfError
+from rlphf_cli.errors import InputError, Interrupted, RecipeError
 from rlphf_cli.preferences import Preference
 from rlphf_cli.prompting import instruction_with_preferences
 from rlphf_cli.recipe import Recipe, check_trainer_fields
@@ -28,6 +28,7 @@ from rlphf_cli.runs import RunDir, read_jsonl
 from rlphf_cli.training import GENERAL, is_main_process
 from rlphf_cli.training.callbacks import ProgressFn, make_callbacks
 from rlphf_cli.training.common import (
+    begin_outputs,
     completion_example,
     completion_text,
     load_pairs,
@@ -48,10 +49,8 @@ OFFLINE = ("dpo", "sft")  # trained from annotations, no reward model
 SUMMARY = "training.json"
 
 
-class TrainingInterrupted(RlphfError):
+class TrainingInterrupted(Interrupted):
     """Ctrl-C during training: a checkpoint was saved (when checkpointing is on)."""
-
-    exit_code = 130
 
 
 class RMReward:
@@ -121,12 +120,12 @@ def multitask_examples(recipe: Recipe, tokenizer, pairs_by_pref: dict[str, list[
 def train_policy(recipe: Recipe, *, pref: str | None = None, mode: str | None = None, algo: str | None = None,
                  model: str | None = None, reward_model: str | Path | None = None, prompts: str | None = None,
                  out_dir: str | Path | None = None, run_dir: str | Path | None = None, resume: bool = False,
-                 progress: ProgressFn | None = None) -> dict:
+                 progress: ProgressFn | None = None, force: bool = False) -> dict:
     """Train one LoRA policy; write policy/<name>/ (adapter, tokenizer, metrics.jsonl, training.json)
-    and return a summary. `resume` continues from the last checkpoint when there is one."""
+    and return a summary. `resume` continues from the last checkpoint when there is one; a policy
+    of the run directory is replaced only with `force`."""
     import datasets
     import trl
-    from transformers.trainer_utils import get_last_checkpoint
 
     from rlphf_cli.data import load_prompts
     from rlphf_cli.models import resolve_model
@@ -161,7 +160,7 @@ def train_policy(recipe: Recipe, *, pref: str | None = None, mode: str | None = 
     config_name, trainer_name = ALGOS[algo]
     rm_ids = _reward_ids(recipe, mode, preference)
     ckpt_dir = staging_dir(out_dir, "checkpoints")
-    last = get_last_checkpoint(str(ckpt_dir)) if resume and ckpt_dir.is_dir() else None
+    last = last_complete_checkpoint(ckpt_dir) if resume else None
     if resume and not last and (out_dir / SUMMARY).is_file():
         # Finished before the interruption (e.g. the first policies of `--prefs all`): keep it.
         return {**json.loads((out_dir / SUMMARY).read_text()), "out_dir": str(out_dir), "already_done": True}
@@ -186,6 +185,7 @@ def train_policy(recipe: Recipe, *, pref: str | None = None, mode: str | None = 
         records = load_prompts(prompts or recipe.data.train_prompts, recipe.data.max_train_prompts)
         data_counts = {"prompts": len(records)}
 
+    begin_outputs(recipe, [out_dir], force or bool(last), "pass --force to train it again, or --out")
     model_path = resolve_model(model or recipe.model.name)
     tokenizer = load_tokenizer(model_path, revision=recipe.model.revision,
                                trust_remote_code=recipe.model.trust_remote_code)
@@ -252,9 +252,10 @@ def train_policy(recipe: Recipe, *, pref: str | None = None, mode: str | None = 
         interrupt_cb.restore()
     wall = time.monotonic() - start
     if interrupt_cb.requested:
-        saved = f"checkpoint saved in {ckpt_dir}; " if args.save_strategy != "no" else ""
-        raise TrainingInterrupted(f"training of policy '{name}' interrupted at step {trainer.state.global_step}; "
-                                  f"{saved}rerun the same command with --resume to continue")
+        saving = args.save_strategy != "no"
+        saved = f"; checkpoint saved in {ckpt_dir}" if saving else "; no checkpoint (train_policy.save_steps is off)"
+        raise TrainingInterrupted(f"training of policy '{name}' stopped at step {trainer.state.global_step}{saved}",
+                                  resume=saving)
 
     records_logged = read_jsonl(metrics_file) if metrics_file.exists() else metrics_cb.records
     steps_run = trainer.state.global_step - (_step_of(last) if last else start_step)
@@ -270,6 +271,7 @@ def train_policy(recipe: Recipe, *, pref: str | None = None, mode: str | None = 
                                        "mask_truncated_completions": args.mask_truncated_completions}),
         "steps": trainer.state.global_step,
         "resumed_from": _step_of(last) if last else None,
+        "settings": recipe.settings("model", "data", "train_policy", "seed"),
         **data_counts,
         "wall_s": round(wall, 3),
         "s_per_step": round(wall / max(1, steps_run), 4),
@@ -280,6 +282,20 @@ def train_policy(recipe: Recipe, *, pref: str | None = None, mode: str | None = 
         shutil.rmtree(ckpt_dir, ignore_errors=True)
     summary["out_dir"] = str(out_dir)
     return summary
+
+
+def last_complete_checkpoint(folder: Path) -> str | None:
+    """The newest checkpoint-N that was saved whole. The Trainer writes trainer_state.json last, so a
+    process killed while saving leaves a checkpoint without a readable one: resume from the one before."""
+    found = sorted((p for p in folder.glob("checkpoint-*") if p.is_dir() and p.name.rsplit("-", 1)[-1].isdigit()),
+                   key=lambda p: int(p.name.rsplit("-", 1)[-1]), reverse=True) if folder.is_dir() else []
+    for checkpoint in found:
+        try:
+            json.loads((checkpoint / "trainer_state.json").read_text())
+        except (OSError, ValueError):
+            continue
+        return str(checkpoint)
+    return None
 
 
 def _step_of(checkpoint: str) -> int:
@@ -312,13 +328,13 @@ def _trend(records: list[dict], window: int = 3) -> dict:
 
 
 def train_policies(recipe: Recipe, prefs: str | None = None, *, mode: str | None = None, progress_factory=None,
-                   out_dir: str | Path | None = None, **kwargs) -> dict[str, dict]:
+                   out_dir: str | Path | None = None, force: bool = False, **kwargs) -> dict[str, dict]:
     """Mode soup with several preferences ('all', 'P1A,concise') trains them in turn; other modes
     train their one policy. With several, `out_dir` is a parent folder (<out_dir>/<id>)."""
     check_trainer_fields(recipe)
     mode = mode or recipe.train_policy.mode
     if mode != "soup":
-        return {mode: train_policy(recipe, pref=prefs, mode=mode, out_dir=out_dir,
+        return {mode: train_policy(recipe, pref=prefs, mode=mode, out_dir=out_dir, force=force,
                                    progress=progress_factory(mode) if progress_factory else None, **kwargs)}
     if not prefs:
         raise InputError("mode soup trains one policy per preference: give --prefs (an id, an alias or 'all')")
@@ -332,9 +348,12 @@ def train_policies(recipe: Recipe, prefs: str | None = None, *, mode: str | None
             load_pairs(run.annotations(p.id), p.alias)
         elif not kwargs.get("reward_model"):
             require_reward_model(run.reward_model(p.id), p.alias)
+    targets = {p.id: (Path(out_dir) / p.id if len(chosen) > 1 else Path(out_dir)) if out_dir else run.policy(p.id)
+               for p in chosen}
+    if not kwargs.get("resume"):  # resumed: finished ones are kept, the others continue
+        begin_outputs(recipe, list(targets.values()), force, "pass --force to train it again, or --out")
     results = {}
     for p in chosen:
-        target = (Path(out_dir) / p.id if len(chosen) > 1 else Path(out_dir)) if out_dir else None
-        results[p.id] = train_policy(recipe, pref=p.id, mode="soup", out_dir=target,
+        results[p.id] = train_policy(recipe, pref=p.id, mode="soup", out_dir=targets[p.id], force=force,
                                      progress=progress_factory(p.id) if progress_factory else None, **kwargs)
     return results

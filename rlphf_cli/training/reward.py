@@ -7,7 +7,6 @@ so reward models and policies need not share a tokenizer.
 
 from __future__ import annotations
 
-import json
 import random
 import shutil
 import threading
@@ -16,6 +15,7 @@ import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
+from rlphf_cli import files
 from rlphf_cli.errors import InputError, MissingArtifactError
 from rlphf_cli.hub import require_model
 from rlphf_cli.recipe import Recipe, check_trainer_fields
@@ -23,6 +23,7 @@ from rlphf_cli.runs import RunDir
 from rlphf_cli.training import GENERAL, is_main_process
 from rlphf_cli.training.callbacks import ProgressFn, make_callbacks
 from rlphf_cli.training.common import (
+    begin_outputs,
     conversation_text,
     encode,
     load_pairs,
@@ -60,9 +61,10 @@ def split_pairs(pairs: list[dict], eval_fraction: float, seed: int) -> tuple[lis
 
 def train_reward_model(recipe: Recipe, pref: str, data_path: str | Path | None = None,
                        out_dir: str | Path | None = None, *, model: str | None = None,
-                       progress: ProgressFn | None = None) -> dict:
+                       progress: ProgressFn | None = None, force: bool = False) -> dict:
     """Train the LoRA reward model of one preference (or 'general'); write `out_dir` (default
-    rm/<id> in the recipe's run directory) and return its metrics."""
+    rm/<id> in the recipe's run directory) and return its metrics. A reward model of the run
+    directory is replaced only with `force`."""
     from datasets import Dataset
     from trl import RewardTrainer
 
@@ -75,6 +77,7 @@ def train_reward_model(recipe: Recipe, pref: str, data_path: str | Path | None =
     out_dir = Path(out_dir) if out_dir else run.reward_model(rm_id)
     pairs, skipped = load_pairs(data_path, alias)
     train_pairs, eval_pairs = split_pairs(pairs, recipe.train_rm.eval_fraction, recipe.seed)
+    begin_outputs(recipe, [out_dir], force, "pass --force to train it again")
 
     model_path = resolve_model(model or recipe.model.name)
     tokenizer = load_tokenizer(model_path, revision=recipe.model.revision,
@@ -136,6 +139,7 @@ def train_reward_model(recipe: Recipe, pref: str, data_path: str | Path | None =
         "max_length": max_length,
         "lora_dropout": lora_dropout,
         "data": str(data_path),
+        "settings": recipe.settings("model", "train_rm", "seed"),
     }
     publish(trainer, out_dir, {RM_INFO: metrics}, copies={"metrics.jsonl": metrics_file})
     if is_main_process():
@@ -162,7 +166,7 @@ def restore_lora_dropout(model, p: float) -> float:
 
 def train_reward_models(recipe: Recipe, prefs: str | Sequence[str], *, data_path: str | Path | None = None,
                         out_dir: str | Path | None = None, model: str | None = None,
-                        progress_factory=None) -> dict[str, dict]:
+                        progress_factory=None, force: bool = False) -> dict[str, dict]:
     """Train several reward models in turn ('all', 'P1A,concise', 'general'). With several, `out_dir`
     is a parent folder (<out_dir>/<id>) and `data_path` is not allowed. `progress_factory(id)` returns
     the progress callback of one model."""
@@ -170,14 +174,16 @@ def train_reward_models(recipe: Recipe, prefs: str | Sequence[str], *, data_path
     names = _rm_names(recipe, prefs)
     if len(names) > 1 and data_path is not None:
         raise InputError("--data names one annotations file: use it with a single --prefs")
+    run = RunDir(recipe.resolved_run_dir())
     if data_path is None:  # every input first: no half-done 'all' because the fifth one is missing
-        run = RunDir(recipe.resolved_run_dir())
         for rm_id in names:
             load_pairs(run.annotations(rm_id), resolve_rm_name(recipe, rm_id)[1])
+    targets = {rm_id: (Path(out_dir) / rm_id if len(names) > 1 else Path(out_dir)) if out_dir
+               else run.reward_model(rm_id) for rm_id in names}
+    begin_outputs(recipe, list(targets.values()), force, "pass --force to train it again")
     results = {}
     for rm_id in names:
-        target = (Path(out_dir) / rm_id if len(names) > 1 else Path(out_dir)) if out_dir else None
-        results[rm_id] = train_reward_model(recipe, rm_id, data_path, target, model=model,
+        results[rm_id] = train_reward_model(recipe, rm_id, data_path, targets[rm_id], model=model, force=True,
                                             progress=progress_factory(rm_id) if progress_factory else None)
     return results
 
@@ -253,8 +259,8 @@ class RewardScorer:
 
         self.rm_dir = require_reward_model(rm_dir, alias)
         info_path = self.rm_dir / RM_INFO
-        info = json.loads(info_path.read_text()) if info_path.is_file() else {}
-        adapter_config = json.loads((self.rm_dir / "adapter_config.json").read_text())
+        info = files.read_json_object(info_path, "reward model metrics") if info_path.is_file() else {}
+        adapter_config = files.read_json_object(self.rm_dir / "adapter_config.json", "adapter config")
         self.base = adapter_config.get("base_model_name_or_path") or info.get("base_model")
         if not self.base:
             raise InputError(f"{self.rm_dir}: adapter_config.json does not name its base model")
