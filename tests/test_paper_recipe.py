@@ -81,12 +81,16 @@ def test_paper_recipe_runs_with_only_model_data_judge_and_steps_swapped(tmp_path
         assert config.bf16 is True and config.use_cpu is True and config.gradient_accumulation_steps == 8
 
 
-def test_the_recorded_recipe_keeps_token_limits_and_drops_secrets():
-    """recipe.yaml must run again as is: 'max_new_tokens' is a setting, 'hf_token' a secret."""
-    from rlphf_cli.runs import redact
+def test_the_recorded_recipe_keeps_token_limits_and_drops_secrets(monkeypatch):
+    """recipe.yaml must run again as is: 'max_new_tokens' is a setting; the value of the variable a
+    `*_env` key names is a secret, wherever it would appear."""
+    from rlphf_cli.recipe import load_recipe
+    from rlphf_cli.runs import register_secrets, scrub
 
-    record = redact({"generate": {"max_new_tokens": 512, "min_new_tokens": 0}, "judge": {"openai": {
-        "max_tokens": 32, "api_key_env": "OPENAI_API_KEY", "api_key": "sk-1"}}, "hf_token": "hf_1", "password": "p"})
-    assert record == {"generate": {"max_new_tokens": 512, "min_new_tokens": 0}, "judge": {"openai": {
-        "max_tokens": 32, "api_key_env": "OPENAI_API_KEY", "api_key": "<redacted>"}}, "hf_token": "<redacted>",
-        "password": "<redacted>"}
+    monkeypatch.setenv("PAPER_TEST_KEY", "sk-paper-test-secret")
+    recipe = load_recipe("psoups-paper", ["judge.openai.api_key_env=PAPER_TEST_KEY"])
+    register_secrets(recipe)
+    record = scrub({"generate": {"max_new_tokens": 512}, "judge": {"openai": {"max_tokens": 32,
+                    "api_key_env": "PAPER_TEST_KEY"}}, "note": "called with sk-paper-test-secret"})
+    assert record == {"generate": {"max_new_tokens": 512}, "judge": {"openai": {"max_tokens": 32,
+                      "api_key_env": "PAPER_TEST_KEY"}}, "note": "called with <secret>"}

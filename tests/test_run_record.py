@@ -66,7 +66,7 @@ def test_a_stage_command_records_its_settings_in_its_output_and_events_not_in_th
                                  "--temperature", "0.7"])
     assert result.exit_code == 0, result.output
     assert (run / "recipe.yaml").read_text() == recipe_before  # the run's recipe is not rewritten
-    records = read_jsonl(run / "generations" / "base" / "P2A.jsonl")
+    records = read_jsonl(run / "generations" / "prompted" / "P2A.jsonl")
     assert records[0]["sampling"]["top_k"] == 5 and records[0]["sampling"]["temperature"] == 0.7
     assert records[0]["weights"]["model"] == str(tiny_random_model)
     commands = [e for e in RunDir(run).events() if e["event"] == "command"]
@@ -78,8 +78,8 @@ def test_a_stage_command_records_its_settings_in_its_output_and_events_not_in_th
 
     # A judgment records the judge settings it was made with.
     out = run / "judgments" / "x.json"
-    assert runner.invoke(app, ["judge", "--a", str(run / "generations/base/P2A.jsonl"), "--b",
-                               str(run / "generations/base/P2A.jsonl"), "--out", str(out), "--run-dir", str(run),
+    assert runner.invoke(app, ["judge", "--a", str(run / "generations/prompted/P2A.jsonl"), "--b",
+                               str(run / "generations/prompted/P2A.jsonl"), "--out", str(out), "--run-dir", str(run),
                                "--bootstrap-samples", "7"]).exit_code == 0
     assert json.loads(out.read_text())["settings"]["judge"]["bootstrap_samples"] == 7
     assert (run / "recipe.yaml").read_text() == recipe_before
@@ -106,11 +106,11 @@ def finished(tiny_random_model, tmp_path):
     (run / "rm" / "P2A" / "adapter_config.json").write_text("{}")
     (run / "soups" / "P2A+P3A").mkdir(parents=True)
     (run / "soups" / "P2A+P3A" / "soup.json").write_text('{"method": "average", "weights": [0.5, 0.5]}')
-    gen = run / "generations" / "base" / "P2A.jsonl"
+    gen = run / "generations" / "prompted" / "P2A.jsonl"
     gen.parent.mkdir(parents=True)
     gen.write_text('{"id": "p0", "instruction": "x", "preferences": ["P2A"], "combo": "P2A", "response": "a"}\n')
-    (run / "judgments" / "base_vs_base").mkdir(parents=True)
-    (run / "judgments" / "base_vs_base" / "P2A.json").write_text("{}")
+    (run / "judgments" / "prompted_vs_prompted").mkdir(parents=True)
+    (run / "judgments" / "prompted_vs_prompted" / "P2A.json").write_text("{}")
     return run, ["--run-dir", str(run), "--model", str(tiny_random_model)]
 
 
@@ -120,11 +120,11 @@ def finished(tiny_random_model, tmp_path):
     (["train-rm", "--pref", "P2A"], "rm/P2A", "written"),
     (["train-policy", "--pref", "P2A"], "policy/P2A", "written"),
     (["merge", "--prefs", "concise,friendly"], "soups/P2A+P3A", "a soup made with 'average', weights 0.5, 0.5"),
-    (["judge", "--a", "GEN", "--b", "GEN"], "judgments/base_vs_base/P2A.json", "written"),
+    (["judge", "--a", "GEN", "--b", "GEN"], "judgments/prompted_vs_prompted/P2A.json", "written"),
 ])
 def test_a_stage_command_never_replaces_a_finished_output_silently(finished, args, replaced, what):
     run, common = finished
-    args = [str(run / "generations/base/P2A.jsonl") if a == "GEN" else a for a in args]
+    args = [str(run / "generations/prompted/P2A.jsonl") if a == "GEN" else a for a in args]
     if args[0] in ("annotate", "judge", "merge"):
         common = common[:2]
     before = mtimes(run)
@@ -170,7 +170,8 @@ def test_resume_refuses_other_settings_naming_the_difference(tiny_random_model, 
     adapter = make_adapter(tiny_random_model, tmp_path / "lora", seed=3)
     for extra, difference in [
         (["--temperature", "0.5"], "sampling.temperature 1.0, not 0.5"),
-        (["--prefs", "P2A"], "combination '', not 'P2A'"),
+        (["--prefs", "P2A"], "system 'base', not 'prompted'"),
+        (["--prefs", "P2A", "--system", "base"], "combination '', not 'P2A'"),
         (["--adapter", str(adapter), "--system", "base"], "adapters 'none', not '"),
         (["--seed", "4"], "sampling.seed 0, not 4"),
         (["--model", str(other_base)], f"model '{tiny_random_model}', not '{other_base}'"),

@@ -339,7 +339,8 @@ def merge_from_recipe(
                                            f"rlphf train-policy --prefs {pref.alias}")
         combo = combination_name(chosen)
         dirs = [run.policy(p.id) for p in chosen]
-        out_dir = out_dir or run.soup(soup_name([p.id for p in chosen], weights))
+        # Named by the weights the method uses: average at 0.5/0.5/0.5 is the equal-share soup.
+        out_dir = out_dir or run.soup(soup_name([p.id for p in chosen], method_cls(**params).check_weights(weights)))
         extra = {"preferences": [p.id for p in chosen], "combo": combo}
 
     def merge() -> Path:
