@@ -28,7 +28,7 @@ class Strict(BaseModel):
 
 
 class ModelSection(Strict):
-    name: str = "tiny"  # 'tiny', a local folder, or a hub name
+    name: str = "tiny"  # a built-in model ('tiny', 'tiny-random'), a local folder, or a hub name
     prompt_format: Literal["chat", "tulu"] = "chat"  # 'tulu': <|user|>\n{instruction}\n<|assistant|>\n
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     load_in_4bit: bool = False
@@ -386,7 +386,9 @@ def _check_files(recipe: Recipe, overridden: dict[str, str]) -> None:
     check("data.train_prompts", recipe.data.train_prompts)
     check("data.eval_prompts", recipe.data.eval_prompts)
     check("judge.templates", recipe.judge.templates)
-    if recipe.model.name != "tiny":
+    from rlphf_cli.models import BUILTIN_MODELS
+
+    if recipe.model.name not in BUILTIN_MODELS:
         check("model.name", recipe.model.name, kind="model")
 
 
