@@ -141,6 +141,10 @@ class HFJudgeSection(Strict):
     batch_size: int = Field(default=8, ge=1)
 
 
+class CoinJudgeSection(Strict):
+    seed: int = 0  # the `coin` judge's verdicts are a hash of this seed and the rendered prompt
+
+
 class JudgeSection(Strict):
     backend: str = "rubric"
     templates: str | None = None  # folder of prompt templates overriding the shipped ones
@@ -149,6 +153,7 @@ class JudgeSection(Strict):
     rubric: RubricJudgeSection = Field(default_factory=RubricJudgeSection)
     openai: OpenAIJudgeSection = Field(default_factory=OpenAIJudgeSection)
     hf: HFJudgeSection = Field(default_factory=HFJudgeSection)
+    coin: CoinJudgeSection = Field(default_factory=CoinJudgeSection)
 
 
 class SweepSection(Strict):
@@ -396,10 +401,12 @@ def load_recipe(
     path: str | os.PathLike | None = None,
     sets: list[str] | None = None,
     overrides: dict[str, Any] | None = None,
+    smoke: bool = False,
 ) -> Recipe:
     """Resolve a recipe: file (or default) < --set assignments < explicit flags (`overrides`).
 
     `overrides` maps dotted recipe paths to flag values; None values mean "flag not given".
+    `smoke`: cut down to a smoke run (rlphf_cli.smoke) below --set and the flags.
     """
     recipe_path = find_recipe(path)
     source = str(recipe_path)
@@ -423,7 +430,12 @@ def load_recipe(
             if value is not None:
                 _set_path(data, key, value)
                 overridden[key] = f"option for {key}"
-    return validate(data, source, overridden)
+    recipe = validate(data, source, overridden)
+    if smoke:
+        from rlphf_cli.smoke import apply_smoke
+
+        recipe = apply_smoke(recipe, overridden)
+    return recipe
 
 
 # --------------------------------------------------------------------------------------------

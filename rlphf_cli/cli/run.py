@@ -53,16 +53,24 @@ def run_command(
     from_: Annotated[Optional[str], typer.Option("--from", help="Rerun from this stage on.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Recompute finished stages.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate and print the resolved recipe and plan.")] = False,
+    smoke: Annotated[bool, typer.Option("--smoke", help="A smoke run of this recipe in seconds, into <run_dir>-smoke: "
+                                        "its preferences, templates and settings on tiny-random with the smoke "
+                                        "recipe's sizes, judged by 'coin'. Its numbers mean nothing.")] = False,
 ) -> None:
     """Run every stage in order (resumable): rollouts, annotate, reward models, policies, soups, judge, report.
 
-    Example: [bold]rlphf run recipes/tiny.yaml --dry-run[/]
+    Example: [bold]rlphf run recipes/tiny.yaml --dry-run[/]   ·   CI: [bold]rlphf run smoke[/], [bold]rlphf run my.yaml --smoke[/]
     """
     from rlphf_cli.pipeline import plan, run_pipeline
     from rlphf_cli.recipe import check_trainer_fields
 
-    resolved = resolve_recipe(recipe, set_, run_dir)
+    resolved = resolve_recipe(recipe, set_, run_dir, smoke=smoke)
     check_trainer_fields(resolved)
+    if smoke:
+        from rlphf_cli.smoke import describe
+
+        console.print(f"[bold yellow]smoke run[/] of {resolved.source} into [bold]{resolved.resolved_run_dir()}[/]: "
+                      f"{describe(resolved)}; its numbers mean nothing", highlight=False, soft_wrap=True)
     if dry_run:
         console.print(f"# resolved recipe ({resolved.source})", style="dim")
         console.print(resolved.to_yaml(), highlight=False, markup=False)
@@ -112,6 +120,8 @@ def _print_results(path) -> None:
     for check in results.get("checks", []):
         mark = "[green]pass[/]" if check["pass"] else "[red]FAIL[/]"
         console.print(f"{mark} {check['check']}: {check['detail']}", highlight=False, soft_wrap=True)
+    for warning in results.get("warnings", []):
+        console.print(f"[bold red]WARNING: {warning}[/]", highlight=False, soft_wrap=True)
 
 
 def register(app: typer.Typer) -> None:

@@ -204,13 +204,33 @@ def cost_table(pipeline) -> list[str]:
     return lines
 
 
+def meaningless_reasons(recipe) -> list[str]:
+    """Why a run's numbers mean nothing, if they do not: said at the top of report.md and by `rlphf run`."""
+    from rlphf_cli.judges import COIN
+    from rlphf_cli.models import builtin_model
+
+    reasons = []
+    model = builtin_model(recipe.model.name)
+    if model is not None and model.random_weights:
+        reasons.append(f"the base model {model.name} has random weights: a smoke run, its numbers mean nothing")
+    coin = [use for use, backend in (("annotation", recipe.annotate.judge), ("evaluation", recipe.judge.backend))
+            if backend == COIN]
+    if coin:
+        reasons.append(f"the {COIN} judge decided {' and '.join(coin)} by a hash of the prompt, not by reading it: "
+                       "every label, reward model and win rate here is meaningless")
+    return reasons
+
+
 def write_report(pipeline) -> dict[str, Any]:
     """Write report/report.md, report/summary.json and the figures; return the summary."""
     out_dir = pipeline.run.report_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
     recipe = pipeline.recipe
     summary: dict[str, Any] = {}
-    lines = [f"# Personalized Soups: {recipe.name}", "",
+    warnings = meaningless_reasons(recipe)
+    if warnings:
+        summary["warnings"] = warnings
+    lines = [f"# Personalized Soups: {recipe.name}", "", *[f"> **WARNING: {w}.**\n" for w in warnings],
              f"Base model `{recipe.model.name}`, preferences {', '.join(p.id for p in pipeline.prefs)}, "
              f"policies trained with `{recipe.train_policy.algo}`, soups merged with `{recipe.merge.method}`, "
              f"judged by `{recipe.judge.backend}`"
@@ -250,7 +270,7 @@ def write_report(pipeline) -> dict[str, Any]:
 
     lines += ["## Cost", "", *cost_table(pipeline), ""]
 
-    bars = demo_bars(summary)
+    bars = demo_bars(summary) if not warnings else []  # a check on meaningless numbers would mislead
     if bars:
         lines += ["## Checks", "", "| check | result |", "|---|---|",
                   *[f"| {name} | {'pass' if ok else 'FAIL'} ({detail}) |" for name, ok, detail in bars], ""]

@@ -15,7 +15,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Literal, Protocol
 
-from rlphf_cli.errors import InputError
+from rlphf_cli.errors import InputError, did_you_mean
 from rlphf_cli.preferences import Preference
 
 Verdict = Literal["A", "B", "tie", "invalid"]
@@ -90,7 +90,10 @@ class Judge(Protocol):
 # Prompt templates
 
 OPTION_A, OPTION_B, OPTION_TIE = "Output (a)", "Output (b)", "TIE"
+PLACEHOLDERS = ("instruction", "output_a", "output_b", "criterion")
+REQUIRED_PLACEHOLDERS = ("output_a", "output_b")  # without them the judge never sees the responses
 _PLACEHOLDER = re.compile(r"\{(instruction|output_a|output_b|criterion)\}")
+_ANY_PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
 def shipped_templates_dir() -> Path:
@@ -120,8 +123,19 @@ def render_template(template: str, instruction: str, a: str, b: str, criterion: 
     return _PLACEHOLDER.sub(lambda m: values[m.group(1)], template)
 
 
+def check_template(text: str, path: Path) -> None:
+    """Raise InputError, naming the file, for a template that cannot work: a misspelt placeholder
+    (it would reach the judge verbatim) or a missing response."""
+    for name in _ANY_PLACEHOLDER.findall(text):
+        if name not in PLACEHOLDERS:
+            raise InputError(f"{path}: unknown placeholder {{{name}}}{did_you_mean(name, PLACEHOLDERS)}")
+    for name in REQUIRED_PLACEHOLDERS:
+        if f"{{{name}}}" not in text:
+            raise InputError(f"{path}: the template has no {{{name}}}: the judge would never see that response")
+
+
 class TemplateSet:
-    """Template texts by (preference id, use), read once."""
+    """Template texts by (preference id, use), read and checked once."""
 
     def __init__(self, folder: str | Path | None = None):
         self.folder = folder
@@ -130,7 +144,13 @@ class TemplateSet:
     def text(self, pref: Preference, use: str) -> str:
         key = (pref.id, use)
         if key not in self._texts:
-            self._texts[key] = template_path(pref, use, self.folder).read_text(encoding="utf-8")
+            path = template_path(pref, use, self.folder)
+            try:
+                text = path.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise InputError(f"{path}: cannot read judge template: {exc}") from None
+            check_template(text, path)
+            self._texts[key] = text
         return self._texts[key]
 
     def render(self, request: JudgeRequest) -> str:
