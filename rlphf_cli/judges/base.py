@@ -285,3 +285,13 @@ class BaseJudge(abc.ABC):
     @abc.abstractmethod
     def _judge_uncached(self, items: list[tuple[int, JudgeRequest]], deliver: Callable[[int, Judgment], None]) -> None:
         """Judge the requests the cache did not answer; call `deliver(index, judgment)` for each."""
+
+
+class UncachedJudge(BaseJudge):
+    """An offline, deterministic judge that costs next to nothing: no verdict cache to keep."""
+
+    def __init__(self, recipe, cache_path=None):
+        super().__init__(recipe, cache_path=None)
+
+    def use_cache(self, path) -> None:
+        pass

@@ -13,23 +13,20 @@ from __future__ import annotations
 import hashlib
 import json
 
-from rlphf_cli.judges.base import BaseJudge, JudgeRequest, Judgment
+from rlphf_cli.judges.base import JudgeRequest, Judgment, UncachedJudge
 
 VERDICTS = {"annotate": ("A", "B"), "evaluate": ("A", "B", "tie")}
 
 
-class CoinJudge(BaseJudge):
+class CoinJudge(UncachedJudge):
     name = "coin"
 
     def __init__(self, recipe, cache_path=None):
-        super().__init__(recipe, cache_path=None)  # instant and deterministic: nothing worth caching
+        super().__init__(recipe)
         self.seed = recipe.judge.coin.seed
 
     def model_id(self) -> str:
         return f"coin(seed={self.seed})"
-
-    def use_cache(self, path) -> None:
-        pass
 
     def _judge_uncached(self, items: list[tuple[int, JudgeRequest]], deliver) -> None:
         for n, request in items:
