@@ -227,10 +227,7 @@ def write_report(pipeline) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     recipe = pipeline.recipe
     summary: dict[str, Any] = {}
-    warnings = meaningless_reasons(recipe)
-    if warnings:
-        summary["warnings"] = warnings
-    lines = [f"# Personalized Soups: {recipe.name}", "", *[f"> **WARNING: {w}.**\n" for w in warnings],
+    lines = [f"# Personalized Soups: {recipe.name}", "",
              f"Base model `{recipe.model.name}`, preferences {', '.join(p.id for p in pipeline.prefs)}, "
              f"policies trained with `{recipe.train_policy.algo}`, soups merged with `{recipe.merge.method}`, "
              f"judged by `{recipe.judge.backend}`"
@@ -270,11 +267,15 @@ def write_report(pipeline) -> dict[str, Any]:
 
     lines += ["## Cost", "", *cost_table(pipeline), ""]
 
-    bars = demo_bars(summary) if not warnings else []  # a check on meaningless numbers would mislead
+    warnings = meaningless_reasons(recipe)
+    bars = [] if warnings else demo_bars(summary)  # checks on meaningless numbers would mislead
     if bars:
         lines += ["## Checks", "", "| check | result |", "|---|---|",
                   *[f"| {name} | {'pass' if ok else 'FAIL'} ({detail}) |" for name, ok, detail in bars], ""]
         summary["checks"] = [{"check": name, "pass": ok, "detail": detail} for name, ok, detail in bars]
+    if warnings:  # at the top, under the title
+        lines[2:2] = [f"> **WARNING: {w}.**\n" for w in warnings]
+        summary["warnings"] = warnings
     atomic_write_text(out_dir / "report.md", "\n".join(lines))
     atomic_write_json(out_dir / "summary.json", summary)
     return {"report": str(out_dir / "report.md"), "checks": summary.get("checks", [])}
