@@ -65,12 +65,12 @@ def run_command(
     from rlphf_cli.recipe import check_trainer_fields
 
     resolved = resolve_recipe(recipe, set_, run_dir, smoke=smoke)
-    check_trainer_fields(resolved)
     if smoke:
         from rlphf_cli.smoke import describe
 
         console.print(f"[bold yellow]smoke run[/] of {resolved.source} into [bold]{resolved.resolved_run_dir()}[/]: "
                       f"{describe(resolved)}; its numbers mean nothing", highlight=False, soft_wrap=True)
+    check_trainer_fields(resolved)
     if dry_run:
         console.print(f"# resolved recipe ({resolved.source})", style="dim")
         console.print(resolved.to_yaml(), highlight=False, markup=False)

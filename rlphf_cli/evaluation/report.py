@@ -204,23 +204,6 @@ def cost_table(pipeline) -> list[str]:
     return lines
 
 
-def meaningless_reasons(recipe) -> list[str]:
-    """Why a run's numbers mean nothing, if they do not: said at the top of report.md and by `rlphf run`."""
-    from rlphf_cli.judges import COIN
-    from rlphf_cli.models import builtin_model
-
-    reasons = []
-    model = builtin_model(recipe.model.name)
-    if model is not None and model.random_weights:
-        reasons.append(f"the base model {model.name} has random weights: a smoke run, its numbers mean nothing")
-    coin = [use for use, backend in (("annotation", recipe.annotate.judge), ("evaluation", recipe.judge.backend))
-            if backend == COIN]
-    if coin:
-        reasons.append(f"the {COIN} judge decided {' and '.join(coin)} by a hash of the prompt, not by reading it: "
-                       "every label, reward model and win rate here is meaningless")
-    return reasons
-
-
 def write_report(pipeline) -> dict[str, Any]:
     """Write report/report.md, report/summary.json and the figures; return the summary."""
     out_dir = pipeline.run.report_dir()
@@ -296,3 +279,20 @@ def demo_bars(summary: dict) -> list[tuple[str, bool, str]]:
     if summary.get("sweep_monotone") is not None:
         bars.append(("weight sweep is monotone", bool(summary["sweep_monotone"]), "rubric measure vs weight"))
     return bars
+
+
+def meaningless_reasons(recipe) -> list[str]:
+    """Why a run's numbers mean nothing, if they do not: said at the top of report.md and by `rlphf run`."""
+    from rlphf_cli.judges import COIN
+    from rlphf_cli.models import builtin_model
+
+    reasons = []
+    model = builtin_model(recipe.model.name)
+    if model is not None and model.random_weights:
+        reasons.append(f"the base model {model.name} has random weights: a smoke run, its numbers mean nothing")
+    coin = [use for use, backend in (("annotation", recipe.annotate.judge), ("evaluation", recipe.judge.backend))
+            if backend == COIN]
+    if coin:
+        reasons.append(f"the {COIN} judge decided {' and '.join(coin)} by a hash of the prompt, not by reading it: "
+                       "every label, reward model and win rate here is meaningless")
+    return reasons
