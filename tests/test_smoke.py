@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import typing
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from rlphf_cli.judges import JUDGES, JudgeRequest, get_judge
 from rlphf_cli.models import BUILTIN_MODELS, resolve_model, tiny_random
 from rlphf_cli.pipeline import STAGE_NAMES, plan
 from rlphf_cli.preferences import Preference, PreferenceSet
-from rlphf_cli.recipe import Recipe, builtin_recipes_dir, load_recipe
+from rlphf_cli.recipe import TRAINER_SECTIONS, EvaluationSection, Recipe, builtin_recipes_dir, load_recipe
 from rlphf_cli.runs import read_jsonl
 
 runner = CliRunner()
@@ -121,6 +122,17 @@ def test_a_broken_template_is_refused_naming_the_file(tmp_path, text, message):
 
 # --------------------------------------------------------------------------------------------
 # --smoke on any recipe
+
+
+def test_the_smoke_recipe_covers_every_baseline_and_cuts_every_trainer():
+    smoke = load_recipe("smoke")
+    (systems,) = typing.get_args(EvaluationSection.model_fields["baselines"].annotation)
+    assert set(smoke.evaluation.baselines) == set(typing.get_args(systems))  # so every stage runs
+    cut = load_recipe("psoups-paper", smoke=True)
+    for loc in TRAINER_SECTIONS:  # --smoke can cut every trainer down to a few steps
+        section, sub = loc.split(".")
+        assert getattr(getattr(smoke, section), sub)["max_steps"] <= 2, loc
+        assert getattr(getattr(cut, section), sub).get("max_steps") == getattr(getattr(smoke, section), sub)["max_steps"]
 
 
 def test_smoke_takes_the_smoke_recipe_sizes_and_keeps_the_recipe_own_settings():
