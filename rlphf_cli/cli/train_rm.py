@@ -22,8 +22,8 @@ PrefOption = Annotated[
     str, typer.Option("--pref", help="Preference id or alias, a comma list, 'all', or 'general' (the RLHF baseline).")
 ]
 ModelOption = Annotated[
-    Optional[str], typer.Option("--model", help="Base model: a built-in model (tiny, tiny-random), a folder or a hub name (default: the recipe's).",
-                                show_default=False)
+    Optional[str], typer.Option("--model", help="Base model: a built-in model (tiny, tiny-random), a folder or a hub "
+                                "name (default: the recipe's).", show_default=False)
 ]
 
 
