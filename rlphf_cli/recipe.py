@@ -28,7 +28,7 @@ class Strict(BaseModel):
 
 
 class ModelSection(Strict):
-    name: str = "tiny"  # 'tiny', a local folder, or a hub name
+    name: str = "tiny"  # a built-in model ('tiny', 'tiny-random'), a local folder, or a hub name
     prompt_format: Literal["chat", "tulu"] = "chat"  # 'tulu': <|user|>\n{instruction}\n<|assistant|>\n
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     load_in_4bit: bool = False
@@ -142,6 +142,10 @@ class HFJudgeSection(Strict):
     batch_size: int = Field(default=8, ge=1)
 
 
+class CoinJudgeSection(Strict):
+    seed: int = 0  # the `coin` judge's verdicts are a hash of this seed and the rendered prompt
+
+
 class JudgeSection(Strict):
     backend: str = "rubric"
     templates: str | None = None  # folder of prompt templates overriding the shipped ones
@@ -150,6 +154,7 @@ class JudgeSection(Strict):
     rubric: RubricJudgeSection = Field(default_factory=RubricJudgeSection)
     openai: OpenAIJudgeSection = Field(default_factory=OpenAIJudgeSection)
     hf: HFJudgeSection = Field(default_factory=HFJudgeSection)
+    coin: CoinJudgeSection = Field(default_factory=CoinJudgeSection)
 
 
 class SweepSection(Strict):
@@ -417,7 +422,9 @@ def _check_files(recipe: Recipe) -> None:
     check("data.train_prompts", recipe.data.train_prompts)
     check("data.eval_prompts", recipe.data.eval_prompts)
     check("judge.templates", recipe.judge.templates)
-    if recipe.model.name != "tiny":
+    from rlphf_cli.models import BUILTIN_MODELS
+
+    if recipe.model.name not in BUILTIN_MODELS:
         check("model.name", recipe.model.name, kind="model")
 
 
@@ -426,11 +433,13 @@ def load_recipe(
     sets: list[str] | None = None,
     overrides: dict[str, Any] | None = None,
     origins: dict[str, str] | None = None,
+    smoke: bool = False,
 ) -> Recipe:
     """Resolve a recipe: file (or default) < --set assignments < explicit flags (`overrides`).
 
     `overrides` maps dotted recipe paths to flag values; None values mean "flag not given".
     `origins` names the flag of an override in messages (e.g. {'run_dir': '--run-dir'}).
+    `smoke`: cut down to a smoke run (rlphf_cli.smoke) below --set and the flags.
     """
     recipe_path = find_recipe(path)
     source = str(recipe_path)
@@ -449,7 +458,12 @@ def load_recipe(
             if value is not None:
                 _set_path(data, key, value)
                 overridden[key] = (origins or {}).get(key, f"option for {key}")
-    return validate(data, source, overridden)
+    recipe = validate(data, source, overridden)
+    if smoke:
+        from rlphf_cli.smoke import apply_smoke
+
+        recipe = apply_smoke(recipe, overridden)
+    return recipe
 
 
 # --------------------------------------------------------------------------------------------

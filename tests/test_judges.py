@@ -110,7 +110,7 @@ def test_rubric_refuses_custom_preferences_pointing_to_an_llm_judge():
 def test_unknown_backend_suggests():
     with pytest.raises(InputError, match="did you mean 'openai'"):
         get_judge("opnai", Recipe())
-    assert set(JUDGES.names()) == {"rubric", "openai", "hf"}
+    assert set(JUDGES.names()) == {"rubric", "openai", "hf", "coin"}
 
 
 # --------------------------------------------------------------------------------------------

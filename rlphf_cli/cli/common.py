@@ -63,15 +63,16 @@ def debug_enabled() -> bool:
     return _debug_flag or os.environ.get("RLPHF_DEBUG", "") not in ("", "0")
 
 
-def resolve_recipe(recipe: str | None, sets: list[str] | None, run_dir: Path | None = None, **flags: Any):
-    """Built-in defaults < recipe < --set < explicit flags. `flags` use dotted recipe paths with
-    '__' for '.', e.g. generate__temperature=0.0; None means the flag was not given."""
+def resolve_recipe(recipe: str | None, sets: list[str] | None, run_dir: Path | None = None, smoke: bool = False,
+                   **flags: Any):
+    """Built-in defaults < recipe < (--smoke) < --set < explicit flags. `flags` use dotted recipe
+    paths with '__' for '.', e.g. generate__temperature=0.0; None means the flag was not given."""
     from rlphf_cli.recipe import load_recipe
 
     overrides = {key.replace("__", "."): value for key, value in flags.items()}
     if run_dir is not None:
         overrides["run_dir"] = str(run_dir)
-    resolved = load_recipe(recipe, sets, overrides, origins={"run_dir": "--run-dir"})
+    resolved = load_recipe(recipe, sets, overrides, origins={"run_dir": "--run-dir"}, smoke=smoke)
     resolved._invocation = invocation()
     return resolved
 

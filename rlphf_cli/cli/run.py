@@ -74,6 +74,9 @@ def run_command(
     pref: OldPrefOption = None,
     force: Annotated[bool, typer.Option("--force", help="Recompute finished stages.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate and print the resolved recipe and plan.")] = False,
+    smoke: Annotated[bool, typer.Option("--smoke", help="A smoke run of this recipe in seconds, into <run_dir>-smoke: "
+                                        "its preferences, templates and settings on tiny-random with the smoke "
+                                        "recipe's sizes, judged by 'coin'. Its numbers mean nothing.")] = False,
 ) -> None:
     """Run every stage in order (resumable): rollouts, annotate, reward models, policies, soups, judge, report.
 
@@ -81,13 +84,20 @@ def run_command(
     [bold]--only train-rm|train-policy|baselines[/], with [bold]--prefs[/] for one job-array task.
 
     Example: [bold]rlphf run recipes/tiny.yaml --dry-run[/]
+
+    CI: [bold]rlphf run smoke[/], [bold]rlphf run my.yaml --smoke[/]
     """
     from rlphf_cli.pipeline import check_selection, plan, run_pipeline
     from rlphf_cli.recipe import check_trainer_fields, recipe_warnings
     from rlphf_cli.training import is_main_process
 
-    resolved = resolve_recipe(either(recipe, recipe_option, "RECIPE and --recipe"), set_, run_dir)
+    resolved = resolve_recipe(either(recipe, recipe_option, "RECIPE and --recipe"), set_, run_dir, smoke=smoke)
     pref = either(prefs, pref, "--prefs and --pref")
+    if smoke:
+        from rlphf_cli.smoke import describe
+
+        console.print(f"[bold yellow]smoke run[/] of {resolved.source} into [bold]{resolved.resolved_run_dir()}[/]: "
+                      f"{describe(resolved)}; its numbers mean nothing", highlight=False, soft_wrap=True)
     check_trainer_fields(resolved)
     print_warnings(recipe_warnings(resolved))
     if dry_run:
@@ -166,6 +176,8 @@ def _print_results(path) -> None:
     for check in results.get("checks", []):
         mark = "[green]pass[/]" if check["pass"] else "[red]FAIL[/]"
         console.print(f"{mark} {check['check']}: {check['detail']}", highlight=False, soft_wrap=True)
+    for warning in results.get("warnings", []):
+        console.print(f"[bold red]WARNING: {warning}[/]", highlight=False, soft_wrap=True)
 
 
 def register(app: typer.Typer) -> None:

@@ -441,11 +441,15 @@ def write_report(pipeline) -> dict[str, Any]:
 
     lines += ["## Cost", "", *system_costs(pipeline), "", *stage_costs(pipeline), ""]
 
-    bars = demo_bars(summary)
+    warnings = meaningless_reasons(recipe)
+    bars = [] if warnings else demo_bars(summary)  # checks on meaningless numbers would mislead
     if bars:
         lines += ["## Checks", "", "| check | result |", "|---|---|",
                   *[f"| {name} | {'pass' if ok else 'FAIL'} ({detail}) |" for name, ok, detail in bars], ""]
         summary["checks"] = [{"check": name, "pass": ok, "detail": detail} for name, ok, detail in bars]
+    if warnings:  # at the top, under the title
+        lines[2:2] = [f"> **WARNING: {w}.**\n" for w in warnings]
+        summary["warnings"] = warnings
     atomic_write_text(out_dir / "report.md", "\n".join(lines))
     atomic_write_json(out_dir / "summary.json", summary)
     return {"report": str(out_dir / "report.md"), "checks": summary.get("checks", [])}
@@ -470,3 +474,20 @@ def demo_bars(summary: dict) -> list[tuple[str, bool, str]]:
     if summary.get("sweep_monotone") is not None:
         bars.append(("weight sweep is monotone", bool(summary["sweep_monotone"]), "rubric measure vs weight"))
     return bars
+
+
+def meaningless_reasons(recipe) -> list[str]:
+    """Why a run's numbers mean nothing, if they do not: said at the top of report.md and by `rlphf run`."""
+    from rlphf_cli.judges import COIN
+    from rlphf_cli.models import builtin_model
+
+    reasons = []
+    model = builtin_model(recipe.model.name)
+    if model is not None and model.random_weights:
+        reasons.append(f"the base model {model.name} has random weights: a smoke run, its numbers mean nothing")
+    coin = [use for use, backend in (("annotation", recipe.annotate.judge), ("evaluation", recipe.judge.backend))
+            if backend == COIN]
+    if coin:
+        reasons.append(f"the {COIN} judge decided {' and '.join(coin)} by a hash of the prompt, not by reading it: "
+                       "every label, reward model and win rate here is meaningless")
+    return reasons

@@ -1,7 +1,8 @@
 """Pairwise judges: which of two responses better fits one preference.
 
 Backends, by name (`JUDGES`): `rubric` (offline text measures, a proxy), `openai` (any
-OpenAI-compatible chat endpoint), `hf` (a local causal LM's log-probabilities of the answers).
+OpenAI-compatible chat endpoint), `hf` (a local causal LM's log-probabilities of the answers),
+`coin` (a seeded hash of the rendered prompt: meaningless, for smoke runs).
 Backend modules are imported on first use, so importing this package stays light.
 """
 
@@ -21,6 +22,9 @@ GENERAL_PREFERENCE = Preference(
     "general", "general", "general", "",
     "Which response is better overall: more helpful, accurate and appropriate to the instruction?",
 )
+
+# The backend whose verdicts mean nothing (smoke runs); reports say so loudly when it was used.
+COIN = "coin"
 
 JudgeFactory = Callable[..., Judge]
 JUDGES: Registry[JudgeFactory] = Registry("judge")
@@ -47,6 +51,13 @@ def _hf(recipe, cache_path=None) -> Judge:
     return HFJudge(recipe, cache_path)
 
 
+@JUDGES.register(COIN)
+def _coin(recipe, cache_path=None) -> Judge:
+    from rlphf_cli.judges.coin import CoinJudge
+
+    return CoinJudge(recipe, cache_path)
+
+
 def get_judge(name: str | None, recipe, cache_path: str | Path | None = None) -> Judge:
     """A judge backend configured from `recipe.judge.<name>` (default: `recipe.judge.backend`).
 
@@ -55,4 +66,4 @@ def get_judge(name: str | None, recipe, cache_path: str | Path | None = None) ->
     return JUDGES.get(name or recipe.judge.backend)(recipe, cache_path)
 
 
-__all__ = ["GENERAL_PREFERENCE", "JUDGES", "Judge", "JudgeRequest", "JudgeStats", "Judgment", "get_judge", "parse_verdict"]
+__all__ = ["COIN", "GENERAL_PREFERENCE", "JUDGES", "Judge", "JudgeRequest", "JudgeStats", "Judgment", "get_judge", "parse_verdict"]

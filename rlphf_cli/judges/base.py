@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Literal, Protocol
 
 from rlphf_cli import files
-from rlphf_cli.errors import InputError
+from rlphf_cli.errors import InputError, did_you_mean
 from rlphf_cli.preferences import Preference
 
 Verdict = Literal["A", "B", "tie", "invalid"]
@@ -91,7 +91,10 @@ class Judge(Protocol):
 # Prompt templates
 
 OPTION_A, OPTION_B, OPTION_TIE = "Output (a)", "Output (b)", "TIE"
+PLACEHOLDERS = ("instruction", "output_a", "output_b", "criterion")
+REQUIRED_PLACEHOLDERS = ("instruction", "output_a", "output_b")  # what the judge must see
 _PLACEHOLDER = re.compile(r"\{(instruction|output_a|output_b|criterion)\}")
+_ANY_PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
 def shipped_templates_dir() -> Path:
@@ -121,8 +124,19 @@ def render_template(template: str, instruction: str, a: str, b: str, criterion: 
     return _PLACEHOLDER.sub(lambda m: values[m.group(1)], template)
 
 
+def check_template(text: str, path: Path) -> None:
+    """Raise InputError, naming the file, for a template that cannot work: a misspelt placeholder
+    (it would reach the judge verbatim) or a missing response."""
+    for name in _ANY_PLACEHOLDER.findall(text):
+        if name not in PLACEHOLDERS:
+            raise InputError(f"{path}: unknown placeholder {{{name}}}{did_you_mean(name, PLACEHOLDERS)}")
+    for name in REQUIRED_PLACEHOLDERS:
+        if f"{{{name}}}" not in text:
+            raise InputError(f"{path}: the template has no {{{name}}}: the judge would never see it")
+
+
 class TemplateSet:
-    """Template texts by (preference id, use), read once."""
+    """Template texts by (preference id, use), read and checked once."""
 
     def __init__(self, folder: str | Path | None = None):
         self.folder = folder
@@ -133,10 +147,7 @@ class TemplateSet:
         if key not in self._texts:
             path = template_path(pref, use, self.folder)
             text = files.read_text(path, "judge template")
-            missing = [p for p in ("{instruction}", "{output_a}", "{output_b}") if p not in text]
-            if missing:
-                raise InputError(f"{path}: a judge template needs {', '.join(missing)} (placeholders: "
-                                 "{instruction} {output_a} {output_b} {criterion})")
+            check_template(text, path)
             self._texts[key] = text
         return self._texts[key]
 
@@ -272,3 +283,13 @@ class BaseJudge(abc.ABC):
     @abc.abstractmethod
     def _judge_uncached(self, items: list[tuple[int, JudgeRequest]], deliver: Callable[[int, Judgment], None]) -> None:
         """Judge the requests the cache did not answer; call `deliver(index, judgment)` for each."""
+
+
+class UncachedJudge(BaseJudge):
+    """An offline, deterministic judge that costs next to nothing: no verdict cache to keep."""
+
+    def __init__(self, recipe, cache_path=None):
+        super().__init__(recipe, cache_path=None)
+
+    def use_cache(self, path) -> None:
+        pass

@@ -28,7 +28,7 @@ import re
 from collections.abc import Callable, Sequence
 
 from rlphf_cli.errors import InputError
-from rlphf_cli.judges.base import BaseJudge, JudgeRequest, Judgment
+from rlphf_cli.judges.base import JudgeRequest, Judgment, UncachedJudge
 from rlphf_cli.preferences import Preference, PreferenceSet
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
@@ -149,20 +149,17 @@ def compare(ma: float, mb: float, tie_margin: float) -> str:
     return "A" if ma > mb else "B"
 
 
-class RubricJudge(BaseJudge):
+class RubricJudge(UncachedJudge):
     """Deterministic text measures instead of an LLM (a proxy; see the module docstring)."""
 
     name = "rubric"
 
     def __init__(self, recipe, cache_path=None):
-        super().__init__(recipe, cache_path=None)  # instant and deterministic: nothing worth caching
+        super().__init__(recipe)
         self.tie_margin = recipe.judge.rubric.tie_margin
 
     def model_id(self) -> str:
         return f"rubric(tie_margin={self.tie_margin})"
-
-    def use_cache(self, path) -> None:
-        pass
 
     def check(self, prefs: Sequence[Preference]) -> None:
         for pref in prefs:

@@ -15,14 +15,14 @@ import os
 import random
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from rlphf_cli.models.cache import BUILD_INFO, ensure_built, is_built, read_build_info, rlphf_home  # noqa: F401
 from rlphf_cli.models.corpus import DATA_DIR, TOPICS_FILE, build_sft_examples, load_topics
 
 BUILDER_VERSION = 1
-BUILD_INFO = "build.json"
 
 # Hidden 128, 4 layers, 680 steps: 95% of answers sampled at T=1 on the held-out prompts are on
 # topic (544 steps 88%, 435 steps 10%).
@@ -66,49 +66,14 @@ def build_fingerprint(seed: int = 0, **overrides: Any) -> str:
     return digest.hexdigest()
 
 
-def rlphf_home() -> Path:
-    return Path(os.environ.get("RLPHF_HOME", "~/.cache/rlphf")).expanduser()
-
-
 def tiny_model_dir(seed: int = 0) -> Path:
     return rlphf_home() / f"tiny-{build_fingerprint(seed)[:12]}"
-
-
-def is_built(path: Path) -> bool:
-    return (path / BUILD_INFO).is_file() and (path / "config.json").is_file()
-
-
-def read_build_info(path: str | os.PathLike) -> dict:
-    return json.loads((Path(path) / BUILD_INFO).read_text())
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """An exclusive lock held while building; other processes wait, then find the model built."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        try:
-            import fcntl
-        except ImportError:  # Windows: the atomic rename alone keeps the cache consistent
-            yield
-            return
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def ensure_tiny_model(force: bool = False, seed: int = 0, progress: Callable[[int, int], None] | None = None) -> Path:
     """The cached embedded model folder, built first if missing (or if `force`)."""
     target = tiny_model_dir(seed)
-    if is_built(target) and not force:
-        return target
-    with _file_lock(target.with_name(f".{target.name}.lock")):
-        if is_built(target) and not force:  # another process built it while we waited
-            return target
-        build_tiny_model(target, seed=seed, progress=progress)
-    return target
+    return ensure_built(target, lambda: build_tiny_model(target, seed=seed, progress=progress), force)
 
 
 def build_tiny_model(

@@ -1,0 +1,238 @@
+"""Smoke runs: the `tiny-random` built-in model, the `coin` judge, `rlphf run smoke` and `--smoke`."""
+
+from __future__ import annotations
+
+import json
+import typing
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from rlphf_cli.cli.main import app
+from rlphf_cli.errors import InputError, RecipeError
+from rlphf_cli.judges import JUDGES, JudgeRequest, get_judge
+from rlphf_cli.models import BUILTIN_MODELS, resolve_model, tiny_random
+from rlphf_cli.pipeline import STAGE_NAMES, plan
+from rlphf_cli.preferences import Preference, PreferenceSet
+from rlphf_cli.recipe import TRAINER_SECTIONS, EvaluationSection, Recipe, builtin_recipes_dir, load_recipe
+from rlphf_cli.runs import read_jsonl
+
+runner = CliRunner()
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+PIRATE = {"id": "P9X", "alias": "pirate", "dimension": "voice", "prompt": "Talk like a pirate.",
+          "criterion": "Which response sounds more like a pirate?"}
+PIRATE_TEMPLATE = ("Judge like a ship's captain. {criterion}\nQ: {instruction}\n(a) {output_a}\n(b) {output_b}\n"
+                   "Answer \"Output (a)\" or \"Output (b)\".")
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    """An empty $RLPHF_HOME and a fresh working directory (runs/ lands there)."""
+    monkeypatch.setenv("RLPHF_HOME", str(tmp_path / "home"))
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    return tmp_path / "home"
+
+
+# --------------------------------------------------------------------------------------------
+# tiny-random
+
+
+def test_tiny_random_builds_deterministically_into_its_cache(home, tmp_path):
+    path = Path(resolve_model("tiny-random"))
+    assert path.parent == home and path.name == f"tiny-random-{tiny_random.build_fingerprint()[:12]}"
+    info = json.loads((path / "build.json").read_text())
+    assert info["random_weights"] and info["params"] < 100_000
+    assert resolve_model("tiny-random") == str(path)  # cached: no rebuild
+    again = tiny_random.build_tiny_random_model(tmp_path / "again")
+    assert again["weights_sha256"] == info["weights_sha256"]
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
+    assert text == "<|user|>\nHi\n<|assistant|>\n" and tokenizer.eos_token == "<|end|>"
+
+
+def test_builtin_models_are_known_to_recipes_and_plans(home):
+    assert {"tiny", "tiny-random"} <= set(BUILTIN_MODELS.names())
+    recipe = load_recipe(None, ["model.name=tiny-random"])  # no file of that name: still valid
+    assert plan(recipe)[0].name == "tiny-model" and "tiny-random" in plan(recipe)[0].description
+    assert plan(load_recipe(None, ["model.name=some-org/some-model"]))[0].name == "rollouts"
+    with pytest.raises(RecipeError, match="model.name: file not found"):
+        load_recipe(None, ["model.name=./no-such-folder"])
+
+
+def test_generate_takes_model_tiny_random(home, tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"id": "a", "prompt": "Explain rain."}\n{"id": "b", "prompt": "What is a star?"}\n')
+    out = tmp_path / "out.jsonl"
+    result = runner.invoke(app, ["generate", "--model", "tiny-random", "--prompts", str(prompts), "--out", str(out),
+                                 "--max-new-tokens", "4"])
+    assert result.exit_code == 0, result.output
+    assert [r["id"] for r in read_jsonl(out)] == ["a", "b"]
+
+
+# --------------------------------------------------------------------------------------------
+# The coin judge
+
+
+def _recipe_with_templates(folder: Path | None = None) -> Recipe:
+    sets = ["judge.backend=coin"] + ([f"judge.templates={folder}"] if folder else [])
+    return load_recipe(None, sets)
+
+
+def test_coin_judge_renders_the_templates_and_decides_by_a_seeded_hash(tmp_path):
+    pirate = Preference(**PIRATE)
+    folder = tmp_path / "templates"
+    folder.mkdir()
+    (folder / "P9X_annotate.txt").write_text(PIRATE_TEMPLATE)
+    judge = get_judge("coin", _recipe_with_templates(folder))
+    judge.check([pirate])
+    requests = [JudgeRequest(f"Tell me about {w}.", f"{w} is a word", f"arr, {w}", pirate, use="annotate")
+                for w in "rain sun bread stars music maps tides snow bees roots".split()]
+    verdicts = [j.verdict for j in judge.judge_many(requests)]
+    assert set(verdicts) == {"A", "B"}  # annotation is two-way
+    assert verdicts == [j.verdict for j in get_judge("coin", _recipe_with_templates(folder)).judge_many(requests)]
+    other_seed = load_recipe(None, ["judge.backend=coin", f"judge.templates={folder}", "judge.coin.seed=1"])
+    assert verdicts != [j.verdict for j in get_judge("coin", other_seed).judge_many(requests)]
+    # The verdicts follow the rendered prompt: another template text, other verdicts.
+    (folder / "P9X_annotate.txt").write_text(PIRATE_TEMPLATE.replace("captain", "cook"))
+    assert verdicts != [j.verdict for j in get_judge("coin", _recipe_with_templates(folder)).judge_many(requests)]
+    evaluated = get_judge("coin", _recipe_with_templates()).judge_many(
+        [JudgeRequest(r.instruction, r.a, r.b, PreferenceSet.catalog().get("P2A")) for r in requests])
+    assert {j.verdict for j in evaluated} <= {"A", "B", "tie"} and len({j.verdict for j in evaluated}) > 1
+    assert "coin" in JUDGES and judge.describe()["backend"] == "coin"
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("{instruction} {output_a} {outptu_b}", "unknown placeholder {outptu_b} (did you mean 'output_b'?)"),
+    ("{instruction} {output_a} and nothing else", "has no {output_b}"),
+])
+def test_a_broken_template_is_refused_naming_the_file(tmp_path, text, message):
+    (tmp_path / "P9X_evaluate.txt").write_text(text)
+    judge = get_judge("coin", _recipe_with_templates(tmp_path))
+    with pytest.raises(InputError, match="P9X_evaluate.txt: ") as caught:
+        judge.check([Preference(**PIRATE)])
+    assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+# --------------------------------------------------------------------------------------------
+# --smoke on any recipe
+
+
+def test_the_smoke_recipe_covers_every_baseline_and_cuts_every_trainer():
+    smoke = load_recipe("smoke")
+    (systems,) = typing.get_args(EvaluationSection.model_fields["baselines"].annotation)
+    assert set(smoke.evaluation.baselines) == set(typing.get_args(systems))  # so every stage runs
+    cut = load_recipe("psoups-paper", smoke=True)
+    for loc in TRAINER_SECTIONS:  # --smoke can cut every trainer down to a few steps
+        section, sub = loc.split(".")
+        assert getattr(getattr(smoke, section), sub)["max_steps"] <= 2, loc
+        assert getattr(getattr(cut, section), sub).get("max_steps") == getattr(getattr(smoke, section), sub)["max_steps"]
+
+
+def test_smoke_takes_the_smoke_recipe_sizes_and_keeps_the_recipe_own_settings():
+    tiny = load_recipe(RECIPES / "tiny.yaml")
+    smoke = load_recipe(builtin_recipes_dir() / "smoke.yaml")
+    cut = load_recipe(RECIPES / "tiny.yaml", smoke=True)
+    assert cut.model.name == "tiny-random" and cut.resolved_run_dir() == Path("runs/tiny-smoke")
+    assert cut.annotate.judge == cut.judge.backend == "coin"
+    assert cut.data.max_train_prompts == smoke.data.max_train_prompts
+    assert cut.train_policy.rloo["max_steps"] == smoke.train_policy.rloo["max_steps"]
+    assert cut.train_rm.trl["max_steps"] == smoke.train_rm.trl["max_steps"] and "num_train_epochs" not in cut.train_rm.trl
+    # The recipe's own: preferences, learning rates, LoRA, sweep preferences, baselines.
+    assert cut.preference_set().names() == tiny.preference_set().names()
+    assert cut.train_policy.rloo["learning_rate"] == tiny.train_policy.rloo["learning_rate"]
+    assert cut.train_policy.lora == tiny.train_policy.lora and cut.evaluation.baselines == tiny.evaluation.baselines
+    # Explicit --set and flags win over the smoke sizes.
+    mine = load_recipe(RECIPES / "tiny.yaml", ["train_policy.rloo.max_steps=3", "judge.backend=rubric"],
+                       {"run_dir": "elsewhere"}, smoke=True)
+    assert mine.train_policy.rloo["max_steps"] == 3 and mine.judge.backend == "rubric"
+    assert mine.annotate.judge == "coin" and mine.resolved_run_dir() == Path("elsewhere")
+
+
+def test_smoke_makes_a_gpu_recipe_runnable_on_cpu():
+    cut = load_recipe("psoups-paper", smoke=True)
+    for section in (cut.train_rm.trl, cut.train_policy.rloo):
+        assert not {"bf16", "gradient_accumulation_steps", "use_vllm"} & set(section)
+    assert cut.model.dtype == "auto" and cut.model.prompt_format == "tulu"  # the recipe's prompt format stays
+    assert cut.judge.backend == "coin" and cut.resolved_run_dir() == Path("runs/psoups-paper-smoke")
+
+
+# --------------------------------------------------------------------------------------------
+# Whole runs (seconds each; `benchmarks/smoke_time.py` times them in fresh processes)
+
+
+@pytest.mark.slow
+def test_run_smoke_from_an_empty_home_runs_every_stage(home):
+    result = runner.invoke(app, ["run", "smoke"])
+    assert result.exit_code == 0, result.output
+    run = Path("runs/smoke")
+    ended = {json.loads(line)["stage"] for line in (run / "events.jsonl").read_text().splitlines()
+             if json.loads(line)["event"] == "end"}
+    assert ended == set(STAGE_NAMES)  # every stage ran, the built-in model's included
+    assert any(p.name.startswith("tiny-random-") for p in home.iterdir())
+    for name in ("soups/P1A+P2A/soup.json", "policy/morl/adapter_model.safetensors", "rm/general/metrics.json",
+                 "judgments/psoups_vs_base.json", "report/sweep.png"):
+        assert (run / name).exists(), name
+    report = (run / "report" / "report.md").read_text()
+    assert report.splitlines()[2].startswith("> **WARNING: the base model tiny-random has random weights")
+    assert "coin" not in report and "## Checks" not in report  # the rubric judged; no check on random numbers
+    assert "WARNING: the base model tiny-random has random weights" in result.output
+
+
+@pytest.mark.slow
+def test_tiny_recipe_with_smoke_exercises_its_own_preferences_with_the_coin_judge(home):
+    result = runner.invoke(app, ["run", str(RECIPES / "tiny.yaml"), "--smoke"])
+    assert result.exit_code == 0, result.output
+    assert "smoke run of" in result.output and "runs/tiny-smoke" in result.output
+    assert not Path("runs/tiny").exists()  # the recipe's real run is never touched
+    run = Path("runs/tiny-smoke")
+    for pref in ("P1A", "P1B", "P2A", "P2B", "P3A", "P3B"):
+        assert read_jsonl(run / "annotations" / f"{pref}.jsonl"), pref  # coin labels: no pair dropped as a tie
+        assert (run / "policy" / pref / "adapter_model.safetensors").exists()
+    assert (run / "soups" / "P1A+P2A+P3A" / "soup.json").exists()
+    report = (run / "report" / "report.md").read_text()
+    assert "> **WARNING: the coin judge decided annotation and evaluation" in report.split("## ")[0]
+    assert "WARNING: the coin judge" in result.output
+    assert yaml.safe_load((run / "recipe.yaml").read_text())["judge"]["backend"] == "coin"
+
+
+def _pirate_recipe(tmp_path: Path, evaluate_template: str) -> Path:
+    """A user's recipe: a defined preference with its own templates, judged by an LLM endpoint."""
+    folder = tmp_path / "my-templates"
+    folder.mkdir(exist_ok=True)
+    (folder / "P9X_annotate.txt").write_text(PIRATE_TEMPLATE)
+    (folder / "P9X_evaluate.txt").write_text(evaluate_template)
+    recipe = {"name": "pirates", "preferences": {"use": ["P2A", "P9X"], "define": [PIRATE]},
+              "annotate": {"judge": "openai"},
+              "judge": {"backend": "openai", "templates": str(folder), "openai": {"base_url": "http://127.0.0.1:9"}},
+              "merge": {"method": "ties", "density": 0.5},
+              "evaluation": {"baselines": ["base"], "sweep": None}}
+    path = tmp_path / "pirates.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+@pytest.mark.slow
+def test_defined_preference_and_own_templates_run_through_the_coin_judge(home, tmp_path):
+    result = runner.invoke(app, ["run", str(_pirate_recipe(tmp_path, PIRATE_TEMPLATE + " Or TIE.")), "--smoke"])
+    assert result.exit_code == 0, result.output
+    run = Path("runs/pirates-smoke")
+    summary = json.loads((run / "annotations" / "P9X.summary.json").read_text())
+    assert summary["judge"]["backend"] == "coin" and summary["written"] > 0
+    assert json.loads((run / "soups" / "P2A+P9X" / "soup.json").read_text())["method"] == "ties"
+    judged = json.loads((run / "judgments" / "psoups_vs_base.json").read_text())
+    assert "P9X" in judged["per_criterion"]
+
+
+def test_a_broken_template_fails_the_smoke_run_with_one_line(home, tmp_path):
+    result = runner.invoke(app, ["run", str(_pirate_recipe(tmp_path, "{instruction} {output_a} {outptu_b}")), "--smoke"])
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in result.output, result.output
+    assert "P9X_evaluate.txt: unknown placeholder {outptu_b} (did you mean 'output_b'?)" in errors[0]
