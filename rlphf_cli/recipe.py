@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -433,13 +434,14 @@ def load_recipe(
     sets: list[str] | None = None,
     overrides: dict[str, Any] | None = None,
     origins: dict[str, str] | None = None,
-    smoke: bool = False,
+    overlay: Callable[[Recipe, dict[str, str]], Recipe] | None = None,
 ) -> Recipe:
-    """Resolve a recipe: file (or default) < --set assignments < explicit flags (`overrides`).
+    """Resolve a recipe: file (or default) < `overlay` < --set assignments < explicit flags (`overrides`).
 
     `overrides` maps dotted recipe paths to flag values; None values mean "flag not given".
     `origins` names the flag of an override in messages (e.g. {'run_dir': '--run-dir'}).
-    `smoke`: cut down to a smoke run (rlphf_cli.smoke) below --set and the flags.
+    `overlay(recipe, overridden)` rewrites the validated recipe except the keys `overridden` names
+    (what --set and the flags set), e.g. rlphf_cli.smoke.apply_smoke.
     """
     recipe_path = find_recipe(path)
     source = str(recipe_path)
@@ -459,11 +461,7 @@ def load_recipe(
                 _set_path(data, key, value)
                 overridden[key] = (origins or {}).get(key, f"option for {key}")
     recipe = validate(data, source, overridden)
-    if smoke:
-        from rlphf_cli.smoke import apply_smoke
-
-        recipe = apply_smoke(recipe, overridden)
-    return recipe
+    return overlay(recipe, overridden) if overlay is not None else recipe
 
 
 # --------------------------------------------------------------------------------------------

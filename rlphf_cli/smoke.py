@@ -74,3 +74,10 @@ def describe(recipe) -> str:
             f"evaluation prompts, {recipe.generate.max_new_tokens} new tokens, {policy_steps} steps per policy, "
             + (f"judged by {recipe.judge.backend}" if recipe.annotate.judge == recipe.judge.backend
                else f"annotated by {recipe.annotate.judge}, judged by {recipe.judge.backend}"))
+
+
+def load_smoke_recipe(path=None, sets: list[str] | None = None, overrides: dict[str, Any] | None = None):
+    """`load_recipe` with the smoke sizes applied below --set and the flags (`rlphf run --smoke`)."""
+    from rlphf_cli.recipe import load_recipe
+
+    return load_recipe(path, sets, overrides, overlay=apply_smoke)

@@ -107,9 +107,9 @@ FAULTS = {
     },
     "template": {
         "utf8": (b"Which? {instruction}\n\xff {output_a} {output_b}\n", "line 2: not UTF-8 text"),
-        "truncated": (b"Which? {instruction}\n## Output (a)\n{output_a}\n## Outp", "needs {output_b}"),
+        "truncated": (b"Which? {instruction}\n## Output (a)\n{output_a}\n## Outp", "has no {output_b}"),
         "empty": (b"  \n", "empty file"),
-        "schema": (b"Which is better, a or b?\n", "needs {instruction}, {output_a}, {output_b}"),
+        "schema": (b"Which is better, a or b?\n", "has no {instruction}"),
     },
     "adapter_config": {
         "utf8": (b'{"peft_type": "LORA", "r": 4, "note": "\xff"}', "line 1: not UTF-8 text"),

@@ -18,6 +18,7 @@ from rlphf_cli.pipeline import STAGE_NAMES, plan
 from rlphf_cli.preferences import Preference, PreferenceSet
 from rlphf_cli.recipe import TRAINER_SECTIONS, EvaluationSection, Recipe, builtin_recipes_dir, load_recipe
 from rlphf_cli.runs import read_jsonl
+from rlphf_cli.smoke import load_smoke_recipe
 
 runner = CliRunner()
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
@@ -128,7 +129,7 @@ def test_the_smoke_recipe_covers_every_baseline_and_cuts_every_trainer():
     smoke = load_recipe("smoke")
     (systems,) = typing.get_args(EvaluationSection.model_fields["baselines"].annotation)
     assert set(smoke.evaluation.baselines) == set(typing.get_args(systems))  # so every stage runs
-    cut = load_recipe("psoups-paper", smoke=True)
+    cut = load_smoke_recipe("psoups-paper")
     for loc in TRAINER_SECTIONS:  # --smoke can cut every trainer down to a few steps
         section, sub = loc.split(".")
         assert getattr(getattr(smoke, section), sub)["max_steps"] <= 2, loc
@@ -138,7 +139,7 @@ def test_the_smoke_recipe_covers_every_baseline_and_cuts_every_trainer():
 def test_smoke_takes_the_smoke_recipe_sizes_and_keeps_the_recipe_own_settings():
     tiny = load_recipe(RECIPES / "tiny.yaml")
     smoke = load_recipe(builtin_recipes_dir() / "smoke.yaml")
-    cut = load_recipe(RECIPES / "tiny.yaml", smoke=True)
+    cut = load_smoke_recipe(RECIPES / "tiny.yaml")
     assert cut.model.name == "tiny-random" and cut.resolved_run_dir() == Path("runs/tiny-smoke")
     assert cut.annotate.judge == cut.judge.backend == "coin"
     assert cut.data.max_train_prompts == smoke.data.max_train_prompts
@@ -149,14 +150,14 @@ def test_smoke_takes_the_smoke_recipe_sizes_and_keeps_the_recipe_own_settings():
     assert cut.train_policy.rloo["learning_rate"] == tiny.train_policy.rloo["learning_rate"]
     assert cut.train_policy.lora == tiny.train_policy.lora and cut.evaluation.baselines == tiny.evaluation.baselines
     # Explicit --set and flags win over the smoke sizes.
-    mine = load_recipe(RECIPES / "tiny.yaml", ["train_policy.rloo.max_steps=3", "judge.backend=rubric"],
-                       {"run_dir": "elsewhere"}, smoke=True)
+    mine = load_smoke_recipe(RECIPES / "tiny.yaml", ["train_policy.rloo.max_steps=3", "judge.backend=rubric"],
+                             {"run_dir": "elsewhere"})
     assert mine.train_policy.rloo["max_steps"] == 3 and mine.judge.backend == "rubric"
     assert mine.annotate.judge == "coin" and mine.resolved_run_dir() == Path("elsewhere")
 
 
 def test_smoke_makes_a_gpu_recipe_runnable_on_cpu():
-    cut = load_recipe("psoups-paper", smoke=True)
+    cut = load_smoke_recipe("psoups-paper")
     for section in (cut.train_rm.trl, cut.train_policy.rloo):
         assert not {"bf16", "gradient_accumulation_steps", "use_vllm"} & set(section)
     assert cut.model.dtype == "auto" and cut.model.prompt_format == "tulu"  # the recipe's prompt format stays

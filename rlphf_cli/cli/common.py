@@ -72,7 +72,10 @@ def resolve_recipe(recipe: str | None, sets: list[str] | None, run_dir: Path | N
     overrides = {key.replace("__", "."): value for key, value in flags.items()}
     if run_dir is not None:
         overrides["run_dir"] = str(run_dir)
-    resolved = load_recipe(recipe, sets, overrides, origins={"run_dir": "--run-dir"}, smoke=smoke)
+    overlay = None
+    if smoke:
+        from rlphf_cli.smoke import apply_smoke as overlay
+    resolved = load_recipe(recipe, sets, overrides, origins={"run_dir": "--run-dir"}, overlay=overlay)
     resolved._invocation = invocation()
     return resolved
 
