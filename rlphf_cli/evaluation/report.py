@@ -150,7 +150,7 @@ def paper_agreement(h2h: dict[str, dict], vs_base: dict[str, dict]) -> list[str]
     by: dict[str, list[str]] = {}
     for other, s in h2h.items():
         by.setdefault(_standing(s), []).append(label(other))
-    parts = [f"{k} of {', '.join(v)}" for k, v in by.items()]
+    parts = [f"{k} {', '.join(v)}" for k, v in by.items()]
     single = [s for s in ("rlhf", PROMPTED, "multitask") if s in h2h]
     agrees = bool(single) and all(h2h[s].get("ci_low") is not None and h2h[s]["ci_low"] > 0.5 for s in single)
     text = (f"The paper (GPT-4 judge) found P-Soups and P-MORL ahead of the single-objective baselines. In this run "
