@@ -168,15 +168,15 @@ def test_pipeline_stage_on_two_ranks_writes_markers_and_events_once(prepared, tm
     assert_published_once_by_rank_zero(run / "rm" / "P2B", trace)
     assert not (run / "rm" / "P2A").exists()  # --pref picked one unit
     events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
-    assert [(e["stage"], e["event"]) for e in events] == [("train-rm", "start"), ("train-rm/P2B", "done"),
-                                                          ("train-rm", "end")]
+    assert [(e["stage"], e["event"]) for e in events] == [("command", "command"), ("train-rm", "start"),
+                                                          ("train-rm/P2B", "done"), ("train-rm", "end")]
     assert events[-1]["outcome"] == "ok"
     assert json.loads((run / ".markers" / "train-rm__P2B.json").read_text())["stage"] == "train-rm/P2B"
     assert sorted(p.name for p in (run / ".markers").iterdir()) == ["train-rm__P2B.json"]
     rank0 = [path.name for event, path in writes(trace, 0) if event == "open"]
     for record in ("recipe.yaml", "env.json", "train-rm__P2B.json"):
         assert sum(name.startswith(f".{record}.tmp-") for name in rank0) == 1, record
-    assert sum(name == "events.jsonl" for name in rank0) == 3  # one append per line
+    assert sum(name == "events.jsonl" for name in rank0) == 4  # one append per line
 
 
 def test_a_failing_rank_ends_the_job_with_its_error(prepared, tmp_path):

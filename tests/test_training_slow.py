@@ -1,5 +1,5 @@
 """Learning on the embedded tiny model: a P2A reward model trained on rubric-labelled pairs of the
-model's own samples, then 30 RLOO steps against it; DPO and P-MORL write loadable adapters.
+model's own samples, then the tiny recipe's RLOO steps against it; DPO and P-MORL write loadable adapters.
 
 Budget: under ~3 min on 2 cores beyond building the tiny model (cached after the first time).
 """
@@ -106,7 +106,7 @@ def test_rloo_raises_the_reward_of_greedy_answers(tiny_run, tiny_model):
     from rlphf_cli.training.reward import RewardScorer
 
     result = train_policy(tiny_run["recipe"], pref="concise", model=str(tiny_model))
-    assert result["steps"] == 30
+    assert result["steps"] == tiny_run["recipe"].train_policy.rloo["max_steps"]
     eval_prompts = [r["instruction"] for r in load_prompts("builtin:tiny-eval")]
     scorer = RewardScorer(tiny_run["run"] / "rm" / "P2A")
     before = [s[0] for s in generate(str(tiny_model), eval_prompts, greedy=True)]
@@ -115,7 +115,7 @@ def test_rloo_raises_the_reward_of_greedy_answers(tiny_run, tiny_model):
     score_after = sum(scorer.score(eval_prompts, after)) / len(after)
     words_before = sum(len(t.split()) for t in before) / len(before)
     words_after = sum(len(t.split()) for t in after) / len(after)
-    print(f"RLOO 30 steps ({result['s_per_step']:.2f} s/step): greedy RM score {score_before:.3f} -> "
+    print(f"RLOO {result['steps']} steps ({result['s_per_step']:.2f} s/step): greedy RM score {score_before:.3f} -> "
           f"{score_after:.3f}, words {words_before:.1f} -> {words_after:.1f}")
     assert score_after > score_before
 
