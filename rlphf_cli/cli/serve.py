@@ -56,7 +56,9 @@ def serve_command(
     Example: [bold]rlphf serve --run-dir runs/tiny[/]
     """
     from rlphf_cli.serving import build_server, run_server
+    from rlphf_cli.training import quiet_libraries
 
+    quiet_libraries()  # the startup banner and request logs, not the stack's deprecation notices
     resolved = resolve_recipe(recipe, set_, run_dir, model__name=model)
     server = build_server(resolved, policies=policy or [], merge_method=merge_method, max_soups=max_soups,
                           max_batch=max_batch, backend=backend, profiles=profiles, threads=threads)
