@@ -42,7 +42,8 @@ def merge_command(
     seed: Annotated[Optional[int], typer.Option("--seed", help="dare: seed of the drop masks.",
                                                 show_default=False)] = None,
     out: Annotated[Optional[Path], typer.Option(
-        "--out", help="Output folder (default with --prefs: <run-dir>/soups/<combo>/).", show_default=False)] = None,
+        "--out", help="Output folder (default with --soup: <run-dir>/soups/<combo>/, with the weights in the name "
+        "unless equal).", show_default=False)] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing soup of the run directory; merge "
                                         "adapters whose base_model_name_or_path differ.")] = False,
     into_base: Annotated[Optional[Path], typer.Option(
