@@ -24,7 +24,7 @@ from rlphf_cli.errors import InputError, did_you_mean
 from rlphf_cli.models import builtin_model, torch_threads
 from rlphf_cli.preferences import Preference, combination_name
 from rlphf_cli.recipe import Recipe
-from rlphf_cli.runs import RunDir, fingerprint, read_jsonl
+from rlphf_cli.runs import RunDir, fingerprint
 from rlphf_cli.systems import BASE, BASE_PLAIN, EXPERTS, ORDER, PROMPTED, PSOUPS, SWEEP, TRAINED_BASELINES
 from rlphf_cli.training import is_main_process, world_size
 
@@ -132,13 +132,6 @@ class Pipeline:
             self._base_generator = Generator.load(self.recipe, system=BASE)
         return self._base_generator
 
-    def _section(self, *names: str) -> dict:
-        dumped = self.recipe.model_dump(mode="json")
-        return {name: dumped[name] for name in names}
-
-    def _combo_prefs(self, combo: tuple[Preference, ...]) -> list[str]:
-        return [p.id for p in combo]
-
     def units(self, stage: str) -> list[Unit]:
         return getattr(self, "_units_" + stage.replace("-", "_"))()
 
@@ -158,7 +151,7 @@ class Pipeline:
                                  progress=self._unit_progress,
                                  requested_by=f"annotate.num_samples ({self.recipe.origin('annotate.num_samples')})")
 
-        inputs = {**self._section("model", "data", "generate", "seed"), "num_samples": self.recipe.annotate.num_samples}
+        inputs = {**self.recipe.settings("model", "data", "generate", "seed"), "num_samples": self.recipe.annotate.num_samples}
         return [Unit("rollouts", "rollouts", inputs, work, [self.run.rollouts()])]
 
     def _annotation_prefs(self) -> list[Preference]:
@@ -173,7 +166,7 @@ class Pipeline:
         """What annotation verdicts depend on: the annotate section, its judge backend and templates."""
         judge = self.recipe.judge
         backend = getattr(judge, self.recipe.annotate.judge, None)
-        return {**self._section("annotate", "seed"), "templates": judge.templates,
+        return {**self.recipe.settings("annotate", "seed"), "templates": judge.templates,
                 "backend": backend.model_dump(mode="json") if backend is not None else None}
 
     def _units_annotate(self) -> list[Unit]:
@@ -193,7 +186,7 @@ class Pipeline:
         units = []
         prefs = [p.id for p in self._annotation_prefs()]
         for pref_id in prefs:
-            inputs = {"annotations": self.fp.get(f"annotate/{pref_id}"), **self._section("model", "train_rm", "seed")}
+            inputs = {"annotations": self.fp.get(f"annotate/{pref_id}"), **self.recipe.settings("model", "train_rm", "seed")}
             units.append(Unit(f"train-rm/{pref_id}", pref_id, inputs,
                               _Job(_train_rm_job, self.recipe, pref_id, str(self.run.root), self.model_path),
                               [self.run.reward_model(pref_id)]))
@@ -202,7 +195,7 @@ class Pipeline:
     def _units_train_policy(self) -> list[Unit]:
         units = []
         for pref in self.prefs:
-            inputs = {"rm": self.fp.get(f"train-rm/{pref.id}"), **self._section("model", "data", "train_policy", "seed")}
+            inputs = {"rm": self.fp.get(f"train-rm/{pref.id}"), **self.recipe.settings("model", "data", "train_policy", "seed")}
             units.append(Unit(f"train-policy/{pref.id}", pref.id, inputs,
                               _Job(_train_policy_job, self.recipe, "soup", pref.id, str(self.run.root), self.model_path),
                               [self.run.policy(pref.id)]))
@@ -213,10 +206,10 @@ class Pipeline:
         for mode in (b for b in self.recipe.evaluation.baselines if b in TRAINED_BASELINES):
             if mode == "multitask":  # supervised on the annotations: no reward model, no prompt set
                 inputs = {"annotations": [self.fp.get(f"annotate/{p.id}") for p in self.prefs],
-                          **self._section("model", "train_policy", "seed")}
+                          **self.recipe.settings("model", "train_policy", "seed")}
             else:
                 rm_keys = [f"train-rm/{p.id}" for p in self.prefs] if mode == "morl" else ["train-rm/general"]
-                inputs = {"rms": [self.fp.get(k) for k in rm_keys], **self._section("model", "data", "train_policy", "seed")}
+                inputs = {"rms": [self.fp.get(k) for k in rm_keys], **self.recipe.settings("model", "data", "train_policy", "seed")}
             units.append(Unit(f"baselines/{mode}", mode, inputs,
                               _Job(_train_policy_job, self.recipe, mode, None, str(self.run.root), self.model_path),
                               [self.run.policy(mode)]))
@@ -247,7 +240,7 @@ class Pipeline:
                 merge_adapters(dirs, weights, method=self.recipe.merge.method, out_dir=self.run.soup(name), **params)
                 return {"inputs": [d.name for d in dirs], "weights": weights}
 
-            inputs = {"policies": [self.fp.get(f"train-policy/{p.id}") for p in combo], "merge": self._section("merge")}
+            inputs = {"policies": [self.fp.get(f"train-policy/{p.id}") for p in combo], "merge": self.recipe.settings("merge")}
             units.append(Unit(f"merge/{name}", name, inputs, work, [self.run.soup(name)]))
         if self.recipe.evaluation.sweep:
             a, b = self.sweep_prefs()
@@ -273,7 +266,7 @@ class Pipeline:
         from rlphf_cli.data import load_prompts
 
         prompts = load_prompts(self.recipe.data.eval_prompts, self.recipe.data.max_eval_prompts)
-        base_inputs = {**self._section("model", "data", "generate", "seed")}
+        base_inputs = {**self.recipe.settings("model", "data", "generate", "seed")}
         units = []
 
         def add(system: str, name: str, prefs: list[str], adapter: Path | None, upstream: str | None):
@@ -348,7 +341,7 @@ class Pipeline:
                 result = judge_files(self.recipe, a, b, None, out, progress=self._unit_progress, force=True)
                 return {"win_rate": result["overall"]["win_rate"]}
 
-            inputs = {"judge": self._section("judge"), "generations": [self.fp.get(k) for k in upstream]}
+            inputs = {"judge": self.recipe.settings("judge"), "generations": [self.fp.get(k) for k in upstream]}
             units.append(Unit(f"judge/{system}_vs_{baseline}", f"{system} vs {baseline}", inputs, work, [out]))
         return units
 
@@ -391,8 +384,9 @@ class Pipeline:
                    prefs: list[str] | None = None) -> dict:
         todo = []
         changed = 0
+        keys: dict[str, str] = {}  # unit key -> fingerprint of its inputs
         for unit in units:
-            key = fingerprint(unit.inputs)
+            key = keys[unit.key] = fingerprint(unit.inputs)
             marker = self.run.marker(unit.key) or {}
             finished = marker.get("fingerprint") == key and all(p.exists() for p in unit.outputs)
             on_disk, files = self.run.outputs_fingerprint(unit.outputs, marker.get("files"))
@@ -418,7 +412,7 @@ class Pipeline:
         with record as info:
             jobs = all(isinstance(u.work, _Job) for u in todo) and world_size() == 1
             for done, (unit, result) in enumerate(self._work(todo, self.recipe.parallel if jobs else 1), 1):
-                key = fingerprint(unit.inputs)
+                key = keys[unit.key]
                 on_disk, files = self.run.outputs_fingerprint(unit.outputs)
                 if self.main:
                     self.run.mark_done(unit.key, key, result=_jsonable(result), outputs=on_disk, files=files)
@@ -500,7 +494,6 @@ def _train_policy_job(recipe: Recipe, mode: str, pref_id: str | None, run_root: 
 
 
 def _jsonable(result: Any) -> Any:
-
     try:
         json.dumps(result)
         return result
@@ -523,10 +516,9 @@ def check_selection(recipe: Recipe, only: str | None = None, from_stage: str | N
         return None
     if only not in PER_PREFERENCE_STAGES:
         raise InputError(f"--prefs picks units of one per-preference stage: add --only {' or '.join(PER_PREFERENCE_STAGES)}")
-    from rlphf_cli.training import GENERAL
+    from rlphf_cli.training.reward import resolve_rm_name
 
-    names = [p.strip() for p in prefs.split(",") if p.strip()]
-    ids = [GENERAL if n.lower() == GENERAL else recipe.preference_set().get(n).id for n in names]
+    ids = [resolve_rm_name(recipe, n)[0] for n in prefs.split(",") if n.strip()]
     if not ids:
         raise InputError("--prefs: no preference given")
     return ids
@@ -540,7 +532,3 @@ def run_pipeline(recipe: Recipe, *, only: str | None = None, from_stage: str | N
     builtin = builtin_model(recipe.model.name)
     with _imports_out_of_gc(), torch_threads(builtin.threads if builtin else None):
         return Pipeline(recipe, progress).execute(only=only, from_stage=from_stage, force=force, prefs=ids)
-
-
-def load_generations(path: Path) -> list[dict]:
-    return read_jsonl(path) if path.exists() else []

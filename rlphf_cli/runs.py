@@ -272,18 +272,6 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def path_fingerprint(path: str | os.PathLike) -> str:
-    """Content hash of a file or of every file in a folder (names and bytes)."""
-    path = Path(path)
-    if path.is_file():
-        return file_sha256(path)
-    digest = hashlib.sha256()
-    for file in sorted(p for p in path.rglob("*") if p.is_file()):
-        digest.update(str(file.relative_to(path)).encode())
-        digest.update(file_sha256(file).encode())
-    return digest.hexdigest()
-
-
 # --------------------------------------------------------------------------------------------
 # Environment
 
@@ -480,9 +468,6 @@ class RunDir:
     def mark_done(self, stage: str, inputs_fingerprint: str, **info: Any) -> None:
         atomic_write_json(self._marker(stage), {"stage": stage, "fingerprint": inputs_fingerprint,
                                                 "time": time.time(), **info})
-
-    def clear_marker(self, stage: str) -> None:
-        self._marker(stage).unlink(missing_ok=True)
 
     @contextlib.contextmanager
     def stage(self, name: str, **fields: Any) -> Iterator[dict]:

@@ -35,10 +35,7 @@ SetOption = Annotated[
 ]
 
 
-# "Which preferences" is --prefs in every command; --pref is the old spelling of train-rm/train-policy.
-PrefsOption = Annotated[
-    Optional[str], typer.Option("--prefs", help="Preferences: ids or aliases, a comma list, or 'all'.",
-                                show_default=False)]
+# "Which preferences" is --prefs in every command; --pref is the old spelling of train-rm, train-policy, run.
 OldPrefOption = Annotated[Optional[str], typer.Option("--pref", hidden=True, show_default=False)]
 
 
