@@ -50,9 +50,12 @@ def _pyplot():
     return plt
 
 
-def _judgments(pipeline, other: str) -> dict[str, dict]:
-    """system -> its judgment file against `other`, for the systems that have one."""
-    found = {s: _load_json(pipeline.run.judgment(s, other)) for s in pipeline.systems() if s != other}
+def _judgments(pipeline, *, against: str | None = None, of: str | None = None) -> dict[str, dict]:
+    """The judgment files of every other system `against` one (keyed by system), or `of` one
+    system against every other (keyed by the other), for those that exist."""
+    center = against or of
+    pairs = {s: (s, center) if against else (center, s) for s in pipeline.systems() if s != center}
+    found = {s: _load_json(pipeline.run.judgment(*pair)) for s, pair in pairs.items()}
     return {s: r for s, r in found.items() if r}
 
 
@@ -63,7 +66,7 @@ def _judgments(pipeline, other: str) -> dict[str, dict]:
 def setup_lines(pipeline) -> list[str]:
     """How every win rate below was made: n, samples, temperature, judge, the both-orders rule."""
     recipe = pipeline.recipe
-    any_result = next(iter(_judgments(pipeline, BASE).values()), None)
+    any_result = next(iter(_judgments(pipeline, against=BASE).values()), None)
     n = any_result["pairs"] if any_result else "?"
     judge = recipe.judge.backend + (" (a rule-based proxy: readability grade, word counts, sentiment)"
                                     if recipe.judge.backend == "rubric" else "")
@@ -82,7 +85,7 @@ def comparison_table(pipeline, figure: Path) -> tuple[list[str], dict[str, dict]
     """The paper's table: combinations as rows, systems as columns, win rate against the base model."""
     from rlphf_cli.preferences import combination_name
 
-    results = _judgments(pipeline, BASE)
+    results = _judgments(pipeline, against=BASE)
     if not results:
         return [], {}
     header = "| combination | " + " | ".join(label(s) for s in results) + " |"
@@ -117,7 +120,7 @@ def _comparison_figure(results: dict[str, dict], out: Path) -> None:
 
 def head_to_head(pipeline) -> tuple[list[str], dict[str, dict]]:
     """P-Soups against each other system directly, and where that puts it (the interval decides)."""
-    results = _judgments_of(pipeline, PSOUPS)
+    results = _judgments(pipeline, of=PSOUPS)
     if not results:
         return [], {}
     lines = ["| P-Soups against | win rate % [95% CI] | wins / ties / losses | P-Soups is |", "|---|---|---|---|"]
@@ -126,11 +129,6 @@ def head_to_head(pipeline) -> tuple[list[str], dict[str, dict]]:
         lines.append(f"| {label(other)} | {_ci(o)} | {o['wins']} / {o['ties']} / {o['losses']} | {_standing(o)} |")
     lines += ["", "Ahead of / behind: the whole 95% interval is above / below 50%; level with: it holds 50%."]
     return lines, {s: r["overall"] for s, r in results.items()}
-
-
-def _judgments_of(pipeline, system: str) -> dict[str, dict]:
-    found = {o: _load_json(pipeline.run.judgment(system, o)) for o in pipeline.systems() if o != system}
-    return {o: r for o, r in found.items() if r}
 
 
 def _standing(summary: dict) -> str:
@@ -166,7 +164,7 @@ def criterion_table(pipeline) -> list[str]:
     """Per combination and criterion, every system against the base model, with intervals."""
     from rlphf_cli.preferences import combination_name
 
-    results = _judgments(pipeline, BASE)
+    results = _judgments(pipeline, against=BASE)
     if not results:
         return []
     lines = ["| combination | criterion | " + " | ".join(label(s) for s in results) + " |",
