@@ -447,7 +447,8 @@ class Generator:
             for record in read_jsonl(out_path):
                 _check_resumable(out_path, record, current, instructions)
                 saved.setdefault(str(record.get("id")), record)
-        done = {key: record for key, record in saved.items() if key in {str(p["id"]) for p in prompts}}
+        asked = {str(p["id"]) for p in prompts}
+        done = {key: record for key, record in saved.items() if key in asked}
         todo = [p for p in prompts if str(p["id"]) not in done]
         label = combo or self.system
         start, tokens_total = time.time(), 0

@@ -75,7 +75,7 @@ def merge_command(
         raise InputError("--soup holds the weights (concise=0.7,friendly=0.3): drop --prefs and --weights")
     if soup:
         members = parse_soup(soup)
-        prefs, weights = ",".join(name for name, _ in members), ",".join(f"{w!r}" for _, w in members)
+        prefs, weights = [name for name, _ in members], [w for _, w in members]
     if not (adapters or prefs):
         raise InputError("nothing to merge: give --soup (e.g. concise=0.5,friendly=0.5) or adapter folders")
     if prefs:

@@ -68,13 +68,12 @@ def train_policy_command(
     """
     from rich.table import Table
 
-    from rlphf_cli.recipe import check_trainer_fields, recipe_warnings
+    from rlphf_cli.recipe import recipe_warnings
     from rlphf_cli.training import is_main_process
     from rlphf_cli.training.policy import train_policies
 
     resolved = resolve_recipe(recipe, set_, run_dir, model__name=model, train_policy__algo=algo,
                               train_policy__mode=mode, data__train_prompts=prompts)
-    check_trainer_fields(resolved)
     prefs = either(prefs, pref, "--prefs and --pref")
     if resume and force:
         raise InputError("--resume and --force: give one (--resume continues training, --force starts it over)")

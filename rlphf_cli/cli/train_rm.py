@@ -44,9 +44,10 @@ def training_progress(unit: str = "steps", warnings: list[str] | None = None):
 
             def update(done: int, total: int, info: dict | None = None) -> None:
                 nonlocal task
-                if task is None:
-                    print_warnings(warnings or [])
-                    (warnings or []).clear()
+                if task is None:  # training has started: the inputs were fine
+                    if warnings:
+                        print_warnings(warnings)
+                        warnings.clear()
                     task = bar.add_task(name, total=None, info="")
                 text = ""
                 if info:

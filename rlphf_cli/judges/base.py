@@ -93,7 +93,7 @@ class Judge(Protocol):
 OPTION_A, OPTION_B, OPTION_TIE = "Output (a)", "Output (b)", "TIE"
 PLACEHOLDERS = ("instruction", "output_a", "output_b", "criterion")
 REQUIRED_PLACEHOLDERS = ("instruction", "output_a", "output_b")  # what the judge must see
-_PLACEHOLDER = re.compile(r"\{(instruction|output_a|output_b|criterion)\}")
+_PLACEHOLDER = re.compile(r"\{(" + "|".join(PLACEHOLDERS) + r")\}")
 _ANY_PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 

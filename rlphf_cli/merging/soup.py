@@ -350,7 +350,6 @@ def merge_from_recipe(
     record = check_outputs(recipe, [Path(out_dir)], force=replace, hint="pass --force to replace it, or --out")
     if record is not None:
         record.begin(recipe)
-    if record is not None:
         with record.stage(f"merge/{Path(out_dir).name}", method=method, weights=list(weights)):
             out = merge()
     else:

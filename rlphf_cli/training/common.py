@@ -130,6 +130,13 @@ def begin_outputs(recipe, outputs: list[Path], force: bool, hint: str) -> None:
         run.begin(recipe)
 
 
+def output_folders(ids: list[str], out_dir: str | Path | None, default) -> dict[str, Path]:
+    """Where each of several models goes: `out_dir` for one, `<out_dir>/<id>` for several, else the
+    run directory's `default(id)`."""
+    if out_dir is None:
+        return {i: default(i) for i in ids}
+    return {i: Path(out_dir) / i if len(ids) > 1 else Path(out_dir) for i in ids}
+
 
 def staging_dir(out_dir: Path, kind: str) -> Path:
     """A fixed sibling of `out_dir` (the same on every process of a distributed launch)."""

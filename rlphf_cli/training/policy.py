@@ -33,6 +33,7 @@ from rlphf_cli.training.common import (
     completion_text,
     load_pairs,
     load_tokenizer,
+    output_folders,
     prompt_example,
     publish,
     quiet_trainer,
@@ -40,7 +41,7 @@ from rlphf_cli.training.common import (
 )
 from rlphf_cli.training.config import quantization_config, trainer_config
 from rlphf_cli.training.lora import lora_config
-from rlphf_cli.training.reward import RewardScorer, require_reward_model
+from rlphf_cli.training.reward import RewardScorer, require_reward_model, resolve_rm_name
 
 MODES = ("soup", "morl", "rlhf", "multitask")
 ALGOS = {"rloo": ("RLOOConfig", "RLOOTrainer"), "grpo": ("GRPOConfig", "GRPOTrainer"),
@@ -171,17 +172,14 @@ def train_policy(recipe: Recipe, *, pref: str | None = None, mode: str | None = 
         pairs, skipped = load_pairs(run.annotations(rm_ids[0]), preference.alias if preference else GENERAL)
         data_counts = {"pairs": len(pairs), "pairs_skipped": skipped}
     elif algo == "sft":
-        loaded = {rm_id: load_pairs(run.annotations(rm_id), recipe.preference_set().get(rm_id).alias)
-                  for rm_id in rm_ids}
+        loaded = {rm_id: load_pairs(run.annotations(rm_id), resolve_rm_name(recipe, rm_id)[1]) for rm_id in rm_ids}
         pairs_by_pref = {rm_id: found for rm_id, (found, _) in loaded.items()}
         data_counts = {"pairs": sum(len(v) for v in pairs_by_pref.values()),
                        "pairs_per_preference": {k: len(v) for k, v in pairs_by_pref.items()},
                        "pairs_skipped": sum(n for _, n in loaded.values())}
     else:
         for rm_id in rm_ids:
-            default = run.reward_model(rm_id)
-            alias = recipe.preference_set().get(rm_id).alias if rm_id != GENERAL else GENERAL
-            rm_dirs[rm_id] = require_reward_model(reward_model or default, alias)
+            rm_dirs[rm_id] = require_reward_model(reward_model or run.reward_model(rm_id), resolve_rm_name(recipe, rm_id)[1])
         records = load_prompts(prompts or recipe.data.train_prompts, recipe.data.max_train_prompts)
         data_counts = {"prompts": len(records)}
 
@@ -348,8 +346,7 @@ def train_policies(recipe: Recipe, prefs: str | None = None, *, mode: str | None
             load_pairs(run.annotations(p.id), p.alias)
         elif not kwargs.get("reward_model"):
             require_reward_model(run.reward_model(p.id), p.alias)
-    targets = {p.id: (Path(out_dir) / p.id if len(chosen) > 1 else Path(out_dir)) if out_dir else run.policy(p.id)
-               for p in chosen}
+    targets = output_folders([p.id for p in chosen], out_dir, run.policy)
     if not kwargs.get("resume"):  # resumed: finished ones are kept, the others continue
         begin_outputs(recipe, list(targets.values()), force, "pass --force to train it again, or --out")
     results = {}

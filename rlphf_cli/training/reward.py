@@ -28,6 +28,7 @@ from rlphf_cli.training.common import (
     encode,
     load_pairs,
     load_tokenizer,
+    output_folders,
     publish,
     quiet_trainer,
     seqcls_load_quietly,
@@ -178,8 +179,7 @@ def train_reward_models(recipe: Recipe, prefs: str | Sequence[str], *, data_path
     if data_path is None:  # every input first: no half-done 'all' because the fifth one is missing
         for rm_id in names:
             load_pairs(run.annotations(rm_id), resolve_rm_name(recipe, rm_id)[1])
-    targets = {rm_id: (Path(out_dir) / rm_id if len(names) > 1 else Path(out_dir)) if out_dir
-               else run.reward_model(rm_id) for rm_id in names}
+    targets = output_folders(names, out_dir, run.reward_model)
     begin_outputs(recipe, list(targets.values()), force, "pass --force to train it again")
     results = {}
     for rm_id in names:
