@@ -44,8 +44,8 @@ def apply_smoke(recipe, explicit: Mapping[str, str]):
     from rlphf_cli.judges import COIN
     from rlphf_cli.recipe import TRAINER_SECTIONS, _set_path, load_recipe, validate
 
-    def is_explicit(key: str) -> bool:
-        return any(key == done or key.startswith(done + ".") for done in explicit)
+    def is_explicit(key: str) -> bool:  # set by --set or a flag (the recipe knows where each value came from)
+        return recipe.origin(key) != recipe.source
 
     smoke = load_recipe(SMOKE_RECIPE).model_dump(mode="json")
     data = recipe.model_dump(mode="json")
