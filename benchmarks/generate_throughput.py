@@ -94,6 +94,7 @@ def main() -> None:
     parser.add_argument("--run-dir", default=None, help="use its policy/P1A, P2A, P3A when present")
     args = parser.parse_args()
 
+    from rlphf_cli import jobs
     from rlphf_cli.data import load_prompts
     from rlphf_cli.generation import Generator
 
@@ -108,10 +109,14 @@ def main() -> None:
         else:
             adapters, kind = random_adapters(model_dir, Path(tmp)), "random LoRA adapters (r=16, all-linear)"
         start = time.perf_counter()
-        systems = {"base": Generator.load(recipe)}
-        systems["lora (unmerged)"] = Generator.load(recipe, adapter=adapters[0], merge=False)
+        def load(adapter=None, soup=None, merge=True) -> Generator:
+            return Generator.load(jobs.model_spec(recipe), jobs.weights(recipe, adapter, soup),
+                                  sampling=jobs.sampling(recipe), batch_size=recipe.generate.batch_size, merge=merge)
+
+        systems = {"base": load()}
+        systems["lora (unmerged)"] = load(adapter=adapters[0], merge=False)
         load_start = time.perf_counter()
-        systems["soup (3-way, merged)"] = Generator.load(recipe, soup=[(str(a), 1 / 3) for a in adapters])
+        systems["soup (3-way, merged)"] = load(soup=[(str(a), 1 / 3) for a in adapters])
         soup_load = time.perf_counter() - load_start
         print(f"model {model_dir}\nadapters: {kind}; loading took {time.perf_counter() - start:.1f} s "
               f"(soup: merge + merge_and_unload {soup_load:.2f} s)")

@@ -177,13 +177,16 @@ def train_policy(out: Path, algo: str, pref: str, quantized: bool = False) -> di
 
 
 def generate(out: Path, soup: str | None) -> dict:
-    from rlphf_cli.data import load_prompts
-    from rlphf_cli.generation import generate_file
+    from rlphf_cli.generation import generate_file, parse_soup
+    from rlphf_cli.jobs import generate_job, weights
     from rlphf_cli.recipe import load_recipe
+    from rlphf_cli.specs import PromptSet
 
     recipe = load_recipe(out / "recipe.yaml")
-    prompts = load_prompts(recipe.data.eval_prompts, recipe.data.max_eval_prompts)
-    summary = generate_file(recipe, prompts, out / "generations" / f"{soup or 'base'}.jsonl", soup=soup)
+    job = generate_job(recipe, out / "generations" / f"{soup or 'base'}.jsonl",
+                       prompts=PromptSet(recipe.data.eval_prompts, recipe.data.max_eval_prompts),
+                       weights_=weights(recipe, soup=parse_soup(soup) if soup else None))
+    summary = generate_file(job)
     return {"tokens_per_s": summary["tokens_per_s"],
             "note": f"{summary['prompts']} prompts x {recipe.generate.max_new_tokens} tokens, batch "
                     f"{recipe.generate.batch_size}"}

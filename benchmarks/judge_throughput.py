@@ -19,10 +19,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from fake_openai_server import FakeOpenAIServer  # noqa: E402
 
+from rlphf_cli.jobs import judge_spec  # noqa: E402
 from rlphf_cli.judges import JudgeRequest, get_judge, parse_verdict  # noqa: E402
 from rlphf_cli.judges.base import TemplateSet  # noqa: E402
 from rlphf_cli.preferences import PreferenceSet  # noqa: E402
-from rlphf_cli.recipe import Recipe  # noqa: E402
+from rlphf_cli.recipe import load_recipe  # noqa: E402
 
 KEY_ENV = "RLPHF_BENCH_JUDGE_KEY"
 
@@ -65,11 +66,9 @@ def main() -> None:
         seq_s = time.perf_counter() - start
         seq_requests = server.requests
 
-        recipe = Recipe()
-        recipe.judge.openai.base_url = server.base_url
-        recipe.judge.openai.api_key_env = KEY_ENV
-        recipe.judge.openai.concurrency = args.concurrency
-        judge = get_judge("openai", recipe)  # no cache: every pair is a request
+        recipe = load_recipe(None, [f"judge.openai.base_url={server.base_url}", f"judge.openai.api_key_env={KEY_ENV}",
+                                    f"judge.openai.concurrency={args.concurrency}"])
+        judge = get_judge(judge_spec(recipe, "openai", recipe.preference_set()))  # no cache: every pair is a request
         server.reset_counts()
         start = time.perf_counter()
         ours = [j.verdict for j in judge.judge_many(requests)]

@@ -36,12 +36,13 @@ def main() -> None:
 
     import torch
 
+    from rlphf_cli import jobs
     from rlphf_cli.data import load_prompts
     from rlphf_cli.generation import Generator
 
     recipe = decoding_recipe(args, **{"generate.temperature": 1.0, "generate.top_p": 0.9})
     model_dir = recipe.model.name
-    gen = Generator.load(recipe)
+    gen = Generator.load(jobs.model_spec(recipe), sampling=jobs.sampling(recipe), batch_size=recipe.generate.batch_size)
     texts = [gen.prompt_text(p["instruction"]) for p in load_prompts("builtin:tiny-eval", args.prompts)]
     seeded_decode = gen._decode
 

@@ -57,6 +57,7 @@ def main() -> None:
 
     transformers.utils.logging.disable_progress_bar()
     from rlphf_cli.data import load_prompts
+    from rlphf_cli.jobs import serve_spec
     from rlphf_cli.models import resolve_model
     from rlphf_cli.recipe import load_recipe
     from rlphf_cli.serving.server import ServerThread, build_server
@@ -73,7 +74,7 @@ def main() -> None:
             kind = "random LoRA adapters (r=16, all-linear)"
         recipe = load_recipe(None, [], {"model.name": model_dir, "run_dir": str(run)})
         start = time.perf_counter()
-        server = build_server(recipe, max_batch=args.concurrency, max_soups=32, threads=args.threads)
+        server = build_server(serve_spec(recipe), max_batch=args.concurrency, max_soups=32, threads=args.threads)
         backend = server.backend
         print(f"model {model_dir}; {kind}; server built in {time.perf_counter() - start:.1f} s; "
               f"decode thread: {args.threads} torch thread(s)")

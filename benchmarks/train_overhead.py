@@ -65,12 +65,13 @@ def plain_trl(model_path: str, rm_dir: Path, records: list[dict], steps: int, se
     return time.perf_counter() - start
 
 
-def ours(recipe, model_path: str, rm_dir: Path, prompts_spec: str, out: Path) -> float:
+def ours(recipe, rm_dir: Path, prompts_spec: str, out: Path) -> float:
+    from rlphf_cli.jobs import policy_jobs
     from rlphf_cli.training.policy import train_policy
 
     start = time.perf_counter()
-    train_policy(recipe, pref="P2A", model=model_path, reward_model=rm_dir, prompts=prompts_spec,
-                 out_dir=out / "ours", progress=lambda done, total: None)
+    job = policy_jobs(recipe, "P2A", reward_model=rm_dir, prompts=prompts_spec, out=out / "ours")[0]
+    train_policy(job, progress=lambda done, total: None)
     return time.perf_counter() - start
 
 
@@ -89,6 +90,7 @@ def main() -> None:
     import trl  # noqa: F401  (imports are not what we measure)
 
     from rlphf_cli.data import load_prompts
+    from rlphf_cli.jobs import reward_model_jobs
     from rlphf_cli.models import resolve_model
     from rlphf_cli.recipe import load_recipe
     from rlphf_cli.training import quiet_libraries
@@ -103,11 +105,12 @@ def main() -> None:
         prompts_file.write_text("".join(json.dumps({"id": r["id"], "prompt": r["instruction"]}) + "\n"
                                         for r in records))
         # The tiny recipe's RLOO settings (batch, generations, lengths, lr, beta) for both runs.
-        recipe = load_recipe("tiny", [f"run_dir={tmp / 'run'}", f"train_policy.rloo.max_steps={args.steps}"])
+        recipe = load_recipe("tiny", [f"run_dir={tmp / 'run'}", f"train_policy.rloo.max_steps={args.steps}",
+                                      f"model.name={model_path}"])
         rloo = {k: v for k, v in recipe.train_policy.rloo.items() if k != "max_steps"}
         make_pairs(tmp / "P2A.jsonl", records)
         rm_dir = tmp / "rm"
-        rm = train_reward_model(recipe, "P2A", tmp / "P2A.jsonl", rm_dir, model=model_path)
+        rm = train_reward_model(reward_model_jobs(recipe, "P2A", data=tmp / "P2A.jsonl", out=rm_dir)[0])
         print(f"reward model: held-out accuracy {rm['accuracy']:.0%} on synthetic pairs ({rm['train_s']:.1f} s)")
 
         plain_times, our_times = [], []
@@ -115,7 +118,7 @@ def main() -> None:
             release_shared_models()
             plain_times.append(plain_trl(model_path, rm_dir, records, args.steps, recipe.seed, rloo, tmp / f"p{i}"))
             release_shared_models()
-            our_times.append(ours(recipe, model_path, rm_dir, str(prompts_file), tmp / f"o{i}"))
+            our_times.append(ours(recipe, rm_dir, str(prompts_file), tmp / f"o{i}"))
             print(f"run {i + 1}: plain TRL {plain_times[-1]:.1f} s, rlphf train_policy {our_times[-1]:.1f} s")
     plain, mine = min(plain_times), min(our_times)
     print(f"{args.steps} RLOO steps on {args.model}: plain TRL {plain:.1f} s ({plain / args.steps:.2f} s/step), "

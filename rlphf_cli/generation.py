@@ -19,79 +19,21 @@ import re
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from rlphf_cli import files
-from rlphf_cli.errors import InputError, Interrupted, MissingArtifactError
-from rlphf_cli.preferences import Preference, PreferenceSet, combination_name, soup_name
+from rlphf_cli.errors import InputError, Interrupted
+from rlphf_cli.preferences import PreferenceSet, combination_name
 from rlphf_cli.prompting import instruction_with_preferences, render_prompt, text_ids
-from rlphf_cli.runs import JsonlAppender, RunDir, atomic_write_text, file_sha256, read_jsonl
+from rlphf_cli.runs import JsonlAppender, atomic_write_text, file_sha256, read_jsonl
+from rlphf_cli.specs import GenerateJob, ModelSpec, PromptedPreference, Sampling, Weights
 
 # progress(label, prompts done, prompts total, tokens generated so far): called after each batch.
 Progress = Callable[[str, int, int, int], None]
-SoupSpec = str | Sequence[tuple[str, float]]
 
 ADAPTER_CONFIG = "adapter_config.json"
 MAX_RESAMPLE_ROUNDS = 3  # extra tries to make a prompt's samples distinct (annotation needs pairs)
-
-
-@dataclass(frozen=True)
-class Sampling:
-    temperature: float = 1.0  # 0 means greedy
-    top_p: float = 1.0
-    top_k: int = 0  # 0: off
-    max_new_tokens: int = 64
-    min_new_tokens: int = 0
-    no_repeat_ngram_size: int = 0
-    repetition_penalty: float = 1.0
-    seed: int = 0
-
-    @classmethod
-    def from_recipe(cls, recipe) -> Sampling:
-        g = recipe.generate
-        return cls(g.temperature, g.top_p, g.top_k, g.max_new_tokens, g.min_new_tokens, g.no_repeat_ngram_size,
-                   g.repetition_penalty, recipe.seed)
-
-    def generate_kwargs(self) -> dict:
-        kwargs: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, "min_new_tokens": self.min_new_tokens,
-                                  "repetition_penalty": self.repetition_penalty,
-                                  "no_repeat_ngram_size": self.no_repeat_ngram_size}
-        if self.temperature > 0:
-            kwargs.update(do_sample=True, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
-        else:
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        return kwargs
-
-    def to_record(self) -> dict:
-        return asdict(self)
-
-
-def sample_count(recipe, requested: int | None = None, *, rollouts: bool = False,
-                 requested_by: str = "--num-samples", temperature_by: str | None = None) -> tuple[int, str | None]:
-    """How many responses per prompt, decided in one place: (count, a note for the summary or None).
-
-    `requested`: an explicit count (a flag); else `generate.num_samples` when the recipe sets it,
-    else 1, or for rollouts `annotate.num_samples` (pairs need two). Greedy decoding
-    (temperature 0) has one answer per prompt: without an explicit count it gets 1 (said in the
-    note); an explicit count above 1 is an error naming both settings.
-    """
-    greedy = recipe.generate.temperature == 0
-    temperature_by = temperature_by or _where(recipe, "generate.temperature")
-    if requested is None and "num_samples" in recipe.generate.model_fields_set:
-        requested, requested_by = recipe.generate.num_samples, _where(recipe, "generate.num_samples")
-    if requested is not None:
-        if requested < 1:
-            raise InputError(f"{requested_by}: expected at least 1 response per prompt, got {requested}")
-        if greedy and requested > 1:
-            raise InputError(f"{requested_by} {requested} with {temperature_by} 0: greedy decoding gives one response "
-                             f"per prompt; sample with a temperature above 0, or ask for 1")
-        return requested, None
-    if greedy:
-        return 1, "greedy decoding (temperature 0): one response per prompt"
-    return (max(recipe.generate.num_samples, recipe.annotate.num_samples) if rollouts
-            else recipe.generate.num_samples), None
 
 
 # --------------------------------------------------------------------------------------------
@@ -177,33 +119,6 @@ def soup_from_adapters(adapters: Sequence[str], weights: Sequence[float] | None)
     return list(zip(adapters, weights, strict=True))
 
 
-def resolve_adapter(recipe, name_or_path: str | os.PathLike) -> tuple[Path, str]:
-    """A folder, or a preference name/id meaning the run's trained policy for it -> (folder, label)."""
-    path = Path(name_or_path).expanduser()
-    if path.exists():
-        if not (path / ADAPTER_CONFIG).is_file():
-            raise InputError(f"{path}: not a PEFT adapter folder (no {ADAPTER_CONFIG})")
-        return path, path.name
-    prefs = recipe.preference_set()
-    if str(name_or_path).lower() not in {n.lower() for n in prefs.names()}:
-        raise InputError(f"{name_or_path}: no such adapter folder, and not a preference of the recipe "
-                         f"(choose from: {', '.join(prefs.names())})")
-    pref = prefs.get(str(name_or_path))
-    folder = RunDir(recipe.resolved_run_dir()).policy(pref.id)
-    if not (folder / ADAPTER_CONFIG).is_file():
-        raise MissingArtifactError(f"policy for {pref.id} ({pref.alias})", folder,
-                                   f"rlphf train-policy --prefs {pref.alias}")
-    return folder, pref.id
-
-
-def system_name(adapter_label: str | None = None, soup: Sequence[tuple[str, float]] | None = None) -> str:
-    if soup:
-        return "soup:" + soup_name([label for label, _ in soup], [w for _, w in soup])
-    if adapter_label:
-        return f"adapter:{adapter_label}"
-    return "base"
-
-
 def check_adapter_fits(adapter_dir: Path, model, model_name: str) -> None:
     """Raise InputError when the adapter was made for another base model (or is not a causal LM
     adapter), before peft fails with a long size-mismatch traceback."""
@@ -247,54 +162,11 @@ def _adapter_shapes(adapter_dir: Path) -> dict[str, list[int]]:
 # The generator: a loaded model, reused across files and combinations
 
 
-def _where(recipe, key: str) -> str:
-    origin = recipe.origin(key)
-    return origin if origin.startswith("--") else f"{key} ({origin})"
-
-
-@dataclass
-class Weights:
-    """What a generator decodes with, resolved without loading a model: the recipe's base model,
-    plus one adapter or a soup of adapters (folder, label, weight)."""
-
-    model: str
-    adapter: Path | None = None
-    adapter_label: str | None = None
-    members: list[tuple[Path, str, float]] = field(default_factory=list)
-    merge_method: str | None = None
-
-    @classmethod
-    def resolve(cls, recipe, adapter: str | os.PathLike | None = None, soup: SoupSpec | None = None) -> Weights:
-        if adapter is not None and soup is not None:
-            raise InputError("give an adapter or a soup, not both")
-        weights = cls(model=recipe.model.name)
-        if soup is not None:
-            pairs = parse_soup(soup) if isinstance(soup, str) else list(soup)
-            if not pairs:
-                raise InputError("the soup has no members")
-            for name, weight in pairs:
-                folder, label = resolve_adapter(recipe, name)
-                weights.members.append((folder, label, float(weight)))
-            # Catalog order, as rlphf merge: 'friendly=0.3,concise=0.7' is the soup 'P2A=0.7+P3A=0.3'.
-            order = {p.id: i for i, p in enumerate(recipe.preference_set())}
-            weights.members.sort(key=lambda m: order.get(m[1], len(order)))
-            weights.merge_method = recipe.merge.method
-        if adapter is not None:
-            weights.adapter, weights.adapter_label = resolve_adapter(recipe, adapter)
-        return weights
-
-    def system(self) -> str:
-        return system_name(self.adapter_label, [(label, w) for _, label, w in self.members] or None)
-
-    def folders(self) -> list[Path]:
-        return [self.adapter] if self.adapter is not None else [m[0] for m in self.members]
-
-    def record(self) -> dict:
-        """For each generated record: which weights made it (adapter files by content hash)."""
-        weights = [1.0] if self.adapter is not None else [m[2] for m in self.members]
-        adapters = [{"path": str(folder), "weight": w, "sha256": _adapter_sha(folder)}
-                    for folder, w in zip(self.folders(), weights, strict=True)]
-        return {"model": self.model, "adapters": adapters, "merge_method": self.merge_method}
+def weights_record(model: str, weights: Weights) -> dict:
+    """For each generated record: which weights made it (adapter files by content hash)."""
+    adapters = [{"path": str(m.path), "weight": m.weight if weights.merge is not None else 1.0,
+                 "sha256": _adapter_sha(m.path)} for m in weights.members]
+    return {"model": model, "adapters": adapters, "merge_method": weights.merge.method if weights.merge else None}
 
 
 def _adapter_sha(folder: Path) -> str:
@@ -317,31 +189,31 @@ class Generator:
         self.weights = weights or {"model": model_name, "adapters": [], "merge_method": None}
 
     @classmethod
-    def load(cls, recipe, *, adapter: str | os.PathLike | None = None, soup: SoupSpec | None = None,
-             system: str | None = None, merge: bool = True, weights: Weights | None = None) -> Generator:
-        """Load the recipe's model; with `adapter` (a folder or preference name) or `soup`
-        ('concise=0.5,friendly=0.5' or [(name or folder, weight), ...]) merge it in first.
-        `merge=False` keeps peft's unmerged LoRA layers (for comparison only)."""
-        weights = weights or Weights.resolve(recipe, adapter, soup)
-        model, tokenizer, model_name = load_base_model(recipe)
-        for folder in weights.folders():
-            check_adapter_fits(folder, model, model_name)
-
-        if weights.members:
+    def load(cls, model: ModelSpec, weights: Weights = Weights(), *, sampling: Sampling = Sampling(),
+             batch_size: int = 32, system: str | None = None, merge: bool = True) -> Generator:
+        """Load the model; with an adapter or a soup, merge it in first (a soup is merged from the
+        adapter files by rlphf merge's code). `merge=False` keeps peft's unmerged LoRA layers (for
+        comparison only)."""
+        loaded, tokenizer, model_name = load_base_model(model)
+        for member in weights.members:
+            check_adapter_fits(member.path, loaded, model_name)
+        if weights.merge is not None:
             with tempfile.TemporaryDirectory(prefix="rlphf-soup-") as tmp:
-                soup_dir = _merge_soup(recipe, [m[0] for m in weights.members], [m[2] for m in weights.members],
-                                       Path(tmp) / "soup")
-                model = _apply_adapter(model, soup_dir, merge)
+                loaded = _apply_adapter(loaded, _merge_soup(weights, Path(tmp) / "soup"), merge)
         elif weights.adapter is not None:
-            model = _apply_adapter(model, weights.adapter, merge)
-        model.eval()
-        return cls(model, tokenizer, system=system or weights.system(), sampling=Sampling.from_recipe(recipe),
-                   prompt_format=recipe.model.prompt_format, batch_size=recipe.generate.batch_size,
-                   model_name=model_name, weights=weights.record())
+            loaded = _apply_adapter(loaded, weights.adapter.path, merge)
+        loaded.eval()
+        return cls(loaded, tokenizer, system=system or weights.system(), sampling=sampling,
+                   prompt_format=model.prompt_format, batch_size=batch_size, model_name=model_name,
+                   weights=weights_record(model.name, weights))
+
+    @classmethod
+    def for_job(cls, job: GenerateJob) -> Generator:
+        return cls.load(job.model, job.weights, sampling=job.sampling, batch_size=job.batch_size, system=job.system)
 
     # -- decoding -------------------------------------------------------------------------------
 
-    def prompt_text(self, instruction: str, prefs: Sequence[Preference] = ()) -> str:
+    def prompt_text(self, instruction: str, prefs: Sequence[PromptedPreference] = ()) -> str:
         return render_prompt(self.tokenizer, instruction_with_preferences(instruction, prefs), self.prompt_format)
 
     def prompt_ids(self, text: str) -> list[int]:
@@ -428,7 +300,7 @@ class Generator:
 
     # -- files ----------------------------------------------------------------------------------
 
-    def write_file(self, prompts: Sequence[dict], out_path: str | os.PathLike, *, prefs: Sequence[Preference] = (),
+    def write_file(self, prompts: Sequence[dict], out_path: str | os.PathLike, *, prefs: Sequence[PromptedPreference] = (),
                    num_samples: int = 1, resume: bool = False, progress: Progress | None = None) -> dict:
         """Generate for every prompt into `out_path` (JSONL, appended per batch, rewritten in prompt
         order when complete). With `resume`, prompts already in the file are skipped; the file must
@@ -577,17 +449,15 @@ def resume_settings(system: str, combo: str, weights: dict, prompt_format: str, 
                              "sampling": sampling, "responses": [None] * num_samples})
 
 
-def check_resume(path: str | os.PathLike, recipe, weights: Weights, system: str, prefs: Sequence[Preference],
-                 num_samples: int, prompts: Sequence[dict]) -> None:
-    """Before loading a model: --resume of `path` would mix in no record made otherwise."""
-    path = Path(path)
-    if not path.exists():
+def check_resume(job: GenerateJob, prompts: Sequence[dict]) -> None:
+    """Before loading a model: --resume of `job.out` would mix in no record made otherwise."""
+    if not job.out.exists():
         return
-    current = resume_settings(system, combination_name(prefs), weights.record(), recipe.model.prompt_format,
-                              Sampling.from_recipe(recipe).to_record(), num_samples)
+    current = resume_settings(job.system, combination_name(job.prefs), weights_record(job.model.name, job.weights),
+                              job.model.prompt_format, job.sampling.to_record(), job.num_samples)
     instructions = {str(p["id"]): p["instruction"] for p in prompts}
-    for record in read_jsonl(path):
-        _check_resumable(path, record, current, instructions)
+    for record in read_jsonl(job.out):
+        _check_resumable(job.out, record, current, instructions)
 
 
 def _check_resumable(path: Path, record: dict, current: dict, instructions: dict[str, str]) -> None:
@@ -612,50 +482,42 @@ def _show(value) -> str:
 # Model loading and merging
 
 
-def load_base_model(recipe):
+def load_base_model(model: ModelSpec):
     """(model on the best device, left-padding tokenizer, resolved model name)."""
     import torch
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from rlphf_cli.hub import require_model
-    from rlphf_cli.models import resolve_model
 
     transformers.utils.logging.disable_progress_bar()  # the CLI draws its own progress
 
-    name = resolve_model(recipe.model.name)
-    cfg = recipe.model
+    name = model.path()
     cuda = torch.cuda.is_available()
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    dtype = dtypes.get(cfg.dtype, (torch.bfloat16 if cuda else torch.float32))
-    kwargs: dict[str, Any] = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
-    if cfg.load_in_4bit:
-        from transformers import BitsAndBytesConfig
-
-        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=dtype)
-        kwargs["device_map"] = "auto"
-    require_model(name, cfg.revision)
+    kwargs: dict[str, Any] = {"revision": model.revision, "trust_remote_code": model.trust_remote_code}
+    quantization = model.quantization_config()
+    if quantization is not None:
+        kwargs.update(quantization_config=quantization, device_map="auto")
+    require_model(name, model.revision)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(name, revision=model.revision,
+                                                  trust_remote_code=model.trust_remote_code)
+        loaded = AutoModelForCausalLM.from_pretrained(name, dtype=model.torch_dtype(), **kwargs)
     except OSError as exc:
-        raise InputError(f"cannot load model '{recipe.model.name}': {str(exc).splitlines()[0]}") from None
-    if not cfg.load_in_4bit:
-        model.to("cuda" if cuda else "cpu")
+        raise InputError(f"cannot load model '{model.name}': {str(exc).splitlines()[0]}") from None
+    if quantization is None:
+        loaded.to("cuda" if cuda else "cpu")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
-    return model, tokenizer, name
+    return loaded, tokenizer, name
 
 
-def _merge_soup(recipe, adapter_dirs: list[Path], weights: list[float], out_dir: Path) -> Path:
-    try:
-        from rlphf_cli.merging import merge_adapters
-    except ImportError:
-        raise InputError("soups need the merging library (rlphf_cli.merging), which is not installed") from None
-    params = recipe.merge.model_dump(exclude={"method"}, exclude_none=True)
-    return Path(merge_adapters([str(d) for d in adapter_dirs], list(weights), method=recipe.merge.method,
-                               out_dir=out_dir, **params))
+def _merge_soup(weights: Weights, out_dir: Path) -> Path:
+    from rlphf_cli.merging import merge_adapters
+
+    return Path(merge_adapters([m.path for m in weights.members], [m.weight for m in weights.members],
+                               weights.merge, out_dir=out_dir))
 
 
 def _apply_adapter(model, adapter_dir: Path, merge: bool):
@@ -671,61 +533,40 @@ def _apply_adapter(model, adapter_dir: Path, merge: bool):
 # Entry points for the CLI and the pipeline
 
 
-def generate_file(recipe, prompts: Sequence[dict], out_path: str | os.PathLike, *, prefs: Sequence[Preference] | str = (),
-                  adapter: str | os.PathLike | None = None, soup: SoupSpec | None = None, system: str | None = None,
-                  num_samples: int | None = None, resume: bool = False, progress: Progress | None = None,
-                  generator: Generator | None = None, requested_by: str = "--num-samples") -> dict:
-    """Generate responses for `prompts` (records with id, instruction) into one JSONL file.
+def generate_file(job: GenerateJob, *, prompts: Sequence[dict] | None = None, generator: Generator | None = None,
+                  resume: bool = False, progress: Progress | None = None) -> dict:
+    """The answers of `job` into its output file (a JSONL record per prompt, appended as they come).
 
-    `prefs` (Preference objects or 'P1A,concise') are appended to each instruction as the paper did.
-    Pass a loaded `generator` to reuse a model across calls; otherwise `adapter`/`soup` pick the
-    weights. Returns a summary dict (path, prompts, generated, resumed, tokens, tokens_per_s, ...).
+    `prompts`: the job's prompt set, when the caller has loaded it already. Pass a loaded
+    `generator` to reuse a model across jobs (its system is set to the job's). Returns a summary
+    (path, prompts, generated, resumed, tokens, tokens_per_s, ...).
     """
-    pref_list = _resolve_prefs(recipe, prefs)
+    prompts = list(prompts) if prompts is not None else job.prompts.load()
     if not prompts:
         raise InputError("no prompts to generate for")
-    num_samples, _ = sample_count(recipe, num_samples, requested_by=requested_by)
     if generator is None:
-        generator = Generator.load(recipe, adapter=adapter, soup=soup, system=system)
-    elif system:
-        generator.system = system
-    return generator.write_file(prompts, out_path, prefs=pref_list, num_samples=num_samples, resume=resume,
+        generator = Generator.for_job(job)
+    generator.system = job.system
+    return generator.write_file(prompts, job.out, prefs=job.prefs, num_samples=job.num_samples, resume=resume,
                                 progress=progress)
 
 
-def generate_combinations(recipe, prompts: Sequence[dict], out_dir: str | os.PathLike, *,
-                          combos: str | Sequence[str] = "all", adapter: str | os.PathLike | None = None,
-                          soup: SoupSpec | None = None, system: str | None = None, num_samples: int | None = None,
-                          resume: bool = False, progress: Progress | None = None,
-                          generator: Generator | None = None) -> dict[str, dict]:
-    """One file per preference combination, `<out_dir>/<combo>.jsonl` (e.g. P1A+P2A+P3A.jsonl), the
-    model loaded once. `combos`: 'all' (every combination of the recipe's preferences) or names."""
-    combinations = resolve_combinations(recipe, combos)
-    if not prompts:
-        raise InputError("no prompts to generate for")
-    if generator is None:
-        generator = Generator.load(recipe, adapter=adapter, soup=soup, system=system)
-    summaries = {}
-    for combo in combinations:
-        name = combination_name(combo)
-        summaries[name] = generate_file(recipe, prompts, Path(out_dir) / f"{name}.jsonl", prefs=combo,
-                                        num_samples=num_samples, resume=resume, progress=progress,
-                                        generator=generator)
-    return summaries
-
-
-def resolve_combinations(recipe, combos: str | Sequence[str]) -> list[tuple[Preference, ...]]:
-    prefs = recipe.preference_set()
-    if combos == "all" or combos == ["all"]:
-        return prefs.combinations()
-    names = [c.strip() for c in combos.split(",")] if isinstance(combos, str) else list(combos)
-    out = [prefs.parse_combination(name) for name in names if name]
-    if not out:
-        raise InputError("no combination given")
-    return out
-
-
-def _resolve_prefs(recipe, prefs: Sequence[Preference] | str) -> list[Preference]:
-    if isinstance(prefs, str):
-        return recipe.preference_set().resolve(prefs) if prefs.strip() else []
-    return list(prefs)
+def generate_files(jobs: Sequence[GenerateJob], *, resume: bool = False, progress: Progress | None = None,
+                   after_load: Callable[[], None] | None = None) -> list[dict]:
+    """Several jobs of one model and one set of weights (e.g. one file per combination), the model
+    loaded once. Prompts and resumable files are checked before it loads; `after_load` runs once it
+    has (a command records its run directory then)."""
+    if not jobs:
+        return []
+    first = jobs[0]
+    if any((j.model, j.weights) != (first.model, first.weights) for j in jobs):
+        raise ValueError("generate_files: every job must decode with the same model and weights")
+    prompts = {job.prompts: job.prompts.load() for job in jobs}
+    if resume:
+        for job in jobs:
+            check_resume(job, prompts[job.prompts])
+    generator = Generator.for_job(first)
+    if after_load is not None:
+        after_load()
+    return [generate_file(job, prompts=prompts[job.prompts], generator=generator, resume=resume, progress=progress)
+            for job in jobs]

@@ -20,11 +20,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rlphf_cli import jobs
 from rlphf_cli.errors import InputError, did_you_mean
 from rlphf_cli.models import builtin_model, torch_threads
 from rlphf_cli.preferences import Preference, combination_name
 from rlphf_cli.recipe import Recipe
 from rlphf_cli.runs import RunDir, fingerprint
+from rlphf_cli.specs import (
+    GenerateJob,
+    Member,
+    MergeJob,
+    MergeSpec,
+    PolicyJob,
+    PromptSet,
+    RewardModelJob,
+    Weights,
+)
+from rlphf_cli.specs import record as spec_record
 from rlphf_cli.systems import BASE, BASE_PLAIN, EXPERTS, ORDER, PROMPTED, PSOUPS, SWEEP, TRAINED_BASELINES
 from rlphf_cli.training import is_main_process, world_size
 
@@ -44,11 +56,13 @@ class Stage:
 
 @dataclass
 class Unit:
-    """One resumable piece of work inside a stage."""
+    """One resumable piece of work inside a stage: its spec (everything the work reads), the units
+    it depends on, the work and its outputs. Its fingerprint is the spec's plus its upstream units'."""
 
     key: str  # marker name, e.g. 'train-rm/P2A'
     label: str
-    inputs: dict  # what the work depends on; its fingerprint decides whether to redo it
+    spec: Any  # a job spec of rlphf_cli.specs (or plain data for the report)
+    upstream: list[str]  # keys of the units whose outputs it reads
     work: Callable[[], dict | None]
     outputs: list[Path] = field(default_factory=list)
 
@@ -102,118 +116,88 @@ def plan(recipe: Recipe) -> list[Stage]:
 
 
 class Pipeline:
+    """The units of every stage of a recipe, built once (every check runs here, before any work)."""
+
     def __init__(self, recipe: Recipe, progress: Progress | None = None):
         self.recipe = recipe
         # Under a distributed launch only the main process writes the run's records (recipe, events, markers).
         self.main = is_main_process()
-        root = recipe.resolved_run_dir()
-        self.run = RunDir.open(root, recipe, run_recipe=True) if self.main else RunDir(root)
+        self.record = jobs.run_record(recipe)
+        self.run = RunDir(recipe.resolved_run_dir())
         self.prefs = recipe.preference_set()
         self.combos = self.prefs.combinations()
         self.progress = progress or _quiet
-        self.fp: dict[str, str] = {}  # unit key -> fingerprint, for downstream inputs
-        self._model_path: str | None = None
+        self.fp: dict[str, str] = {}  # unit key -> fingerprint, for downstream units
+        self.model = jobs.model_spec(recipe)
         self._base_generator = None
+        self._units = {stage: getattr(self, "_units_" + stage.replace("-", "_"))() for stage in self.stages()}
 
-    # The base model, resolved once (a built-in model is built on first use).
-    @property
-    def model_path(self) -> str:
-        if self._model_path is None:
-            from rlphf_cli.models import resolve_model
-
-            self._model_path = resolve_model(self.recipe.model.name)
-        return self._model_path
-
-    def base_generator(self):
+    def base_generator(self, job: GenerateJob):
         """The base model, loaded once for every unit that decodes without an adapter."""
         if self._base_generator is None:
             from rlphf_cli.generation import Generator
 
-            self._base_generator = Generator.load(self.recipe, system=BASE)
+            self._base_generator = Generator.for_job(job)
         return self._base_generator
 
     def units(self, stage: str) -> list[Unit]:
-        return getattr(self, "_units_" + stage.replace("-", "_"))()
+        return self._units[stage]
 
     def _units_tiny_model(self) -> list[Unit]:
-        return [Unit("tiny-model", self.recipe.model.name, {"model": self.recipe.model.name},
-                     lambda: {"path": self.model_path})]
+        return [Unit("tiny-model", self.model.name, self.model, [], lambda: {"path": self.model.path()})]
 
     def _units_rollouts(self) -> list[Unit]:
-        from rlphf_cli.data import load_prompts
+        recipe = self.recipe
+        count, _ = jobs.sample_count(recipe, recipe.annotate.num_samples,
+                                     requested_by=f"annotate.num_samples ({recipe.origin('annotate.num_samples')})")
+        job = jobs.generate_job(recipe, self.run.rollouts(), system=BASE, num_samples=count,
+                                prompts=PromptSet(recipe.data.train_prompts, recipe.data.max_train_prompts))
+        return [Unit("rollouts", "rollouts", job, [], self._generate(job), [job.out])]
 
+    def _generate(self, job: GenerateJob) -> Callable[[], dict]:
         def work():
             from rlphf_cli.generation import generate_file
 
-            prompts = load_prompts(self.recipe.data.train_prompts, self.recipe.data.max_train_prompts)
-            return generate_file(self.recipe, prompts, self.run.rollouts(), prefs=(), system=BASE,
-                                 num_samples=self.recipe.annotate.num_samples, generator=self.base_generator(),
-                                 progress=self._unit_progress,
-                                 requested_by=f"annotate.num_samples ({self.recipe.origin('annotate.num_samples')})")
+            generator = None if job.weights.members else self.base_generator(job)
+            return generate_file(job, generator=generator, progress=self._unit_progress)
 
-        inputs = {**self.recipe.settings("model", "data", "generate", "seed"), "num_samples": self.recipe.annotate.num_samples}
-        return [Unit("rollouts", "rollouts", inputs, work, [self.run.rollouts()])]
+        return work
 
-    def _annotation_prefs(self) -> list[Preference]:
-        prefs = list(self.prefs)
-        if "rlhf" in self.recipe.evaluation.baselines:
-            from rlphf_cli.judges import GENERAL_PREFERENCE
-
-            prefs.append(GENERAL_PREFERENCE)
-        return prefs
-
-    def _annotator_inputs(self) -> dict:
-        """What annotation verdicts depend on: the annotate section, its judge backend and templates."""
-        judge = self.recipe.judge
-        backend = getattr(judge, self.recipe.annotate.judge, None)
-        return {**self.recipe.settings("annotate", "seed"), "templates": judge.templates,
-                "backend": backend.model_dump(mode="json") if backend is not None else None}
+    def annotation_ids(self) -> list[str]:
+        """The annotated preferences, and the RLHF baseline's general criterion when it is trained."""
+        return [p.id for p in self.prefs] + ([jobs.GENERAL] if "rlhf" in self.recipe.evaluation.baselines else [])
 
     def _units_annotate(self) -> list[Unit]:
         units = []
-        for pref in self._annotation_prefs():
-            def work(pref=pref):
+        for pref_id in self.annotation_ids():
+            job = jobs.annotate_job(self.recipe, prefs=[pref_id], rollouts=self.run.rollouts(),
+                                    out_dir=self.run.path("annotations"))
+
+            def work(job=job):
                 from rlphf_cli.judges.annotate import annotate_rollouts
 
-                return annotate_rollouts(self.recipe, self.run.rollouts(), [pref], self.run.path("annotations"),
-                                         progress=self._unit_progress, force=True)
+                return annotate_rollouts(job, progress=self._unit_progress, force=True)
 
-            inputs = {"rollouts": self.fp.get("rollouts"), "pref": pref.to_dict(), **self._annotator_inputs()}
-            units.append(Unit(f"annotate/{pref.id}", pref.id, inputs, work, [self.run.annotations(pref.id)]))
+            units.append(Unit(f"annotate/{pref_id}", pref_id, job, ["rollouts"], work, [self.run.annotations(pref_id)]))
         return units
 
     def _units_train_rm(self) -> list[Unit]:
-        units = []
-        prefs = [p.id for p in self._annotation_prefs()]
-        for pref_id in prefs:
-            inputs = {"annotations": self.fp.get(f"annotate/{pref_id}"), **self.recipe.settings("model", "train_rm", "seed")}
-            units.append(Unit(f"train-rm/{pref_id}", pref_id, inputs,
-                              _Job(_train_rm_job, self.recipe, pref_id, str(self.run.root), self.model_path),
-                              [self.run.reward_model(pref_id)]))
-        return units
+        return [Unit(f"train-rm/{job.pref_id}", job.pref_id, job, [f"annotate/{job.pref_id}"],
+                     _Job(_train_rm_job, job), [job.out])
+                for job in jobs.reward_model_jobs(self.recipe, self.annotation_ids())]
+
+    def _policy_unit(self, key: str, label: str, job: PolicyJob) -> Unit:
+        upstream = ([f"train-rm/{pref_id}" for pref_id, _, _ in job.reward_models]
+                    + [f"annotate/{pref_id}" for pref_id, _, _ in job.annotations])
+        return Unit(key, label, job, upstream, _Job(_train_policy_job, job), [job.out])
 
     def _units_train_policy(self) -> list[Unit]:
-        units = []
-        for pref in self.prefs:
-            inputs = {"rm": self.fp.get(f"train-rm/{pref.id}"), **self.recipe.settings("model", "data", "train_policy", "seed")}
-            units.append(Unit(f"train-policy/{pref.id}", pref.id, inputs,
-                              _Job(_train_policy_job, self.recipe, "soup", pref.id, str(self.run.root), self.model_path),
-                              [self.run.policy(pref.id)]))
-        return units
+        return [self._policy_unit(f"train-policy/{job.name}", job.name, job)
+                for job in jobs.policy_jobs(self.recipe, "all", mode="soup")]
 
     def _units_baselines(self) -> list[Unit]:
-        units = []
-        for mode in (b for b in self.recipe.evaluation.baselines if b in TRAINED_BASELINES):
-            if mode == "multitask":  # supervised on the annotations: no reward model, no prompt set
-                inputs = {"annotations": [self.fp.get(f"annotate/{p.id}") for p in self.prefs],
-                          **self.recipe.settings("model", "train_policy", "seed")}
-            else:
-                rm_keys = [f"train-rm/{p.id}" for p in self.prefs] if mode == "morl" else ["train-rm/general"]
-                inputs = {"rms": [self.fp.get(k) for k in rm_keys], **self.recipe.settings("model", "data", "train_policy", "seed")}
-            units.append(Unit(f"baselines/{mode}", mode, inputs,
-                              _Job(_train_policy_job, self.recipe, mode, None, str(self.run.root), self.model_path),
-                              [self.run.policy(mode)]))
-        return units
+        return [self._policy_unit(f"baselines/{mode}", mode, jobs.policy_jobs(self.recipe, mode=mode)[0])
+                for mode in self.recipe.evaluation.baselines if mode in TRAINED_BASELINES]
 
     def sweep_weights(self) -> list[float]:
         return list(self.recipe.evaluation.sweep.weights) if self.recipe.evaluation.sweep else []
@@ -225,36 +209,31 @@ class Pipeline:
     def sweep_prefs(self) -> list[Preference]:
         return self.prefs.resolve(self.recipe.evaluation.sweep.prefs)
 
-    def _units_merge(self) -> list[Unit]:
-        from rlphf_cli.merging import merge_adapters
+    def _merge_unit(self, key: str, label: str, job: MergeJob, upstream: list[str]) -> Unit:
+        def work():
+            from rlphf_cli.merging import merge_adapters
 
-        params = {"rank": self.recipe.merge.rank, "density": self.recipe.merge.density, "seed": self.recipe.merge.seed}
-        params = {k: v for k, v in params.items() if v is not None}
+            merge_adapters(job.inputs, list(job.weights), job.merge, out_dir=job.out)
+            return {"inputs": [d.name for d in job.inputs], "weights": list(job.weights)}
+
+        return Unit(key, label, job, upstream, work, [job.out])
+
+    def _units_merge(self) -> list[Unit]:
+        merge = jobs.merge_spec(self.recipe)
         units = []
         for combo in self.combos:
             name = combination_name(combo)
-            dirs = [self.run.policy(p.id) for p in combo]
-            weights = [1.0 / len(combo)] * len(combo)
-
-            def work(dirs=dirs, weights=weights, name=name):
-                merge_adapters(dirs, weights, method=self.recipe.merge.method, out_dir=self.run.soup(name), **params)
-                return {"inputs": [d.name for d in dirs], "weights": weights}
-
-            inputs = {"policies": [self.fp.get(f"train-policy/{p.id}") for p in combo], "merge": self.recipe.settings("merge")}
-            units.append(Unit(f"merge/{name}", name, inputs, work, [self.run.soup(name)]))
+            job = MergeJob(inputs=tuple(self.run.policy(p.id) for p in combo), weights=(1.0 / len(combo),) * len(combo),
+                           out=self.run.soup(name), merge=merge)
+            units.append(self._merge_unit(f"merge/{name}", name, job, [f"train-policy/{p.id}" for p in combo]))
         if self.recipe.evaluation.sweep:
             a, b = self.sweep_prefs()
             for weight in self.sweep_weights():
-                dirs = [self.run.policy(a.id), self.run.policy(b.id)]
-
-                def work(dirs=dirs, weight=weight):
-                    # 'average' refuses negative weights only; the end points are single policies.
-                    merge_adapters(dirs, [weight, 1.0 - weight], method="average", out_dir=self.sweep_soup(weight))
-                    return {"weights": [weight, 1.0 - weight]}
-
-                inputs = {"policies": [self.fp.get(f"train-policy/{p.id}") for p in (a, b)], "weight": weight}
-                units.append(Unit(f"merge/sweep-{a.id}-{b.id}-w{weight:g}", f"sweep {weight:g}", inputs, work,
-                                  [self.sweep_soup(weight)]))
+                # 'average' refuses negative weights only; the end points are single policies.
+                job = MergeJob(inputs=(self.run.policy(a.id), self.run.policy(b.id)), weights=(weight, 1.0 - weight),
+                               out=self.sweep_soup(weight), merge=MergeSpec("average"))
+                units.append(self._merge_unit(f"merge/sweep-{a.id}-{b.id}-w{weight:g}", f"sweep {weight:g}", job,
+                                              [f"train-policy/{a.id}", f"train-policy/{b.id}"]))
         return units
 
     def systems(self) -> list[str]:
@@ -263,47 +242,35 @@ class Pipeline:
         return [s for s in ORDER if s in listed]
 
     def _units_evaluate(self) -> list[Unit]:
-        from rlphf_cli.data import load_prompts
-
-        prompts = load_prompts(self.recipe.data.eval_prompts, self.recipe.data.max_eval_prompts)
-        base_inputs = {**self.recipe.settings("model", "data", "generate", "seed")}
+        recipe = self.recipe
+        prompts = PromptSet(recipe.data.eval_prompts, recipe.data.max_eval_prompts)
         units = []
 
-        def add(system: str, name: str, prefs: list[str], adapter: Path | None, upstream: str | None):
-            out = self.run.generations(system, name)
-
-            def work():
-                from rlphf_cli.generation import generate_file
-
-                prefs_objs = [self.prefs.get(p) for p in prefs]
-                generator = self.base_generator() if adapter is None else None
-                return generate_file(self.recipe, prompts, out, prefs=prefs_objs, adapter=adapter,
-                                     system=system if adapter is None else f"{system}:{name}", num_samples=1,
-                                     generator=generator, progress=self._unit_progress)
-
-            inputs = {**base_inputs, "prefs": prefs, "adapter": self.fp.get(upstream) if upstream else None}
-            units.append(Unit(f"evaluate/{system}/{name}", f"{system} {name}", inputs, work, [out]))
+        def add(system: str, name: str, prefs: list[Preference], adapter: Path | None, upstream: str | None):
+            weights = Weights((Member(adapter, name),)) if adapter is not None else Weights()
+            job = jobs.generate_job(recipe, self.run.generations(system, name), prompts=prompts, weights_=weights,
+                                    prefs=prefs, system=system if adapter is None else f"{system}:{name}")
+            units.append(Unit(f"evaluate/{system}/{name}", f"{system} {name}", job,
+                              [upstream] if upstream else [], self._generate(job), [job.out]))
 
         # The base model without a preference prompt answers the same whatever the combination:
         # generate once; judging labels the same answers with each combination.
         add(BASE, BASE_PLAIN, [], None, None)
         for combo in self.combos:
             name = combination_name(combo)
-            ids = [p.id for p in combo]
-            add(PSOUPS, name, ids, self.run.soup(name), f"merge/{name}")
-            if PROMPTED in self.recipe.evaluation.baselines:
-                add(PROMPTED, name, ids, None, None)
-            for mode in (b for b in self.recipe.evaluation.baselines if b in TRAINED_BASELINES):
-                add(mode, name, ids, self.run.policy(mode), f"baselines/{mode}")
+            add(PSOUPS, name, list(combo), self.run.soup(name), f"merge/{name}")
+            if PROMPTED in recipe.evaluation.baselines:
+                add(PROMPTED, name, list(combo), None, None)
+            for mode in (b for b in recipe.evaluation.baselines if b in TRAINED_BASELINES):
+                add(mode, name, list(combo), self.run.policy(mode), f"baselines/{mode}")
         for pref in self.prefs:
-            add(EXPERTS, pref.id, [pref.id], self.run.policy(pref.id), f"train-policy/{pref.id}")
+            add(EXPERTS, pref.id, [pref], self.run.policy(pref.id), f"train-policy/{pref.id}")
             # What training adds over prompting: each expert against the base model given the same prompt.
-            add(PROMPTED, pref.id, [pref.id], None, None)
-        if self.recipe.evaluation.sweep:
+            add(PROMPTED, pref.id, [pref], None, None)
+        if recipe.evaluation.sweep:
             a, b = self.sweep_prefs()
             for weight in self.sweep_weights():
-                add(SWEEP, f"w{weight:g}", [], self.sweep_soup(weight),
-                    f"merge/sweep-{a.id}-{b.id}-w{weight:g}")
+                add(SWEEP, f"w{weight:g}", [], self.sweep_soup(weight), f"merge/sweep-{a.id}-{b.id}-w{weight:g}")
         return units
 
     def judged_pairs(self) -> list[tuple[str, str]]:
@@ -324,25 +291,20 @@ class Pipeline:
     def _units_judge(self) -> list[Unit]:
         units = []
         for system, baseline in self.judged_pairs():
-            if system == EXPERTS:
-                names = [p.id for p in self.prefs]
-            else:
-                names = [combination_name(c) for c in self.combos]
-            upstream = [f"evaluate/{s}/{n}" for s in (system, baseline)
-                        for n in ([BASE_PLAIN] if s == BASE else names)]
-            out = self.run.judgment(system, baseline)
+            names = [p.id for p in self.prefs] if system == EXPERTS else [combination_name(c) for c in self.combos]
+            upstream = [f"evaluate/{s}/{n}" for s in (system, baseline) for n in ([BASE_PLAIN] if s == BASE else names)]
+            # Criteria: each record's own combination (the experts: their one preference).
+            job = jobs.judge_job(self.recipe, self._generations_for_judging(system, names),
+                                 self._generations_for_judging(baseline, names), out=self.run.judgment(system, baseline))
 
-            def work(system=system, baseline=baseline, names=names, out=out):
+            def work(job=job):
                 from rlphf_cli.evaluation.judging import judge_files
 
-                a = self._generations_for_judging(system, names)
-                b = self._generations_for_judging(baseline, names)
-                # Criteria: each record's own combination (the experts: their one preference).
-                result = judge_files(self.recipe, a, b, None, out, progress=self._unit_progress, force=True)
+                result = judge_files(job, progress=self._unit_progress, force=True)
                 return {"win_rate": result["overall"]["win_rate"]}
 
-            inputs = {"judge": self.recipe.settings("judge"), "generations": [self.fp.get(k) for k in upstream]}
-            units.append(Unit(f"judge/{system}_vs_{baseline}", f"{system} vs {baseline}", inputs, work, [out]))
+            units.append(Unit(f"judge/{system}_vs_{baseline}", f"{system} vs {baseline}", job, upstream, work,
+                              [job.out]))
         return units
 
     def _units_report(self) -> list[Unit]:
@@ -351,9 +313,27 @@ class Pipeline:
 
             return write_report(self)
 
-        inputs = {"judgments": [self.fp.get(f"judge/{s}_vs_{b}") for s, b in self.judged_pairs()],
-                  "sweep": [self.fp.get(f"evaluate/{SWEEP}/w{w:g}") for w in self.sweep_weights()]}
-        return [Unit("report", "report", inputs, work, [self.run.report_dir() / "report.md"])]
+        upstream = ([f"judge/{s}_vs_{b}" for s, b in self.judged_pairs()]
+                    + [f"evaluate/{SWEEP}/w{w:g}" for w in self.sweep_weights()])
+        return [Unit("report", "report", None, upstream, work, [self.run.report_dir() / "report.md"])]
+
+    def fingerprints(self) -> dict[str, str]:
+        """Every unit's inputs fingerprint, from the specs alone (as if every upstream unit's outputs
+        stood as they are): what decides which units a change of the recipe reruns."""
+        found: dict[str, str] = {}
+        saved, self.fp = self.fp, found
+        try:
+            for stage in self.stages():
+                for unit in self.units(stage):
+                    found[unit.key] = self.fingerprint(unit)
+        finally:
+            self.fp = saved
+        return found
+
+    def fingerprint(self, unit: Unit) -> str:
+        """What decides whether a unit is up to date: its spec, and its upstream units' fingerprints
+        (which cover what they wrote)."""
+        return fingerprint({"spec": spec_record(unit.spec), "upstream": [self.fp.get(k) for k in unit.upstream]})
 
     # ----------------------------------------------------------------------------------------
 
@@ -365,6 +345,8 @@ class Pipeline:
 
     def execute(self, only: str | None = None, from_stage: str | None = None, force: bool = False,
                 prefs: list[str] | None = None) -> dict:
+        if self.main:  # the run's recipe.yaml, env.json and this command's event, before any work
+            self.run.begin(self.record, run_recipe=True)
         stages = self.stages()
         start_at = stages.index(from_stage) if from_stage else 0
         summary: dict[str, Any] = {"stages": {}, "run_dir": str(self.run.root)}
@@ -386,7 +368,7 @@ class Pipeline:
         changed = 0
         keys: dict[str, str] = {}  # unit key -> fingerprint of its inputs
         for unit in units:
-            key = keys[unit.key] = fingerprint(unit.inputs)
+            key = keys[unit.key] = self.fingerprint(unit)
             marker = self.run.marker(unit.key) or {}
             finished = marker.get("fingerprint") == key and all(p.exists() for p in unit.outputs)
             on_disk, files = self.run.outputs_fingerprint(unit.outputs, marker.get("files"))
@@ -476,21 +458,16 @@ def _worker_setup(threads: int) -> None:
     quiet_libraries()
 
 
-def _train_rm_job(recipe: Recipe, pref_id: str, run_root: str, model_path: str) -> dict:
+def _train_rm_job(job: RewardModelJob) -> dict:
     from rlphf_cli.training.reward import train_reward_model
 
-    run = RunDir(run_root)
-    return train_reward_model(recipe, pref_id, run.annotations(pref_id), run.reward_model(pref_id), model=model_path,
-                              force=True)
+    return train_reward_model(job, force=True)
 
 
-def _train_policy_job(recipe: Recipe, mode: str, pref_id: str | None, run_root: str, model_path: str) -> dict:
+def _train_policy_job(job: PolicyJob) -> dict:
     from rlphf_cli.training.policy import train_policy
 
-    run = RunDir(run_root)
-    name = pref_id if mode == "soup" else mode
-    return train_policy(recipe, pref=pref_id, mode=mode, model=model_path, out_dir=run.policy(name),
-                        run_dir=run.root, force=True)
+    return train_policy(job, force=True)
 
 
 def _jsonable(result: Any) -> Any:
@@ -516,9 +493,7 @@ def check_selection(recipe: Recipe, only: str | None = None, from_stage: str | N
         return None
     if only not in PER_PREFERENCE_STAGES:
         raise InputError(f"--prefs picks units of one per-preference stage: add --only {' or '.join(PER_PREFERENCE_STAGES)}")
-    from rlphf_cli.training.reward import resolve_rm_name
-
-    ids = [resolve_rm_name(recipe, n)[0] for n in prefs.split(",") if n.strip()]
+    ids = [jobs.rm_name(recipe, n)[0] for n in prefs.split(",") if n.strip()]
     if not ids:
         raise InputError("--prefs: no preference given")
     return ids

@@ -7,10 +7,13 @@ A *preference* is one pole of a *dimension* (P1 expertise, P2 informativeness, P
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
+from typing import TypeVar
 
 from rlphf_cli.errors import InputError, did_you_mean
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -105,6 +108,18 @@ class PreferenceSet:
             if pref not in out:
                 out.append(pref)
         return out
+
+    def in_order(self, items: Iterable[T], key: Callable[[T], str] = str) -> list[T]:
+        """`items` in catalog order of the preference `key(item)` names (an id or alias), items naming
+        none after them in the order given: the one order of a soup's members, so
+        'friendly=0.3,concise=0.7' and 'concise=0.7,friendly=0.3' are one soup everywhere."""
+        position = {p.id: i for i, p in enumerate(self.preferences)}
+
+        def rank(item: T) -> int:
+            pref = self._by_name.get(key(item).strip().lower())
+            return position[pref.id] if pref is not None else len(position)
+
+        return sorted(items, key=rank)
 
     def subset(self, names: str | Sequence[str] | None) -> PreferenceSet:
         return PreferenceSet(self.resolve(names))

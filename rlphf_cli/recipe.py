@@ -25,7 +25,10 @@ from rlphf_cli.preferences import CATALOG, Preference, PreferenceSet
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Frozen: a resolved recipe is read, never changed (a command's own settings go to its jobs).
+    # validate_default: a default is held as its field's type (lora_alpha 32 -> 32.0), so a recipe reads
+    # the same from its defaults and from its own recipe.yaml, and fingerprints agree.
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
 
 class ModelSection(Strict):
@@ -191,8 +194,6 @@ class Recipe(Strict):
     _source: str = "<defaults>"
     # Dotted keys set by --set or a command-line flag -> how ('--set train_rm.trl.x', ...).
     _overridden: dict[str, str] = PrivateAttr(default_factory=dict)
-    # The command that resolved it ({'command': 'rlphf generate', 'options': {...}}), for events.jsonl.
-    _invocation: dict | None = PrivateAttr(default=None)
 
     @model_validator(mode="after")
     def _check_preference_names(self) -> Recipe:
@@ -214,9 +215,26 @@ class Recipe(Strict):
 
     @model_validator(mode="after")
     def _check_merge_method(self) -> Recipe:
-        if self.merge.method not in METHODS:
-            name = self.merge.method
+        from rlphf_cli.merging.methods import merge_spec
+
+        name = self.merge.method
+        if name not in METHODS:
             raise _FieldError("merge.method", f"unknown merge method '{name}'{did_you_mean(name, METHODS.names())}")
+        try:  # the parameters the method declares, e.g. ties without a density
+            merge_spec(name, self.merge.model_dump(exclude={"method"}))
+        except InputError as exc:
+            bad = next((p for p in METHODS.get(name).params if f"--{p}" in str(exc)), None)
+            raise _FieldError(f"merge.{bad}" if bad and getattr(self.merge, bad) is not None else "merge.method",
+                              str(exc)) from None
+        return self
+
+    @model_validator(mode="after")
+    def _check_judges(self) -> Recipe:
+        from rlphf_cli.judges import JUDGES
+
+        for loc, name in (("annotate.judge", self.annotate.judge), ("judge.backend", self.judge.backend)):
+            if name not in JUDGES:
+                raise _FieldError(loc, f"unknown judge '{name}'{did_you_mean(name, JUDGES.names())}")
         return self
 
     @property
@@ -474,11 +492,13 @@ def recipe_warnings(recipe: Recipe) -> list[str]:
 
     import trl
 
+    from rlphf_cli.specs import TRAINERS
+
     out = []
     algo = recipe.train_policy.algo
-    if algo in ("rloo", "grpo"):
+    if TRAINERS[algo].online:
         section = getattr(recipe.train_policy, algo)
-        default = next(f.default for f in dataclasses.fields(getattr(trl, TRAINER_SECTIONS[f"train_policy.{algo}"]))
+        default = next(f.default for f in dataclasses.fields(getattr(trl, TRAINERS[algo].config))
                        if f.name == "max_completion_length")
         length = section.get("max_completion_length", default)
         if isinstance(length, int) and length < recipe.generate.max_new_tokens:
@@ -486,32 +506,3 @@ def recipe_warnings(recipe: Recipe) -> list[str]:
                        f"{recipe.generate.max_new_tokens}: RL completions are cut shorter than the answers evaluated, and cut "
                        "ones do not train the policy (mask_truncated_completions; clipped_ratio in training.json)")
     return out
-
-
-# --------------------------------------------------------------------------------------------
-# TRL pass-through sections
-
-TRAINER_SECTIONS = {
-    "train_rm.trl": "RewardConfig",
-    "train_policy.rloo": "RLOOConfig",
-    "train_policy.grpo": "GRPOConfig",
-    "train_policy.dpo": "DPOConfig",
-    "train_policy.sft": "SFTConfig",
-}
-
-
-def check_trainer_fields(recipe: Recipe) -> None:
-    """Every key of a trainer section must be a field of its TRL config class (imports trl)."""
-    import dataclasses
-
-    import trl
-
-    for loc, class_name in TRAINER_SECTIONS.items():
-        section, sub = loc.split(".")
-        keys = getattr(getattr(recipe, section), sub)
-        fields = {f.name for f in dataclasses.fields(getattr(trl, class_name))}
-        for key in keys:
-            if key not in fields:
-                raise RecipeError(
-                    f"{recipe.origin(f'{loc}.{key}')}: {loc}.{key}: unknown {class_name} field{did_you_mean(key, fields)}"
-                )

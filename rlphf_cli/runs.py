@@ -8,6 +8,7 @@ size limit, a file where a folder should be) is a FileSystemError naming the pat
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import errno
 import glob
 import hashlib
@@ -86,13 +87,13 @@ def check_writable(path: str | os.PathLike) -> None:
         pass
 
 
-def check_outputs(recipe, outputs: Sequence[str | os.PathLike], *, force: bool = False,
+def check_outputs(record, outputs: Sequence[str | os.PathLike], *, force: bool = False,
                   hint: str = "pass --force to replace it") -> RunDir | None:
     """Before any work: every output can be written, and none replaces a finished output of the
-    recipe's run directory unless `force` (the message says what would be replaced, then `hint`).
-    Returns the run directory when an output lies in it, or when it exists (the command runs against
-    it, reading its outputs): call its `begin` before the first write."""
-    root = recipe.resolved_run_dir()
+    run directory `record` (a specs.RunRecord) names unless `force` (the message says what would be
+    replaced, then `hint`). Returns the run directory when an output lies in it, or when it exists
+    (the command runs against it, reading its outputs): call its `begin` before the first write."""
+    root = Path(record.root)
     inside = [Path(p) for p in outputs if _within(Path(p), root)]
     for path in outputs:
         check_writable(path)
@@ -101,6 +102,21 @@ def check_outputs(recipe, outputs: Sequence[str | os.PathLike], *, force: bool =
             if _finished(path):
                 raise InputError(f"{path}: exists ({_describe_output(path)}); {hint}")
     return RunDir(root) if inside or (root / "recipe.yaml").is_file() else None
+
+
+def begin_outputs(record, outputs: Sequence[str | os.PathLike], *, force: bool = False,
+                  hint: str = "pass --force to replace it") -> RunDir | None:
+    """After a job's inputs are checked, before its first write: `check_outputs`, then the run
+    directory records the command (on the main process of a distributed launch). Without a
+    `record` (a library call outside any run) the outputs are only checked to be writable."""
+    if record is None:
+        for path in outputs:
+            check_writable(path)
+        return None
+    run = check_outputs(record, outputs, force=force, hint=hint)
+    if run is not None and os.environ.get("RANK", "0") == "0":
+        run.begin(record)
+    return run
 
 
 def _within(path: Path, root: Path) -> bool:
@@ -279,18 +295,12 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 _SECRETS: set[str] = set()
 
 
-def register_secrets(recipe) -> None:
+def register_secrets(names: Sequence[str]) -> None:
     """Remember the values of the environment variables a recipe names in `*_env` keys (API keys):
     `scrub` keeps them out of everything written into a run directory. Secrets are known by what
     they are (values read from the environment), not guessed from key names."""
-    def walk(node: Any) -> Iterator[tuple[str, Any]]:
-        if isinstance(node, dict):
-            for key, value in node.items():
-                yield str(key), value
-                yield from walk(value)
-
-    for key, name in walk(recipe.model_dump(mode="json")):
-        if key.endswith("_env") and isinstance(name, str) and len(os.environ.get(name, "")) >= 4:
+    for name in names:
+        if len(os.environ.get(name, "")) >= 4:
             _SECRETS.add(os.environ[name])
 
 
@@ -348,6 +358,18 @@ def environment(seed: int | None = None) -> dict:
 # --------------------------------------------------------------------------------------------
 # The run directory
 
+# The command this process runs ({'command': 'rlphf generate', 'options': {...}}), set by the CLI
+# for the `command` event of every run directory it writes into.
+_INVOCATION: contextvars.ContextVar[dict | None] = contextvars.ContextVar("rlphf_invocation", default=None)
+
+
+def set_invocation(invocation: dict | None) -> contextvars.Token:
+    return _INVOCATION.set(invocation)
+
+
+def reset_invocation(token: contextvars.Token) -> None:
+    _INVOCATION.reset(token)
+
 
 class RunDir:
     """runs/<name>/: see DESIGN.md, "The run directory"."""
@@ -356,45 +378,46 @@ class RunDir:
         self.root = Path(root)
 
     @classmethod
-    def open(cls, root: str | os.PathLike, recipe=None, *, run_recipe: bool = False) -> RunDir:
-        """Create the folder and, with a recipe, record it (see `begin`)."""
+    def open(cls, root: str | os.PathLike, record=None, *, run_recipe: bool = False) -> RunDir:
+        """Create the folder and, with a record (specs.RunRecord), write it (see `begin`)."""
         run = cls(root)
-        if recipe is None:
+        if record is None:
             with fs_errors(run.root):
                 run.root.mkdir(parents=True, exist_ok=True)
         else:
-            run.begin(recipe, run_recipe=run_recipe)
+            run.begin(record, run_recipe=run_recipe)
         return run
 
-    def begin(self, recipe, *, run_recipe: bool = False) -> RunDir:
+    def begin(self, record, *, run_recipe: bool = False) -> RunDir:
         """Before the first write into the run directory: create it, write recipe.yaml (the resolved
         recipe, reusable as is) and env.json when it has none, and log the command to events.jsonl.
+        `record` is a specs.RunRecord.
 
         recipe.yaml is the run's recipe: a stage command never rewrites it (its own settings go to
         its output's record and to its event); `rlphf run` (`run_recipe`) makes its recipe the run's."""
         import yaml
 
-        register_secrets(recipe)
+        register_secrets(record.secrets)
         recipe_file = self.path("recipe.yaml")
-        text = scrub(recipe.to_yaml())
+        text = scrub(record.recipe_yaml)
         with fs_errors(self.root):
             self.root.mkdir(parents=True, exist_ok=True)
         if not recipe_file.exists() or run_recipe and recipe_file.read_text(encoding="utf-8") != text:
             yaml.safe_load(text)  # what is written must read back
             atomic_write_text(recipe_file, text)
-            atomic_write_json(self.path("env.json"), scrub(environment(recipe.seed)))
-        self.log_command(recipe)
+            atomic_write_json(self.path("env.json"), scrub(environment(record.seed)))
+        self.log_command(record)
         return self
 
-    def log_command(self, recipe) -> None:
+    def log_command(self, record) -> None:
         """One `command` event per command line and run directory, with the options and recipe
         overrides it was given."""
-        invocation = getattr(recipe, "_invocation", None)
+        invocation = _INVOCATION.get()
         if not invocation or str(self.root.resolve()) in invocation.setdefault("logged", []):
             return
         invocation["logged"].append(str(self.root.resolve()))
         fields = {k: v for k, v in invocation.items() if k != "logged"}
-        self.log_event("command", "command", recipe=recipe.source, overrides=recipe.overrides(), **fields)
+        self.log_event("command", "command", recipe=record.source, overrides=dict(record.overrides), **fields)
 
     def path(self, *parts: str) -> Path:
         return self.root.joinpath(*parts)

@@ -42,7 +42,8 @@ def apply_smoke(recipe, explicit: Mapping[str, str]):
     """`recipe` with the smoke recipe's model and sizes and the coin judge; keys in `explicit`
     (set by --set or a flag) stay as they are."""
     from rlphf_cli.judges import COIN
-    from rlphf_cli.recipe import TRAINER_SECTIONS, _set_path, load_recipe, validate
+    from rlphf_cli.recipe import _set_path, load_recipe, validate
+    from rlphf_cli.specs import TRAINERS
 
     def is_explicit(key: str) -> bool:  # set by --set or a flag (the recipe knows where each value came from)
         return recipe.origin(key) != recipe.source
@@ -55,7 +56,7 @@ def apply_smoke(recipe, explicit: Mapping[str, str]):
                     "name": recipe.name + SUFFIX, "run_dir": f"{recipe.resolved_run_dir()}{SUFFIX}"})
     if recipe.evaluation.sweep is not None:
         changes["evaluation.sweep.weights"] = _get(smoke, "evaluation.sweep.weights")
-    for loc in TRAINER_SECTIONS:
+    for loc in (trainer.section for trainer in TRAINERS.values()):
         section = _get(data, loc)
         for field in DROPPED_TRAINER_FIELDS:
             if field in section and not is_explicit(f"{loc}.{field}"):

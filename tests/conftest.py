@@ -86,8 +86,10 @@ def served(serve_recipe, serve_run):
     """`rlphf serve` (transformers backend) in this process on a free port: .url, .server, .backend."""
     from types import SimpleNamespace
 
+    from rlphf_cli.jobs import serve_spec
     from rlphf_cli.serving.server import ServerThread, build_server
 
-    server = build_server(serve_recipe, profiles=serve_run / "profiles.yaml", max_batch=16, max_soups=32, threads=1)
+    server = build_server(serve_spec(serve_recipe), profiles=serve_run / "profiles.yaml", max_batch=16, max_soups=32,
+                          threads=1)
     with ServerThread(server) as url:
         yield SimpleNamespace(url=url, server=server, backend=server.backend, run=serve_run)

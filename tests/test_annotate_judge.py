@@ -12,9 +12,10 @@ from typer.testing import CliRunner
 
 from rlphf_cli.cli.main import app
 from rlphf_cli.evaluation.judging import judge_files
+from rlphf_cli.jobs import annotate_job, judge_job
 from rlphf_cli.judges.annotate import annotate_rollouts
 from rlphf_cli.judges.rubric import words
-from rlphf_cli.recipe import Recipe
+from rlphf_cli.recipe import Recipe, load_recipe
 
 sys.path.insert(0, str(Path(__file__).parent))
 from fake_openai_server import FakeOpenAIServer  # noqa: E402
@@ -94,7 +95,7 @@ def test_annotate_cli_rubric_end_to_end(tmp_path):
 
 def test_annotate_position_order_is_randomised_per_preference(tmp_path):
     rollouts = make_rollouts(tmp_path / "rollouts.jsonl", prompts=40, samples=2)
-    summary = annotate_rollouts(Recipe(), rollouts, "P2A,friendly", tmp_path / "ann")
+    summary = annotate_rollouts(annotate_job(Recipe(), rollouts=rollouts, prefs="P2A,friendly", out_dir=tmp_path / "ann"))
     for pref in ("P2A", "P3A"):
         assert 0.2 < summary["preferences"][pref]["first_shown_rate"] < 0.8
 
@@ -196,7 +197,7 @@ def test_judge_cli_rubric_end_to_end(tmp_path):
 def test_judge_criteria_all_and_single_order(tmp_path):
     a = make_generations(tmp_path / "a.jsonl", "soup", style=0, combos=("P2A",))
     b = make_generations(tmp_path / "b.jsonl", "base", style=1, combos=("P2A",))
-    result = judge_files(Recipe(), a, b, "all", tmp_path / "all.json")
+    result = judge_files(judge_job(Recipe(), a, b, criteria_="all", out=tmp_path / "all.json"))
     assert list(result["per_criterion"]) == ["P1A", "P1B", "P2A", "P2B", "P3A", "P3B"]
     assert result["judgments"] == 24
     result = runner.invoke(app, ["judge", "--a", str(a), "--b", str(b), "--criteria", "concise,P3A",
@@ -233,11 +234,9 @@ def test_judge_position_biased_judge_gives_ties_and_zero_agreement(tmp_path, mon
     a = make_generations(tmp_path / "a.jsonl", "soup", style=0, combos=("P2A",))
     b = make_generations(tmp_path / "b.jsonl", "base", style=1, combos=("P2A",))
     with FakeOpenAIServer(answer=lambda messages: "Output (a)") as server:
-        recipe = Recipe()
-        recipe.judge.backend = "openai"
-        recipe.judge.openai.base_url = server.base_url
-        recipe.judge.openai.api_key_env = "RLPHF_TEST_JUDGE_KEY"
-        result = judge_files(recipe, a, b, None, tmp_path / "j" / "out.json")
+        recipe = load_recipe(None, ["judge.backend=openai", f"judge.openai.base_url={server.base_url}",
+                                    "judge.openai.api_key_env=RLPHF_TEST_JUDGE_KEY"])
+        result = judge_files(judge_job(recipe, a, b, out=tmp_path / "j" / "out.json"))
         assert server.requests == 8  # 4 pairs x 2 orders
     overall = result["overall"]
     assert (overall["wins"], overall["ties"], overall["losses"]) == (0, 4, 0)
@@ -307,7 +306,8 @@ def test_annotate_general_preference_for_the_rlhf_baseline(tmp_path):
     from rlphf_cli.judges import GENERAL_PREFERENCE
 
     rollouts = make_rollouts(tmp_path / "rollouts.jsonl")
-    summary = annotate_rollouts(Recipe(), rollouts, [GENERAL_PREFERENCE], tmp_path / "ann")
+    summary = annotate_rollouts(annotate_job(Recipe(), rollouts=rollouts, prefs=[GENERAL_PREFERENCE.id],
+                                             out_dir=tmp_path / "ann"))
     rows = [json.loads(line) for line in (tmp_path / "ann" / "general.jsonl").read_text().splitlines()]
     assert summary["preferences"]["general"]["written"] == len(rows) > 0
     assert all(r["preference"] == "general" for r in rows)
@@ -323,7 +323,7 @@ def test_judge_lists_of_files_and_baseline_relabelled_with_combo(tmp_path):
                 for r in map(json.loads, make_generations(tmp_path / "tmp.jsonl", "base", 1, combos=(combo,))
                              .read_text().splitlines())]
         b_files.append(write_jsonl(tmp_path / "base" / f"{combo}.jsonl", base))
-    result = judge_files(Recipe(), a_files, b_files, None, tmp_path / "judgments" / "psoups_vs_base.json")
+    result = judge_files(judge_job(Recipe(), a_files, b_files, out=tmp_path / "judgments" / "psoups_vs_base.json"))
     assert result["system_a"] == "psoups" and result["system_b"] == "base"
     assert set(result["per_criterion"]) == {"P1A", "P2A", "P1B", "P2B"} and result["judgments"] == 16
     assert result["per_criterion"]["P2A"]["win_rate"] == 1.0

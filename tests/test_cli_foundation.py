@@ -162,12 +162,13 @@ preferences:
 
 
 def test_run_directory_writes_recipe_and_env_and_no_secret(tmp_path, monkeypatch):
+    from rlphf_cli.jobs import run_record
     from rlphf_cli.recipe import load_recipe
     from rlphf_cli.runs import RunDir, atomic_write_text
 
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test-super-secret-value")
     recipe = load_recipe("psoups-paper", [f"run_dir={tmp_path / 'run'}"])
-    run = RunDir.open(recipe.resolved_run_dir(), recipe)
+    run = RunDir.open(recipe.resolved_run_dir(), run_record(recipe))
     with run.stage("annotate", pref="P2A") as info:
         info["pairs"] = 3
     atomic_write_text(run.path("annotations", "P2A.jsonl"), "{}\n")

@@ -37,6 +37,7 @@ RECIPE = {**TRAINING_RECIPE, "preferences": {"use": ["P2A", "P2B"]}}
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory, tiny_random_model):
     """A recipe, prompts, P2A/P2B annotations and one single-process reward model per preference."""
+    from rlphf_cli.jobs import reward_model_jobs
     from rlphf_cli.recipe import load_recipe
     from rlphf_cli.training.reward import train_reward_model
 
@@ -51,7 +52,7 @@ def prepared(tmp_path_factory, tiny_random_model):
         write_pairs(annotations / f"{pref}.jsonl", pref, n=32, seed=seed)
     recipe = load_recipe(recipe_path, [f"run_dir={root / 'scratch'}"])
     for pref in ("P2A", "P2B"):
-        train_reward_model(recipe, pref, annotations / f"{pref}.jsonl", root / "rm" / pref)
+        train_reward_model(reward_model_jobs(recipe, pref, data=annotations / f"{pref}.jsonl", out=root / "rm" / pref)[0])
     return {"root": root, "recipe": recipe_path}
 
 

@@ -121,7 +121,7 @@ def test_sigkill_during_annotate_against_a_failing_endpoint_asks_nothing_twice(t
     run = tmp_path / "run"
     monkeypatch.setenv("RLPHF_FAULT_KEY", KEY)
     faults = {"[q1]": [("429", 0.1)], "[q2]": ["500", "500"], "[q3]": ["garbage"],
-              "[q4]": ["garbage"] * 6}  # q4: never readable -> explicitly invalid
+              "[q4]": ["garbage"] * 50}  # q4: never readable -> explicitly invalid (whatever the kill left asked)
     with FakeOpenAIServer(latency=0.05, faults=faults) as server:
         endpoint = ["--judge", "openai", "--run-dir", str(run), "--set", f"judge.openai.base_url={server.base_url}",
                     "--set", "judge.openai.api_key_env=RLPHF_FAULT_KEY", "--set", "judge.openai.concurrency=2"]

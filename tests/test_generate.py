@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import generate_to, generator_for
 from typer.testing import CliRunner
 
 from rlphf_cli.cli.main import app
@@ -72,12 +73,11 @@ def one_error_line(result) -> str:
 
 
 def test_generate_file_records_match_the_shared_format(tiny_random_model, tmp_path):
-    from rlphf_cli.generation import generate_file
 
     recipe = recipe_for(tiny_random_model, tmp_path / "run")
     out = tmp_path / "out.jsonl"
     seen = []
-    summary = generate_file(recipe, PROMPTS, out, num_samples=2, progress=lambda *a: seen.append(a))
+    summary = generate_to(recipe, PROMPTS, out, num_samples=2, progress=lambda *a: seen.append(a))
     records = read_jsonl(out)
     assert [r["id"] for r in records] == [p["id"] for p in PROMPTS]  # prompt order, whatever the batching
     for record, prompt in zip(records, PROMPTS, strict=True):
@@ -99,9 +99,8 @@ def test_generate_file_records_match_the_shared_format(tiny_random_model, tmp_pa
 def test_seed_and_greedy(tiny_random_model, tmp_path):
     import dataclasses
 
-    from rlphf_cli.generation import Generator
 
-    gen = Generator.load(recipe_for(tiny_random_model, tmp_path))
+    gen = generator_for(recipe_for(tiny_random_model, tmp_path))
     texts = [gen.prompt_text(p["instruction"]) for p in PROMPTS]
     default = gen.sampling
 
@@ -115,14 +114,13 @@ def test_seed_and_greedy(tiny_random_model, tmp_path):
 
 
 def test_resume_skips_done_prompts_and_drops_a_torn_line(tiny_random_model, tmp_path):
-    from rlphf_cli.generation import generate_file
 
     recipe = recipe_for(tiny_random_model, tmp_path / "run")
     out = tmp_path / "out.jsonl"
-    generate_file(recipe, PROMPTS[:2], out)
+    generate_to(recipe, PROMPTS[:2], out)
     first = read_jsonl(out)
     out.write_text(out.read_text() + '{"id": "p2", "instruc')  # killed mid-write
-    summary = generate_file(recipe, PROMPTS, out, resume=True)
+    summary = generate_to(recipe, PROMPTS, out, resume=True)
     records = read_jsonl(out)
     assert [r["id"] for r in records] == [p["id"] for p in PROMPTS]
     assert records[:2] == first
@@ -131,22 +129,20 @@ def test_resume_skips_done_prompts_and_drops_a_torn_line(tiny_random_model, tmp_
 
 
 def test_resume_refuses_a_file_of_another_system(tiny_random_model, tmp_path):
-    from rlphf_cli.generation import generate_file
 
     recipe = recipe_for(tiny_random_model, tmp_path / "run")
     out = tmp_path / "out.jsonl"
-    generate_file(recipe, PROMPTS[:1], out, prefs="P2A")
+    generate_to(recipe, PROMPTS[:1], out, prefs="P2A")
     with pytest.raises(InputError, match="combination"):
-        generate_file(recipe, PROMPTS, out, prefs="P2B", resume=True)
+        generate_to(recipe, PROMPTS, out, prefs="P2B", resume=True)
 
 
 def test_preference_prompts_are_appended(tiny_random_model, tmp_path):
-    from rlphf_cli.generation import Generator, generate_file
 
     recipe = recipe_for(tiny_random_model, tmp_path / "run")
-    gen = Generator.load(recipe)
-    plain = generate_file(recipe, PROMPTS[:2], tmp_path / "a.jsonl", generator=gen)
-    with_prefs = generate_file(recipe, PROMPTS[:2], tmp_path / "b.jsonl", prefs="concise,P3A", generator=gen)
+    gen = generator_for(recipe)
+    plain = generate_to(recipe, PROMPTS[:2], tmp_path / "a.jsonl", generator=gen)
+    with_prefs = generate_to(recipe, PROMPTS[:2], tmp_path / "b.jsonl", prefs="concise,P3A", generator=gen)
     a, b = read_jsonl(plain["path"]), read_jsonl(with_prefs["path"])
     assert b[0]["preferences"] == ["P2A", "P3A"] and b[0]["combo"] == "P2A+P3A"
     assert b[0]["instruction"] == a[0]["instruction"] == PROMPTS[0]["instruction"]
@@ -155,17 +151,15 @@ def test_preference_prompts_are_appended(tiny_random_model, tmp_path):
 
 
 def test_tulu_prompt_format(tiny_random_model, tmp_path):
-    from rlphf_cli.generation import Generator
 
-    gen = Generator.load(recipe_for(tiny_random_model, tmp_path, **{"model.prompt_format": "tulu"}))
+    gen = generator_for(recipe_for(tiny_random_model, tmp_path, **{"model.prompt_format": "tulu"}))
     prefs = load_recipe().preference_set().resolve("P1A")
     assert gen.prompt_text("Explain X.", prefs) == f"<|user|>\nExplain X. {prefs[0].prompt}\n<|assistant|>\n"
 
 
 def test_samples_are_resampled_until_distinct(tiny_random_model, tmp_path, monkeypatch):
-    from rlphf_cli.generation import Generator
 
-    gen = Generator.load(recipe_for(tiny_random_model, tmp_path))
+    gen = generator_for(recipe_for(tiny_random_model, tmp_path))
     answers = iter(["same", "same", "same", "new"])
 
     def fake_decode(batch_ids, seeds):
@@ -178,13 +172,12 @@ def test_samples_are_resampled_until_distinct(tiny_random_model, tmp_path, monke
 
 
 def test_adapter_is_merged_before_decoding(tiny_random_model, tmp_path):
-    from rlphf_cli.generation import Generator
 
     adapter = make_adapter(tiny_random_model, tmp_path / "my-lora", seed=5)
     recipe = recipe_for(tiny_random_model, tmp_path, **{"generate.temperature": 0})
-    merged = Generator.load(recipe, adapter=adapter)
-    unmerged = Generator.load(recipe, adapter=adapter, merge=False)
-    base = Generator.load(recipe)
+    merged = generator_for(recipe, adapter=adapter)
+    unmerged = generator_for(recipe, adapter=adapter, merge=False)
+    base = generator_for(recipe)
     assert merged.system == "adapter:my-lora"
     assert not any("lora" in name for name, _ in merged.model.named_modules())
     texts = [merged.prompt_text(p["instruction"]) for p in PROMPTS]
@@ -251,7 +244,6 @@ def test_cli_adapters_with_weights_make_a_soup(tiny_random_model, tmp_path):
 
 def test_cli_soup_of_the_runs_policies(tiny_random_model, tmp_path):
     pytest.importorskip("rlphf_cli.merging")
-    from rlphf_cli.generation import Generator
 
     run = tmp_path / "run"
     make_adapter(tiny_random_model, run / "policy" / "P2A", seed=1)
@@ -272,11 +264,11 @@ def test_cli_soup_of_the_runs_policies(tiny_random_model, tmp_path):
 
     # The merged soup decodes like peft's unmerged soup adapter, and not like the base model.
     recipe = recipe_for(tiny_random_model, run, **{"generate.temperature": 0})
-    merged = Generator.load(recipe, soup="concise,friendly")
-    unmerged = Generator.load(recipe, soup="concise,friendly", merge=False)
+    merged = generator_for(recipe, soup="concise,friendly")
+    unmerged = generator_for(recipe, soup="concise,friendly", merge=False)
     texts = [merged.prompt_text(p["instruction"]) for p in PROMPTS]
     assert merged.generate(texts)[0] == unmerged.generate(texts)[0]
-    assert merged.generate(texts)[0] != Generator.load(recipe).generate(texts)[0]
+    assert merged.generate(texts)[0] != generator_for(recipe).generate(texts)[0]
 
 
 @pytest.mark.parametrize(

@@ -191,7 +191,7 @@ def test_an_explicit_sample_count_with_greedy_decoding_is_one_line(tmp_path, arg
 
 def test_the_sample_count_rules():
     from rlphf_cli.errors import InputError
-    from rlphf_cli.generation import sample_count
+    from rlphf_cli.jobs import sample_count
     from rlphf_cli.recipe import load_recipe
 
     sampled, greedy = load_recipe(), load_recipe(None, ["generate.temperature=0"])

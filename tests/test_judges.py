@@ -15,7 +15,7 @@ import pytest
 
 from rlphf_cli.errors import InputError
 from rlphf_cli.evaluation.winrate import bootstrap_ci, summarize, win_rate
-from rlphf_cli.judges import JUDGES, JudgeRequest, get_judge, parse_verdict
+from rlphf_cli.judges import JUDGES, JudgeRequest, parse_verdict
 from rlphf_cli.judges.base import TemplateSet, render_template, shipped_templates_dir
 from rlphf_cli.judges.cache import JudgeCache
 from rlphf_cli.judges.rubric import compare, measure
@@ -24,6 +24,7 @@ from rlphf_cli.recipe import Recipe
 
 sys.path.insert(0, str(Path(__file__).parent))
 from fake_openai_server import FakeOpenAIServer  # noqa: E402
+from helpers import judge_for, recipe_with  # noqa: E402
 
 PREFS = PreferenceSet.catalog()
 KEY = "sk-test-THIS-MUST-NEVER-BE-WRITTEN-0123456789"
@@ -83,7 +84,7 @@ def test_render_is_one_pass_and_recipe_templates_override(tmp_path):
     ("P3A", FRIENDLY, RUDE), ("P3B", RUDE, FRIENDLY),
 ])
 def test_rubric_verdicts_per_preference(pref, winner, loser):
-    judge = get_judge("rubric", Recipe())
+    judge = judge_for("rubric")
     out = judge.judge_many([JudgeRequest("Explain.", winner, loser, PREFS.get(pref)),
                             JudgeRequest("Explain.", loser, winner, PREFS.get(pref)),
                             JudgeRequest("Explain.", winner, winner, PREFS.get(pref))])
@@ -104,12 +105,12 @@ def test_rubric_refuses_custom_preferences_pointing_to_an_llm_judge():
     with pytest.raises(InputError, match="no rubric measure.*--judge openai"):
         measure(CUSTOM, "Arr matey")
     with pytest.raises(InputError, match="LLM judge"):
-        get_judge("rubric", Recipe()).check([CUSTOM])
+        judge_for("rubric", prefs=[CUSTOM]).check([CUSTOM])
 
 
 def test_unknown_backend_suggests():
     with pytest.raises(InputError, match="did you mean 'openai'"):
-        get_judge("opnai", Recipe())
+        judge_for("opnai")
     assert set(JUDGES.names()) == {"rubric", "openai", "hf", "coin"}
 
 
@@ -136,16 +137,12 @@ def test_cache_survives_a_torn_line(tmp_path):
 
 
 def openai_recipe(server: FakeOpenAIServer, **fields) -> Recipe:
-    recipe = Recipe()
-    recipe.judge.openai.base_url = server.base_url
-    recipe.judge.openai.api_key_env = "RLPHF_TEST_JUDGE_KEY"
-    for key, value in fields.items():
-        setattr(recipe.judge.openai, key, value)
-    return recipe
+    sets = {"base_url": server.base_url, "api_key_env": "RLPHF_TEST_JUDGE_KEY", **fields}
+    return recipe_with(*(f"judge.openai.{key}={value}" for key, value in sets.items()))
 
 
 def fast_judge(recipe, cache_path):
-    judge = get_judge("openai", recipe, cache_path=cache_path)
+    judge = judge_for("openai", recipe, cache_path=cache_path)
     judge.backoff_base = 0.02  # keep the test quick; Retry-After still decides where the server asks
     return judge
 
@@ -227,7 +224,7 @@ def test_openai_bad_key_stops_with_one_clear_error(monkeypatch):
 def test_openai_needs_a_key_for_the_public_endpoint(monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     with pytest.raises(InputError, match=r"\$OPENAI_API_KEY"):
-        get_judge("openai", Recipe())
+        judge_for("openai")
 
 
 def test_openai_runs_requests_concurrently(monkeypatch):
@@ -243,11 +240,9 @@ KILL_SCRIPT = """
 import sys
 sys.path.insert(0, {tests!r})
 from test_judges import fast_judge, requests_for
-from rlphf_cli.recipe import Recipe
-recipe = Recipe()
-recipe.judge.openai.base_url = {base_url!r}
-recipe.judge.openai.api_key_env = "RLPHF_TEST_JUDGE_KEY"
-recipe.judge.openai.concurrency = 2
+from helpers import recipe_with
+recipe = recipe_with("judge.openai.base_url={base_url}", "judge.openai.api_key_env=RLPHF_TEST_JUDGE_KEY",
+                     "judge.openai.concurrency=2")
 fast_judge(recipe, {cache!r}).judge_many(requests_for(40))
 """
 
@@ -279,27 +274,23 @@ def test_sigkill_loses_only_requests_in_flight(tmp_path, monkeypatch):
 
 
 def test_hf_judge_on_tiny_random_model(tiny_random_model, tmp_path):
-    recipe = Recipe()
-    recipe.judge.hf.model = str(tiny_random_model)
-    recipe.judge.hf.batch_size = 4
+    recipe = recipe_with(f"judge.hf.model={tiny_random_model}", "judge.hf.batch_size=4")
     requests = requests_for(3, use="evaluate") + requests_for(3, pref="P3A", use="annotate")
-    judge = get_judge("hf", recipe, cache_path=tmp_path / "cache.jsonl")
+    judge = judge_for("hf", recipe, cache_path=tmp_path / "cache.jsonl")
     out = judge.judge_many(requests)
     assert all(j.verdict in ("A", "B", "tie") for j in out)
     assert all(j.verdict != "tie" for j in out[3:])  # two-way: no TIE option
     assert all(0.3 < j.confidence <= 1.0 for j in out)
     assert set(json.loads(out[0].raw)["logprobs"]) == {"Output (a)", "Output (b)", "TIE"}
     # Deterministic (no sampling), and a cached rerun never loads the model.
-    again = get_judge("hf", recipe, cache_path=tmp_path / "cache.jsonl")
+    again = judge_for("hf", recipe, cache_path=tmp_path / "cache.jsonl")
     assert [j.verdict for j in again.judge_many(requests)] == [j.verdict for j in out]
     assert again._model is None and again.stats.cached == 6
 
 
 def test_hf_judge_missing_folder_is_an_input_error(tmp_path):
-    recipe = Recipe()
-    recipe.judge.hf.model = str(tmp_path / "nope")
     with pytest.raises(InputError, match="folder not found"):
-        get_judge("hf", recipe)
+        judge_for("hf", recipe_with(f"judge.hf.model={tmp_path / 'nope'}"))
 
 
 # --------------------------------------------------------------------------------------------

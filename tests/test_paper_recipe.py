@@ -72,24 +72,25 @@ def test_paper_recipe_runs_with_only_model_data_judge_and_steps_swapped(tmp_path
     assert (run / "report" / "report.md").exists() and (run / "report" / "sweep.png").exists()
 
     # The configs the run built: bf16 as written, on CPU through use_cpu.
+    from rlphf_cli.jobs import model_spec, trainer_spec
     from rlphf_cli.recipe import load_recipe
-    from rlphf_cli.training.config import trainer_config
 
     recipe = load_recipe(run / "recipe.yaml")
-    for class_name in ("RewardConfig", "RLOOConfig"):
-        config = trainer_config(recipe, class_name, str(tmp_path / "config"))
+    for algo in ("reward", "rloo"):
+        config = trainer_spec(recipe, algo).config(model_spec(recipe), str(tmp_path / "config"))
         assert config.bf16 is True and config.use_cpu is True and config.gradient_accumulation_steps == 8
 
 
 def test_the_recorded_recipe_keeps_token_limits_and_drops_secrets(monkeypatch):
     """recipe.yaml must run again as is: 'max_new_tokens' is a setting; the value of the variable a
     `*_env` key names is a secret, wherever it would appear."""
+    from rlphf_cli.jobs import run_record
     from rlphf_cli.recipe import load_recipe
     from rlphf_cli.runs import register_secrets, scrub
 
     monkeypatch.setenv("PAPER_TEST_KEY", "sk-paper-test-secret")
     recipe = load_recipe("psoups-paper", ["judge.openai.api_key_env=PAPER_TEST_KEY"])
-    register_secrets(recipe)
+    register_secrets(run_record(recipe).secrets)
     record = scrub({"generate": {"max_new_tokens": 512}, "judge": {"openai": {"max_tokens": 32,
                     "api_key_env": "PAPER_TEST_KEY"}}, "note": "called with sk-paper-test-secret"})
     assert record == {"generate": {"max_new_tokens": 512}, "judge": {"openai": {"max_tokens": 32,

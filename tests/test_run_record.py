@@ -18,6 +18,7 @@ from test_generate import PROMPTS, make_adapter, other_base, recipe_for, write_p
 from typer.testing import CliRunner
 
 from rlphf_cli.cli.main import app
+from rlphf_cli.jobs import run_record
 from rlphf_cli.recipe import load_recipe
 from rlphf_cli.runs import RunDir, read_jsonl
 
@@ -45,7 +46,7 @@ def test_recipe_yaml_is_the_exact_resolved_recipe_and_reads_back(tmp_path, monke
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test-a-secret-value")
     recipe = load_recipe("tiny", [f"run_dir={tmp_path / 'run'}", "generate.max_new_tokens=77",
                                   "judge.openai.max_tokens=9", "train_policy.rloo.max_completion_length=77"])
-    run = RunDir.open(recipe.resolved_run_dir(), recipe)
+    run = RunDir.open(recipe.resolved_run_dir(), run_record(recipe))
     text = (run.root / "recipe.yaml").read_text()
     assert "<redacted>" not in text and "max_new_tokens: 77" in text and "max_tokens: 9" in text
     again = load_recipe(str(run.root / "recipe.yaml"))
@@ -81,7 +82,7 @@ def test_a_stage_command_records_its_settings_in_its_output_and_events_not_in_th
     assert runner.invoke(app, ["judge", "--a", str(run / "generations/prompted/P2A.jsonl"), "--b",
                                str(run / "generations/prompted/P2A.jsonl"), "--out", str(out), "--run-dir", str(run),
                                "--bootstrap-samples", "7"]).exit_code == 0
-    assert json.loads(out.read_text())["settings"]["judge"]["bootstrap_samples"] == 7
+    assert json.loads(out.read_text())["settings"]["bootstrap_samples"] == 7
     assert (run / "recipe.yaml").read_text() == recipe_before
 
 
@@ -148,9 +149,9 @@ def test_force_replaces_and_a_weighted_soup_gets_its_own_folder(finished):
 
 
 def test_sampling_is_seeded_per_prompt_not_per_batch(tiny_random_model, tmp_path):
-    from rlphf_cli.generation import Generator
+    from helpers import generator_for
 
-    gen = Generator.load(recipe_for(tiny_random_model, tmp_path, **{"generate.max_new_tokens": 12}))
+    gen = generator_for(recipe_for(tiny_random_model, tmp_path, **{"generate.max_new_tokens": 12}))
     texts = [gen.prompt_text(p["instruction"]) for p in PROMPTS]
     together = gen.generate(texts, num_samples=2)[0]
     gen.batch_size = 2  # one prompt (two samples) per batch
@@ -334,7 +335,7 @@ def test_a_finished_run_reruns_from_its_recipe_and_notices_a_replaced_output(tmp
     path.write_text(yaml.safe_dump(recipe))
     run = tmp_path / "run"
     assert runner.invoke(app, ["run", str(path)]).exit_code == 0
-    assert json.loads((run / "policy" / "P2A" / "training.json").read_text())["settings"]["train_policy"]["rloo"][
+    assert json.loads((run / "policy" / "P2A" / "training.json").read_text())["settings"]["trainer"]["fields"][
         "max_steps"] == 1
     before = mtimes(run)
     again = runner.invoke(app, ["run", str(run / "recipe.yaml")])  # the record runs as is

@@ -22,6 +22,7 @@ from openai import OpenAI
 from typer.testing import CliRunner
 
 from rlphf_cli.cli.main import app
+from rlphf_cli.jobs import serve_spec
 
 runner = CliRunner()
 PROMPTS = ["What is a volcano?", "Explain photosynthesis.", "Help me understand gravity.",
@@ -410,7 +411,7 @@ def test_profile_errors_name_the_file_and_user(serve_run, tmp_path, content, wor
 
     path = tmp_path / "profiles.yaml"
     path.write_text(content)
-    policies = PolicySet.from_run(load_recipe(None, [], {"run_dir": str(serve_run)}))
+    policies = PolicySet.from_spec(serve_spec(load_recipe(None, [], {"run_dir": str(serve_run)})))
     with pytest.raises(InputError) as caught:
         load_profiles(path, policies)
     assert str(caught.value).startswith(f"{path}:") and words in str(caught.value), caught.value
@@ -424,7 +425,7 @@ def test_policies_that_cannot_be_merged_are_refused_per_request(serve_run, tiny_
     from rlphf_cli.serving.policies import PolicySet, UnknownModel
 
     wide = make_adapter(tiny_model, tmp_path / "wide", r=8, targets="all-linear", randomize=("lora_B",))
-    policies = PolicySet.from_run(load_recipe(None, [], {"run_dir": str(serve_run)}), [f"wide={wide}"])
+    policies = PolicySet.from_spec(serve_spec(load_recipe(None, [], {"run_dir": str(serve_run)}), [f"wide={wide}"]))
     assert policies.resolve("wide").names == ["wide"] and policies.resolve("wide").preferences == ()
     with pytest.raises(InputError, match="needs equal ranks, got r=8 vs r=4"):
         policies.resolve("concise=0.5,wide=0.5")

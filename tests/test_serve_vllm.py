@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from rlphf_cli.cli.main import app
+from rlphf_cli.jobs import serve_spec
 
 
 class FakeEngine:
@@ -85,7 +86,7 @@ def vllm_modules(monkeypatch, tmp_path):
 def test_each_soup_is_written_once_and_becomes_a_lora_request(vllm_modules, serve_recipe, serve_run, tmp_path):
     from rlphf_cli.serving.server import build_server
 
-    server = build_server(serve_recipe, backend="vllm", max_batch=8, max_soups=20)
+    server = build_server(serve_spec(serve_recipe), backend="vllm", max_batch=8, max_soups=20)
     backend, policies = server.backend, server.policies
     args = backend.engine.args.kw
     assert args["enable_lora"] is True and args["max_lora_rank"] == 8  # rank-4 policies, vLLM's smallest size
@@ -118,7 +119,7 @@ def test_each_soup_is_written_once_and_becomes_a_lora_request(vllm_modules, serv
     assert json.loads((Path(first.lora_path) / "adapter_config.json").read_text()) == json.loads(
         (tmp_path / "merged" / "adapter_config.json").read_text())
     # A restarted server finds the soup in the cache (named by content hash) and writes nothing.
-    restarted = build_server(serve_recipe, backend="vllm").backend
+    restarted = build_server(serve_spec(serve_recipe), backend="vllm").backend
     found = asyncio.run(restarted.lora_request(restarted.policies.resolve("concise=0.7,friendly=0.3")))
     assert found.lora_path == first.lora_path and restarted.written == []
 
@@ -127,7 +128,7 @@ def test_requests_reach_vllm_with_the_prompt_ids_sampling_and_lora(vllm_modules,
     from rlphf_cli.prompting import instruction_with_preferences, render_prompt, text_ids
     from rlphf_cli.serving.server import ServerThread, build_server
 
-    server = build_server(serve_recipe, backend="vllm")
+    server = build_server(serve_spec(serve_recipe), backend="vllm")
     engine = server.backend.engine
     with ServerThread(server) as url:
         client = OpenAI(base_url=f"{url}/v1", api_key="-", max_retries=0)
@@ -162,8 +163,10 @@ def test_requests_reach_vllm_with_the_prompt_ids_sampling_and_lora(vllm_modules,
         assert engine.aborted == [engine.calls[-1]["request_id"]]
 
 
-def test_exact_soups_need_a_larger_lora_rank(vllm_modules, serve_recipe):
+def test_exact_soups_need_a_larger_lora_rank(vllm_modules, serve_run):
+    from rlphf_cli.recipe import load_recipe
     from rlphf_cli.serving.server import build_server
 
-    backend = build_server(serve_recipe, backend="vllm", merge_method="exact").backend
+    recipe = load_recipe(None, ["merge.method=exact"], {"run_dir": str(serve_run)})
+    backend = build_server(serve_spec(recipe), backend="vllm").backend
     assert backend.engine.args.kw["max_lora_rank"] == 16  # four rank-4 policies concatenated

@@ -8,17 +8,19 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import judge_for
 from typer.testing import CliRunner
 
 from rlphf_cli.cli.main import app
 from rlphf_cli.errors import InputError, RecipeError
-from rlphf_cli.judges import JUDGES, JudgeRequest, get_judge
+from rlphf_cli.judges import JUDGES, JudgeRequest
 from rlphf_cli.models import BUILTIN_MODELS, resolve_model, tiny_random
 from rlphf_cli.pipeline import STAGE_NAMES, plan
 from rlphf_cli.preferences import Preference, PreferenceSet
-from rlphf_cli.recipe import TRAINER_SECTIONS, EvaluationSection, Recipe, builtin_recipes_dir, load_recipe
+from rlphf_cli.recipe import EvaluationSection, Recipe, builtin_recipes_dir, load_recipe
 from rlphf_cli.runs import read_jsonl
 from rlphf_cli.smoke import load_smoke_recipe
+from rlphf_cli.specs import TRAINERS
 
 runner = CliRunner()
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
@@ -91,19 +93,19 @@ def test_coin_judge_renders_the_templates_and_decides_by_a_seeded_hash(tmp_path)
     folder = tmp_path / "templates"
     folder.mkdir()
     (folder / "P9X_annotate.txt").write_text(PIRATE_TEMPLATE)
-    judge = get_judge("coin", _recipe_with_templates(folder))
+    judge = judge_for("coin", _recipe_with_templates(folder), [pirate])
     judge.check([pirate])
     requests = [JudgeRequest(f"Tell me about {w}.", f"{w} is a word", f"arr, {w}", pirate, use="annotate")
                 for w in "rain sun bread stars music maps tides snow bees roots".split()]
     verdicts = [j.verdict for j in judge.judge_many(requests)]
     assert set(verdicts) == {"A", "B"}  # annotation is two-way
-    assert verdicts == [j.verdict for j in get_judge("coin", _recipe_with_templates(folder)).judge_many(requests)]
+    assert verdicts == [j.verdict for j in judge_for("coin", _recipe_with_templates(folder), [pirate]).judge_many(requests)]
     other_seed = load_recipe(None, ["judge.backend=coin", f"judge.templates={folder}", "judge.coin.seed=1"])
-    assert verdicts != [j.verdict for j in get_judge("coin", other_seed).judge_many(requests)]
+    assert verdicts != [j.verdict for j in judge_for("coin", other_seed, [pirate]).judge_many(requests)]
     # The verdicts follow the rendered prompt: another template text, other verdicts.
     (folder / "P9X_annotate.txt").write_text(PIRATE_TEMPLATE.replace("captain", "cook"))
-    assert verdicts != [j.verdict for j in get_judge("coin", _recipe_with_templates(folder)).judge_many(requests)]
-    evaluated = get_judge("coin", _recipe_with_templates()).judge_many(
+    assert verdicts != [j.verdict for j in judge_for("coin", _recipe_with_templates(folder), [pirate]).judge_many(requests)]
+    evaluated = judge_for("coin", _recipe_with_templates()).judge_many(
         [JudgeRequest(r.instruction, r.a, r.b, PreferenceSet.catalog().get("P2A")) for r in requests])
     assert {j.verdict for j in evaluated} <= {"A", "B", "tie"} and len({j.verdict for j in evaluated}) > 1
     assert "coin" in JUDGES and judge.describe()["backend"] == "coin"
@@ -115,9 +117,8 @@ def test_coin_judge_renders_the_templates_and_decides_by_a_seeded_hash(tmp_path)
 ])
 def test_a_broken_template_is_refused_naming_the_file(tmp_path, text, message):
     (tmp_path / "P9X_evaluate.txt").write_text(text)
-    judge = get_judge("coin", _recipe_with_templates(tmp_path))
-    with pytest.raises(InputError, match="P9X_evaluate.txt: ") as caught:
-        judge.check([Preference(**PIRATE)])
+    with pytest.raises(InputError, match="P9X_evaluate.txt: ") as caught:  # refused when the judge is set up
+        judge_for("coin", _recipe_with_templates(tmp_path), [Preference(**PIRATE)])
     assert message in str(caught.value) and "\n" not in str(caught.value)
 
 
@@ -130,7 +131,7 @@ def test_the_smoke_recipe_covers_every_baseline_and_cuts_every_trainer():
     (systems,) = typing.get_args(EvaluationSection.model_fields["baselines"].annotation)
     assert set(smoke.evaluation.baselines) == set(typing.get_args(systems))  # so every stage runs
     cut = load_smoke_recipe("psoups-paper")
-    for loc in TRAINER_SECTIONS:  # --smoke can cut every trainer down to a few steps
+    for loc in (t.section for t in TRAINERS.values()):  # --smoke can cut every trainer down to a few steps
         section, sub = loc.split(".")
         assert getattr(getattr(smoke, section), sub)["max_steps"] <= 2, loc
         assert getattr(getattr(cut, section), sub).get("max_steps") == getattr(getattr(smoke, section), sub)["max_steps"]

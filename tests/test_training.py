@@ -18,6 +18,7 @@ import yaml
 from typer.testing import CliRunner
 
 from rlphf_cli.cli.main import app
+from rlphf_cli.jobs import policy_jobs, reward_model_jobs
 
 runner = CliRunner()
 WORDS = "plants sun water air rock hot gravity pulls friend great question".split()
@@ -118,16 +119,16 @@ def other_tokenizer_model(tmp_path_factory):
 
 
 def test_trainer_config_device_defaults_and_pass_through(tmp_path, setup):
-    from rlphf_cli.training.config import trainer_config
+    from rlphf_cli.jobs import model_spec, trainer_spec
 
     recipe = load(setup, "train_policy.rloo.beta=0.1", "train_policy.rloo.learning_rate=5e-4")
-    config = trainer_config(recipe, "RLOOConfig", str(tmp_path / "out"))
+    config = trainer_spec(recipe, "rloo").config(model_spec(recipe), str(tmp_path / "out"))
     assert config.bf16 is False and config.activation_checkpointing is False  # CPU defaults
     assert config.beta == 0.1 and config.max_steps == 2
     assert config.learning_rate == 5e-4  # YAML reads '5e-4' as a string; coerced for a float field
     assert config.model_init_kwargs["dtype"] == "float32"
-    assert trainer_config(load(setup, "train_policy.rloo.bf16=false", "train_policy.rloo.gradient_checkpointing=true"),
-                          "RLOOConfig", str(tmp_path / "o")).activation_checkpointing is True
+    recipe = load(setup, "train_policy.rloo.bf16=false", "train_policy.rloo.gradient_checkpointing=true")
+    assert trainer_spec(recipe, "rloo").config(model_spec(recipe), str(tmp_path / "o")).activation_checkpointing is True
 
 
 def test_unknown_trl_key_is_named(setup, tiny_random_model):
@@ -137,12 +138,12 @@ def test_unknown_trl_key_is_named(setup, tiny_random_model):
 
 
 def test_lora_configs_follow_the_recipe(setup):
-    from rlphf_cli.training.lora import lora_config
+    from rlphf_cli.jobs import lora_spec
 
     recipe = load(setup)
-    rm = lora_config(recipe.train_rm.lora, "SEQ_CLS")
+    rm = lora_spec(recipe.train_rm.lora).peft_config("SEQ_CLS")
     assert (rm.r, rm.lora_alpha, rm.lora_dropout, rm.modules_to_save) == (8, 32, 0.1, ["score"])
-    policy = lora_config(recipe.train_policy.lora, "CAUSAL_LM")
+    policy = lora_spec(recipe.train_policy.lora).peft_config("CAUSAL_LM")
     assert (policy.r, policy.lora_alpha, policy.lora_dropout) == (16, 32, 0.05)
 
 
@@ -152,14 +153,13 @@ def test_lora_dropout_survives_trls_disable_dropout(tiny_random_model):
     from transformers import AutoModelForSequenceClassification
     from trl.trainer.utils import disable_dropout_in_model
 
-    from rlphf_cli.recipe import LoraSection
-    from rlphf_cli.training.lora import lora_config
+    from rlphf_cli.specs import LoraSpec
     from rlphf_cli.training.reward import restore_lora_dropout
 
     base = AutoModelForSequenceClassification.from_pretrained(tiny_random_model, num_labels=1)
     base.model.layers[0].self_attn.attention_dropout = 0.0
     extra = base.model.extra_dropout = torch.nn.Dropout(0.2)  # stands for a base model's own dropout
-    model = get_peft_model(base, lora_config(LoraSection(lora_dropout=0.1), "SEQ_CLS"))
+    model = get_peft_model(base, LoraSpec(lora_dropout=0.1).peft_config("SEQ_CLS"))
     disable_dropout_in_model(model)  # what RewardTrainer does with disable_dropout=True
     lora = [m for n, m in model.named_modules() if ".lora_dropout." in f"{n}." and isinstance(m, torch.nn.Dropout)]
     assert lora and all(m.p == 0 for m in lora)
@@ -229,8 +229,9 @@ def test_train_rm_writes_adapter_metrics_and_scores(setup, tiny_random_model):
     # Retrained in place (same process, same folder): the scorer loads the new weights.
     from rlphf_cli.training.reward import train_reward_model
 
-    train_reward_model(load(setup, "train_rm.trl.learning_rate=0.02"), "P2A", model=str(tiny_random_model),
-                       force=True)
+    job = reward_model_jobs(load(setup, "train_rm.trl.learning_rate=0.02", f"model.name={tiny_random_model}"),
+                            "P2A")[0]
+    train_reward_model(job, force=True)
     assert RewardScorer(rm).score(["Explain sun"], ["sun hot"])[0] != pytest.approx(scores[0], abs=1e-5)
 
 
@@ -267,9 +268,9 @@ def trained_rm(tmp_path_factory, tiny_random_model):
     tmp = tmp_path_factory.mktemp("rm")
     recipe_path = tmp / "recipe.yaml"
     recipe_path.write_text(yaml.safe_dump(RECIPE))
-    recipe = load_recipe(recipe_path, [f"run_dir={tmp / 'run'}"])
-    return Path(train_reward_model(recipe, "P2A", write_pairs(tmp / "P2A.jsonl", "P2A"), tmp / "rm" / "P2A",
-                                   model=str(tiny_random_model))["out_dir"])
+    recipe = load_recipe(recipe_path, [f"run_dir={tmp / 'run'}", f"model.name={tiny_random_model}"])
+    job = reward_model_jobs(recipe, "P2A", data=write_pairs(tmp / "P2A.jsonl", "P2A"), out=tmp / "rm" / "P2A")[0]
+    return Path(train_reward_model(job)["out_dir"])
 
 
 @pytest.fixture
@@ -307,12 +308,11 @@ def test_reward_model_with_another_tokenizer(with_rm, tiny_random_model, other_t
     from rlphf_cli.training.policy import train_policy
     from rlphf_cli.training.reward import RewardScorer, train_reward_model
 
-    recipe = load(with_rm)
     other_rm = with_rm["run"] / "rm-other"
-    train_reward_model(recipe, "P2A", out_dir=other_rm, model=str(other_tokenizer_model))
+    train_reward_model(reward_model_jobs(load(with_rm, f"model.name={other_tokenizer_model}"), "P2A", out=other_rm)[0])
     assert RewardScorer(other_rm).tokenizer.vocab_size != RewardScorer(with_rm["run"] / "rm" / "P2A").tokenizer.vocab_size
-    result = train_policy(recipe, pref="P2A", model=str(tiny_random_model), reward_model=other_rm,
-                          out_dir=with_rm["run"] / "policy" / "other")
+    recipe = load(with_rm, f"model.name={tiny_random_model}")
+    result = train_policy(policy_jobs(recipe, "P2A", reward_model=other_rm, out=with_rm["run"] / "policy" / "other")[0])
     assert result["steps"] == 2 and result["reward_models"] == {"P2A": str(other_rm)}
 
 
@@ -333,19 +333,18 @@ def test_train_policy_errors(setup, tiny_random_model):
     result = runner.invoke(app, ["train-policy", "--prefs", "friendly", "--algo", "dpo", *args])
     one_error_line(result, "rlphf annotate --prefs friendly")
     result = runner.invoke(app, ["train-policy", "--prefs", "P2A", "--algo", "ppo", *args])
-    one_error_line(result, "train_policy.algo", "rloo")
+    one_error_line(result, "--algo: unknown algorithm 'ppo'", "did you mean 'dpo'")
 
 
 def test_dpo_and_morl_run(with_rm, tiny_random_model):
     """DPO from the annotations; morl over two preferences of one dimension (P2B's RM is a copy)."""
     from rlphf_cli.training.policy import train_policy
 
-    recipe = load(with_rm, "preferences.use=[P2A,P2B]")
-    dpo = train_policy(recipe, pref="concise", algo="dpo", model=str(tiny_random_model),
-                       out_dir=with_rm["run"] / "policy" / "dpo")
+    recipe = load(with_rm, "preferences.use=[P2A,P2B]", f"model.name={tiny_random_model}")
+    dpo = train_policy(policy_jobs(recipe, "concise", algo="dpo", out=with_rm["run"] / "policy" / "dpo")[0])
     assert dpo["steps"] == 2 and "margin_end" in dpo
     shutil.copytree(with_rm["run"] / "rm" / "P2A", with_rm["run"] / "rm" / "P2B")
-    morl = train_policy(recipe, mode="morl", model=str(tiny_random_model))
+    morl = train_policy(policy_jobs(recipe, mode="morl")[0])
     assert morl["name"] == "morl" and morl["preferences"] == ["P2A", "P2B"]
     lines = [json.loads(line) for line in (with_rm["run"] / "policy" / "morl" / "metrics.jsonl").read_text().splitlines()]
     assert set(lines[0]["rewards"]) == {"P2A", "P2B"}
@@ -369,7 +368,7 @@ def test_multitask_fine_tunes_one_policy_on_every_preferences_chosen_responses(s
     recipe = load(setup, "preferences.use=[P2A,P3A]")
     pairs = {"P2A": [{"prompt": "Explain sun", "chosen": "Hot.", "rejected": "It is a star that is hot."}],
              "P3A": [{"prompt": "Explain rain", "chosen": "Haha, water!", "rejected": "Water."}]}
-    rows = multitask_examples(recipe, load_tokenizer(str(tiny_random_model)), pairs)
+    rows = multitask_examples(policy_jobs(recipe, mode="multitask")[0], load_tokenizer(str(tiny_random_model)), pairs)
     prompts = [r[0]["content"] for r in rows["prompt"]]
     assert prompts[0] == "Explain sun " + recipe.preference_set().get("P2A").prompt
     assert prompts[1] == "Explain rain " + recipe.preference_set().get("P3A").prompt
@@ -385,7 +384,7 @@ def test_multitask_fine_tunes_one_policy_on_every_preferences_chosen_responses(s
 def test_ctrl_c_saves_a_checkpoint_and_resume_continues(with_rm, tiny_random_model):
     from rlphf_cli.training.policy import TrainingInterrupted, train_policy
 
-    recipe = load(with_rm, "train_policy.rloo.max_steps=4")
+    job = policy_jobs(load(with_rm, "train_policy.rloo.max_steps=4", f"model.name={tiny_random_model}"), "P2A")[0]
     out = with_rm["run"] / "policy" / "P2A"
 
     sent = []
@@ -396,19 +395,18 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues(with_rm, tiny_random_mod
             os.kill(os.getpid(), signal.SIGINT)
 
     with pytest.raises(TrainingInterrupted, match="stopped at step 2; checkpoint saved") as stopped:
-        train_policy(recipe, pref="P2A", model=str(tiny_random_model), progress=interrupt_at_two)
+        train_policy(job, progress=interrupt_at_two)
     assert stopped.value.resume and stopped.value.exit_code == 130
     assert not out.exists()
     assert (out.parent / ".P2A.checkpoints" / "checkpoint-2").is_dir()
 
     seen = []
-    result = train_policy(recipe, pref="P2A", model=str(tiny_random_model), resume=True,
-                          progress=lambda done, total: seen.append(done))
+    result = train_policy(job, resume=True, progress=lambda done, total: seen.append(done))
     assert result["resumed_from"] == 2 and result["steps"] == 4
     assert seen[0] == 2 and seen[-1] == 4
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == [1, 2, 3, 4]
     assert lines[2]["wall_s"] >= lines[1]["wall_s"]
     # `--prefs all --resume` after an interruption: policies finished before it are kept as they are.
-    again = train_policy(recipe, pref="P2A", model=str(tiny_random_model), resume=True)
+    again = train_policy(job, resume=True)
     assert again["already_done"] and again["steps"] == 4

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from rlphf_cli.jobs import policy_jobs, reward_model_jobs
+
 pytestmark = pytest.mark.slow
 
 
@@ -86,8 +88,8 @@ def tiny_run(tiny_model, tmp_path_factory):
                      "preference": "P2A"})
     (run / "annotations").mkdir()
     (run / "annotations" / "P2A.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    recipe = load_recipe(None, [f"run_dir={run}", "train_rm.eval_fraction=0.2"])  # ~80 held-out pairs
-    metrics = train_reward_model(recipe, "P2A", model=str(tiny_model))
+    recipe = load_recipe(None, [f"run_dir={run}", "train_rm.eval_fraction=0.2", f"model.name={tiny_model}"])
+    metrics = train_reward_model(reward_model_jobs(recipe, "P2A")[0])  # ~80 held-out pairs
     return {"run": run, "recipe": recipe, "rm": metrics, "pairs": len(rows)}
 
 
@@ -105,7 +107,7 @@ def test_rloo_raises_the_reward_of_greedy_answers(tiny_run, tiny_model):
     from rlphf_cli.training.policy import train_policy
     from rlphf_cli.training.reward import RewardScorer
 
-    result = train_policy(tiny_run["recipe"], pref="concise", model=str(tiny_model))
+    result = train_policy(policy_jobs(tiny_run["recipe"], "concise")[0])
     assert result["steps"] == tiny_run["recipe"].train_policy.rloo["max_steps"]
     eval_prompts = [r["instruction"] for r in load_prompts("builtin:tiny-eval")]
     scorer = RewardScorer(tiny_run["run"] / "rm" / "P2A")
@@ -129,12 +131,12 @@ def test_dpo_and_morl_write_loadable_adapters(tiny_run, tiny_model):
 
     run = tiny_run["run"]
     recipe = load_recipe(None, [f"run_dir={run}", "preferences.use=[P2A,P2B]", "train_policy.dpo.max_steps=4",
-                                "train_policy.rloo.max_steps=3"])
-    dpo = train_policy(recipe, pref="P2A", algo="dpo", model=str(tiny_model), out_dir=run / "policy" / "dpo-P2A")
+                                "train_policy.rloo.max_steps=3", f"model.name={tiny_model}"])
+    dpo = train_policy(policy_jobs(recipe, "P2A", algo="dpo", out=run / "policy" / "dpo-P2A")[0])
     assert dpo["steps"] == 4
     if not (run / "rm" / "P2B").exists():  # morl routing needs one RM per preference; a copy will do here
         shutil.copytree(run / "rm" / "P2A", run / "rm" / "P2B")
-    morl = train_policy(recipe, mode="morl", model=str(tiny_model))
+    morl = train_policy(policy_jobs(recipe, mode="morl")[0])
     assert morl["steps"] == 3 and set(morl["rewards_end"]) <= {"P2A", "P2B"}
     for folder in (dpo["out_dir"], morl["out_dir"]):
         PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_model)), folder)

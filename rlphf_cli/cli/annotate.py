@@ -50,15 +50,14 @@ def annotate_command(
 
     Example: [bold]rlphf annotate --prefs all --judge rubric[/]
     """
+    from rlphf_cli.jobs import annotate_job
     from rlphf_cli.judges.annotate import annotate_rollouts
-    from rlphf_cli.runs import RunDir
 
     resolved = resolve_recipe(recipe, set_, run_dir, annotate__prefs=prefs, annotate__judge=judge,
                               annotate__pairs_per_prompt=pairs_per_prompt)
-    run = RunDir(resolved.resolved_run_dir())
-    with one_progress_bar(f"annotating with the {resolved.annotate.judge} judge") as update:
-        summary = annotate_rollouts(resolved, rollouts or run.rollouts(), None, out or run.path("annotations"),
-                                    progress=update, force=force)
+    job = annotate_job(resolved, rollouts=rollouts, out_dir=out)
+    with one_progress_bar(f"annotating with the {job.judge.backend} judge") as update:
+        summary = annotate_rollouts(job, progress=update, force=force)
     _print_summary(summary)
 
 

@@ -72,9 +72,7 @@ def resolve_recipe(recipe: str | None, sets: list[str] | None, run_dir: Path | N
     overlay = None
     if smoke:
         from rlphf_cli.smoke import apply_smoke as overlay
-    resolved = load_recipe(recipe, sets, overrides, origins={"run_dir": "--run-dir"}, overlay=overlay)
-    resolved._invocation = invocation()
-    return resolved
+    return load_recipe(recipe, sets, overrides, origins={"run_dir": "--run-dir"}, overlay=overlay)
 
 
 def invocation() -> dict | None:
@@ -179,7 +177,10 @@ def cli_errors(func):
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         global _running
+        from rlphf_cli.runs import reset_invocation, set_invocation
+
         _running = (func.__name__.removesuffix("_command").replace("_", "-"), kwargs)
+        token = set_invocation(invocation())
         try:
             return func(*args, **kwargs)
         except Interrupted as exc:
@@ -207,5 +208,6 @@ def cli_errors(func):
             raise typer.Exit(2) from None
         finally:
             _running = None
+            reset_invocation(token)
 
     return wrapper

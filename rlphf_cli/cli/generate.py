@@ -19,8 +19,6 @@ from rlphf_cli.cli.common import (
     resolve_recipe,
 )
 from rlphf_cli.errors import InputError
-from rlphf_cli.preferences import same_dimension_note
-from rlphf_cli.systems import PROMPTED
 
 
 def _opt(*names: str, help: str, **kw):
@@ -83,9 +81,8 @@ def generate_command(
 
     Example: [bold]rlphf generate --combos all --num-samples 2[/]
     """
-    from rlphf_cli import generation
-    from rlphf_cli.data import load_prompts
-    from rlphf_cli.runs import RunDir, check_outputs
+    from rlphf_cli import generation, jobs
+    from rlphf_cli.runs import check_outputs
     from rlphf_cli.training import quiet_libraries
 
     quiet_libraries()  # no deprecation chatter from transformers/peft while a soup is merged in
@@ -100,62 +97,25 @@ def generate_command(
         raise InputError(f"{' and '.join(given)}: give one of --adapter, --soup, --adapters")
     if weights and not adapters:
         raise InputError("--weights goes with --adapters (for --soup write name=weight)")
-    if prefs and combos:
-        raise InputError("--prefs and --combos: give one (--combos writes one file per combination)")
     if resume and force:
         raise InputError("--resume and --force: give one (--resume continues the file, --force starts it over)")
-    soup_spec = generation.parse_soup(soup) if soup else None
+    members = generation.parse_soup(soup) if soup else None
     if adapters:
-        soup_spec = generation.soup_from_adapters([a.strip() for a in adapters.split(",") if a.strip()],
-                                                  generation.parse_weights(weights) if weights else None)
-    available = cfg.preference_set()
-    if prefs is None and (soup or adapter):  # a policy is prompted with its preferences, in catalog order
-        named = {name.lower() for name, _ in soup_spec} if soup else {adapter.lower()}
-        pref_list = [p for p in available if {p.id.lower(), p.alias.lower()} & named]
-    else:
-        pref_list = [] if prefs in (None, "none") else available.resolve(prefs)
-    combinations = generation.resolve_combinations(cfg, combos) if combos else None
-    for mix in [pref_list, *(combinations or [])]:
-        print_note(same_dimension_note(mix))
-    rollouts = not (adapter or soup_spec or pref_list or combinations)
-    if system is None and not (adapter or soup_spec) and (pref_list or combinations):
-        system = PROMPTED  # the base model with preference prompts, as the run directory names it
-    spec = prompts or (cfg.data.train_prompts if rollouts else cfg.data.eval_prompts)
-    default_limit = cfg.data.max_train_prompts if rollouts else cfg.data.max_eval_prompts
-    records = load_prompts(spec, limit or (None if prompts else default_limit))
-    count, note = generation.sample_count(cfg, num_samples, rollouts=rollouts,
-                                          temperature_by="--temperature" if temperature is not None else None)
-
+        members = generation.soup_from_adapters([a.strip() for a in adapters.split(",") if a.strip()],
+                                                generation.parse_weights(weights) if weights else None)
+    request = jobs.generate_request(cfg, adapter=adapter, soup=members, prefs=prefs, combos=combos, prompts=prompts,
+                                    limit=limit, num_samples=num_samples, out=out, system=system,
+                                    temperature_by="--temperature" if temperature is not None else None)
+    for line in request.notes:
+        print_note(line)
     # Everything the outputs depend on is known before the model loads: check them first.
-    chosen = generation.Weights.resolve(cfg, adapter, soup_spec)
-    system_dir = (system or chosen.system()).replace(":", "-")
-    default_run = RunDir(cfg.resolved_run_dir())
-    if combinations is not None:
-        out_dir = out or default_run.path("generations", system_dir)
-        files = {combo: Path(out_dir) / f"{generation.combination_name(combo)}.jsonl" for combo in combinations}
-    else:
-        files = {tuple(pref_list): out or (default_run.rollouts() if rollouts else default_run.generations(
-            system_dir, generation.combination_name(pref_list) or "none"))}
-    run = check_outputs(cfg, list(files.values()), force=force or resume,
+    run = check_outputs(request.jobs[0].record, [job.out for job in request.jobs], force=force or resume,
                         hint="--resume continues it, --force replaces it, or write another --out")
-    if resume:
-        for combo, path in files.items():
-            generation.check_resume(path, cfg, chosen, system or chosen.system(), combo, count, records)
-
-    loaded = generation.Generator.load(cfg, system=system, weights=chosen)
-    if run is not None:
-        run.begin(cfg)
     bar, progress = _progress()
     with bar:
-        if combinations is not None:
-            summaries = list(generation.generate_combinations(
-                cfg, records, out_dir, combos=[generation.combination_name(c) for c in combinations],
-                num_samples=count, resume=resume, progress=progress, generator=loaded).values())
-        else:
-            summaries = [generation.generate_file(cfg, records, files[tuple(pref_list)], prefs=pref_list,
-                                                  num_samples=count, resume=resume, progress=progress,
-                                                  generator=loaded)]
-    _print_summary(summaries, note)
+        summaries = generation.generate_files(request.jobs, resume=resume, progress=progress,
+                                              after_load=lambda: run and run.begin(request.jobs[0].record))
+    _print_summary(summaries, request.note)
 
 
 def _progress():

@@ -56,14 +56,16 @@ def judge_command(
     Example: [bold]rlphf judge --a mine.jsonl --b theirs.jsonl --criteria all --common[/]
     """
     from rlphf_cli.evaluation.judging import default_out, judge_files
-    from rlphf_cli.runs import RunDir
+    from rlphf_cli.jobs import judge_job
+    from rlphf_cli.jobs import run_dir as run_of
 
     resolved = resolve_recipe(recipe, set_, run_dir, judge__backend=judge,
                               judge__both_orders=False if single_order else None,
                               judge__bootstrap_samples=bootstrap_samples)
-    out = out or default_out(RunDir(resolved.resolved_run_dir()), a, b)
-    with one_progress_bar(f"judging with the {resolved.judge.backend} judge") as update:
-        result = judge_files(resolved, a, b, criteria, out, progress=update, force=force, common=common)
+    out = out or default_out(run_of(resolved), a, b)
+    job = judge_job(resolved, a, b, criteria_=criteria, out=out, common=common)
+    with one_progress_bar(f"judging with the {job.judge.backend} judge") as update:
+        result = judge_files(job, progress=update, force=force)
     _print_result(result, out)
 
 

@@ -17,7 +17,6 @@ from rlphf_cli.cli.common import (
     print_note,
     resolve_recipe,
 )
-from rlphf_cli.errors import InputError
 
 
 @cli_errors
@@ -62,30 +61,23 @@ def merge_command(
 
     Example: [bold]rlphf merge a/ b/ --weights 0.7,0.3 --out soup/[/]
     """
-    from rich.table import Table
-
-    from rlphf_cli.generation import parse_soup
-    from rlphf_cli.merging import merge_from_recipe
-    from rlphf_cli.preferences import same_dimension_note
+    from rlphf_cli.jobs import merge_request
+    from rlphf_cli.merging import run_merge
 
     resolved = resolve_recipe(recipe, set_, run_dir, merge__method=method, merge__rank=rank,
                               merge__density=density, merge__seed=seed, model__name=model)
     explicit = [name for name, value in (("rank", rank), ("density", density), ("seed", seed)) if value is not None]
-    if soup and (prefs or weights):
-        raise InputError("--soup holds the weights (concise=0.7,friendly=0.3): drop --prefs and --weights")
-    if soup:
-        members = parse_soup(soup)
-        prefs, weights = [name for name, _ in members], [w for _, w in members]
-    if not (adapters or prefs):
-        raise InputError("nothing to merge: give --soup (e.g. concise=0.5,friendly=0.5) or adapter folders")
-    if prefs:
-        print_note(same_dimension_note(resolved.preference_set().resolve(prefs)))
+    job, note = merge_request(resolved, adapters=adapters or [], soup=soup, prefs=prefs, weights=weights, out=out,
+                              into_base=into_base, base_model=resolved.model.name if model else None,
+                              explicit=explicit)
+    print_note(note)
     with one_progress_bar("merging") as update:
-        card = merge_from_recipe(
-            resolved, adapters=[str(a) for a in adapters or []], prefs=prefs, weights=weights, out_dir=out,
-            force=force, into_base=into_base, base_model=resolved.model.name if model else None, explicit=explicit,
-            progress=update, replace=force,
-        )
+        card = run_merge(job, force=force, replace=force, progress=update)
+    _print_card(card)
+
+
+def _print_card(card: dict) -> None:
+    from rich.table import Table
 
     table = Table(title=f"soup: {card['method']}", title_justify="left")
     for column in ("input", "weight given", "weight used", "r", "alpha"):

@@ -87,9 +87,9 @@ def run_command(
 
     CI: [bold]rlphf run smoke[/], [bold]rlphf run my.yaml --smoke[/]
     """
-    from rlphf_cli.pipeline import check_selection, plan, run_pipeline
-    from rlphf_cli.recipe import check_trainer_fields, recipe_warnings
-    from rlphf_cli.training import is_main_process
+    from rlphf_cli.pipeline import Pipeline, run_pipeline
+    from rlphf_cli.recipe import recipe_warnings
+    from rlphf_cli.training import is_main_process, quiet_libraries
 
     resolved = resolve_recipe(either(recipe, recipe_option, "RECIPE and --recipe"), set_, run_dir, smoke=smoke)
     pref = either(prefs, pref, "--prefs and --pref")
@@ -98,26 +98,11 @@ def run_command(
 
         console.print(f"[bold yellow]smoke run[/] of {resolved.source} into [bold]{resolved.resolved_run_dir()}[/]: "
                       f"{describe(resolved)}; its numbers mean nothing", highlight=False, soft_wrap=True)
-    check_trainer_fields(resolved)
     print_warnings(recipe_warnings(resolved))
     if dry_run:
-        picked = check_selection(resolved, only, from_, pref)
-        console.print(f"# resolved recipe ({resolved.source})", style="dim")
-        console.print(resolved.to_yaml(), highlight=False, markup=False)
-        console.print(f"# plan: {len(plan(resolved))} stages into {resolved.resolved_run_dir()}", style="dim")
-        for i, stage in enumerate(plan(resolved), 1):
-            console.print(f"{i:>2}. [bold]{stage.name}[/]: {stage.description}", highlight=False)
-        if only or from_:
-            chosen = f"--only {only}" if only else f"--from {from_}"
-            console.print(f"# this command runs {chosen}" + (f" for {', '.join(picked)}" if picked else ""),
-                          style="dim", highlight=False)
-        _print_estimate(resolved)
+        Pipeline(resolved)  # every unit's job built: every setting checked, as a run would
+        _print_plan(resolved, only, from_, pref)
         return
-
-    from rich.table import Table
-
-    from rlphf_cli.training import quiet_libraries
-
     quiet_libraries()
     if not is_main_process():  # the other processes of a distributed launch train alongside, silently
         run_pipeline(resolved, only=only, from_stage=from_, force=force, prefs=pref)
@@ -125,6 +110,27 @@ def run_command(
     with progress_bar() as progress:
         summary = run_pipeline(resolved, only=only, from_stage=from_, force=force, prefs=pref,
                                progress=PipelineDisplay(progress))
+    _print_summary(summary)
+
+
+def _print_plan(resolved, only: str | None, from_: str | None, pref: str | None) -> None:
+    from rlphf_cli.pipeline import check_selection, plan
+
+    picked = check_selection(resolved, only, from_, pref)
+    console.print(f"# resolved recipe ({resolved.source})", style="dim")
+    console.print(resolved.to_yaml(), highlight=False, markup=False)
+    console.print(f"# plan: {len(plan(resolved))} stages into {resolved.resolved_run_dir()}", style="dim")
+    for i, stage in enumerate(plan(resolved), 1):
+        console.print(f"{i:>2}. [bold]{stage.name}[/]: {stage.description}", highlight=False)
+    if only or from_:
+        chosen = f"--only {only}" if only else f"--from {from_}"
+        console.print(f"# this command runs {chosen}" + (f" for {', '.join(picked)}" if picked else ""),
+                      style="dim", highlight=False)
+    _print_estimate(resolved)
+
+
+def _print_summary(summary: dict) -> None:
+    from rich.table import Table
 
     table = Table(title=f"rlphf run: {summary['run_dir']}")
     for column in ("stage", "units", "ran", "skipped"):

@@ -55,13 +55,15 @@ def serve_command(
 
     Example: [bold]rlphf serve --run-dir runs/tiny[/]
     """
+    from rlphf_cli.jobs import serve_spec
     from rlphf_cli.serving import build_server, run_server
     from rlphf_cli.training import quiet_libraries
 
     quiet_libraries()  # the startup banner and request logs, not the stack's deprecation notices
-    resolved = resolve_recipe(recipe, set_, run_dir, model__name=model)
-    server = build_server(resolved, policies=policy or [], merge_method=merge_method, max_soups=max_soups,
-                          max_batch=max_batch, backend=backend, profiles=profiles, threads=threads)
+    spec = serve_spec(resolve_recipe(recipe, set_, run_dir, model__name=model, merge__method=merge_method),
+                      policy or [])
+    server = build_server(spec, max_soups=max_soups, max_batch=max_batch, backend=backend, profiles=profiles,
+                          threads=threads)
 
     def ready(url: str) -> None:
         console.print(f"[bold]rlphf serve[/]: {url}  ({server.backend.name} backend, model "

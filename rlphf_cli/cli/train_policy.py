@@ -68,18 +68,18 @@ def train_policy_command(
     """
     from rich.table import Table
 
+    from rlphf_cli.jobs import policy_jobs
     from rlphf_cli.recipe import recipe_warnings
     from rlphf_cli.training import is_main_process
     from rlphf_cli.training.policy import train_policies
 
-    resolved = resolve_recipe(recipe, set_, run_dir, model__name=model, train_policy__algo=algo,
-                              train_policy__mode=mode, data__train_prompts=prompts)
-    prefs = either(prefs, pref, "--prefs and --pref")
+    resolved = resolve_recipe(recipe, set_, run_dir, model__name=model)
     if resume and force:
         raise InputError("--resume and --force: give one (--resume continues training, --force starts it over)")
+    jobs = policy_jobs(resolved, either(prefs, pref, "--prefs and --pref"), mode=mode, algo=algo,
+                       reward_model=reward_model, prompts=prompts, out=out)
     with training_progress(warnings=recipe_warnings(resolved)) as progress_factory:
-        results = train_policies(resolved, prefs, out_dir=out, reward_model=reward_model, resume=resume,
-                                 progress_factory=progress_factory, force=force)
+        results = train_policies(jobs, resume=resume, progress_factory=progress_factory, force=force)
     if not is_main_process():
         return
     table = Table(title="policies")

@@ -89,16 +89,16 @@ def train_rm_command(
     """
     from rich.table import Table
 
+    from rlphf_cli.jobs import reward_model_jobs
     from rlphf_cli.training import is_main_process
     from rlphf_cli.training.reward import train_reward_models
 
     prefs = either(prefs, pref, "--prefs and --pref")
     if not prefs:
         raise InputError("give --prefs: a preference id or alias, a comma list, 'all' or 'general'")
-    resolved = resolve_recipe(recipe, set_, run_dir, model__name=model)
+    jobs = reward_model_jobs(resolve_recipe(recipe, set_, run_dir, model__name=model), prefs, data=data, out=out)
     with training_progress() as progress_factory:
-        results = train_reward_models(resolved, prefs, data_path=data, out_dir=out, progress_factory=progress_factory,
-                                      force=force)
+        results = train_reward_models(jobs, progress_factory=progress_factory, force=force)
     if not is_main_process():
         return
     table = Table(title="reward models")

@@ -20,8 +20,10 @@ from rlphf_cli import files
 from rlphf_cli.errors import InputError, MissingArtifactError
 from rlphf_cli.evaluation.winrate import summarize
 from rlphf_cli.judges.base import JudgeRequest, ProgressFn
-from rlphf_cli.preferences import Preference
+from rlphf_cli.preferences import PreferenceSet
 from rlphf_cli.runs import atomic_write_json, atomic_write_text
+from rlphf_cli.specs import Criterion, JudgeJob
+from rlphf_cli.specs import record as spec_record
 
 CACHE_NAME = "judge_cache.jsonl"
 FLIP = {"A": "B", "B": "A", "tie": "tie", "invalid": "invalid"}
@@ -135,8 +137,7 @@ def _response(record: dict) -> str:
     return str(record["response"] if record.get("response") is not None else record["responses"][0])
 
 
-def _criteria_for(recipe, a: dict, b: dict, criteria) -> list[Preference]:
-    pref_set = recipe.preference_set()
+def _criteria_for(pref_set: PreferenceSet, a: dict, b: dict, criteria) -> list[Criterion]:
     if criteria in (None, "combo"):
         # The record's own preferences; a baseline record relabelled with a combination has only `combo`.
         for record in (a, b):
@@ -144,50 +145,46 @@ def _criteria_for(recipe, a: dict, b: dict, criteria) -> list[Preference]:
             if names:
                 return [pref_set.get(n) for n in names]
         return []
-    if isinstance(criteria, (list, tuple)) and criteria and all(isinstance(c, Preference) for c in criteria):
-        return list(criteria)
     return pref_set.resolve(criteria)
 
 
-def judge_files(recipe, a_path: Paths, b_path: Paths, criteria: str | Sequence[str] | None,
-                out_path: str | Path | None, *, judge=None, progress: ProgressFn | None = None,
-                common: bool = False, force: bool = False) -> dict:
-    """Judge system A's generations against system B's; write `out_path` (JSON) and its `.md`.
+def judge_files(job: JudgeJob, *, judge=None, progress: ProgressFn | None = None, force: bool = False) -> dict:
+    """Judge system A's generations against system B's; write `job.out` (JSON) and its `.md`.
 
-    `a_path`/`b_path`: a generation JSONL file each, a folder of per-combination files each (matched
-    by file name), or a list of files each; records are matched by (id, combo) across them. A side
-    whose records carry no combination (the base model's plain answers) matches every combination
-    of the other. `common`: judge the shared records only (the result says how many were left out).
-    `criteria`: None or 'combo' (each record's own preferences), 'all', or names ('P1A,P2A').
-    `judge`: a judge object (default: `get_judge(recipe.judge.backend, recipe)`), cached in
-    `<out_path folder>/judge_cache.jsonl`. A judgment of the run directory is replaced only with
-    `force`. Returns the result written to `out_path`.
+    `job.a`/`job.b`: a generation JSONL file each, a folder of per-combination files each (matched
+    by file name), or files each; records are matched by (id, combo) across them. A side whose
+    records carry no combination (the base model's plain answers) matches every combination of the
+    other. `job.common`: judge the shared records only (the result says how many were left out).
+    `job.criteria`: 'combo' (each record's own preferences), 'all', or names ('P1A', 'P2A').
+    `judge`: a judge object (default: the job's), cached in `<out folder>/judge_cache.jsonl`. A
+    judgment of the run directory is replaced only with `force`. Returns the result written.
     """
     from rlphf_cli.judges import get_judge
-    from rlphf_cli.runs import check_outputs
+    from rlphf_cli.runs import begin_outputs
 
     start = time.time()
-    pairs, left_out = match_records(a_path, b_path, common)
-    per_pair = [_criteria_for(recipe, a, b, criteria) for a, b in pairs]
+    a_path, b_path = _one_or_list(job.a), _one_or_list(job.b)
+    out_path, criteria = job.out, job.criteria
+    pairs, left_out = match_records(a_path, b_path, job.common)
+    pref_set = PreferenceSet(job.preferences)
+    per_pair = [_criteria_for(pref_set, a, b, criteria) for a, b in pairs]
     used = list(dict.fromkeys(p for prefs in per_pair for p in prefs))
     if not used:
         raise InputError(f"{_label(a_path)}: the records carry no preferences (combination none); "
                          "pass --criteria P1A,P2A or --criteria all")
     cache_path = Path(out_path).parent / CACHE_NAME if out_path is not None else None
     if judge is None:
-        judge = get_judge(recipe.judge.backend, recipe, cache_path=cache_path)
+        judge = get_judge(job.judge, cache_path=cache_path)
     else:
         judge.use_cache(cache_path)
     judge.check(used)
     if out_path is not None:
-        run = check_outputs(recipe, [Path(out_path), Path(out_path).with_suffix(".md")], force=force,
-                            hint="pass --force to judge again (verdicts are cached), or --out")
-        if run is not None:
-            run.begin(recipe)
+        begin_outputs(job.record, [Path(out_path), Path(out_path).with_suffix(".md")], force=force,
+                      hint="pass --force to judge again (verdicts are cached), or --out")
 
-    both = recipe.judge.both_orders
+    both = job.both_orders
     requests: list[JudgeRequest] = []
-    cells: list[tuple[dict, Preference]] = []
+    cells: list[tuple[dict, Criterion]] = []
     for (a, b), prefs in zip(pairs, per_pair, strict=True):
         for pref in prefs:
             cells.append((a, pref))
@@ -213,15 +210,14 @@ def judge_files(recipe, a_path: Paths, b_path: Paths, criteria: str | Sequence[s
                       "verdicts": verdicts, "agree": agree,
                       "failed": any(judgments[n * step + k].error for k in range(step))})
 
-    samples, seed = recipe.judge.bootstrap_samples, recipe.seed
+    samples, seed = job.bootstrap_samples, job.seed
     result = {
         "a": _label(a_path), "b": _label(b_path),
         "system_a": system_name(pairs[0][0], a_path), "system_b": system_name(pairs[0][1], b_path),
         "judge": judge.describe(), "both_orders": both,
-        "criteria": criteria if isinstance(criteria, str) or criteria is None
-        else ",".join(c.id if isinstance(c, Preference) else str(c) for c in criteria),
+        "criteria": criteria if isinstance(criteria, str) else ",".join(criteria),
         "pairs": len(pairs), "left_out": left_out, "judgments": len(items),
-        "settings": recipe.settings("judge", "seed"),
+        "settings": spec_record(job),
         "overall": _summary(items, samples, seed),
         "per_criterion": {p.id: _summary([i for i in items if i["criterion"] == p.id], samples, seed) for p in used},
         "per_combo": {},
@@ -242,6 +238,10 @@ def judge_files(recipe, a_path: Paths, b_path: Paths, criteria: str | Sequence[s
         atomic_write_text(out_path.with_suffix(".md"), markdown(result))
         result["markdown"] = str(out_path.with_suffix(".md"))
     return result
+
+
+def _one_or_list(paths: tuple[Path, ...]) -> Path | list[Path]:
+    return paths[0] if len(paths) == 1 else list(paths)
 
 
 def default_out(run, a_path: str | Path, b_path: str | Path) -> Path:

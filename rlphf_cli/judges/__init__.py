@@ -8,10 +8,11 @@ Backend modules are imported on first use, so importing this package stays light
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import importlib
+from dataclasses import dataclass
 from pathlib import Path
 
-from rlphf_cli.judges.base import Judge, JudgeRequest, JudgeStats, Judgment, parse_verdict
+from rlphf_cli.judges.base import Judge, JudgeRequest, JudgeStats, Judgment, TemplateSet, parse_verdict
 from rlphf_cli.preferences import Preference
 from rlphf_cli.registry import Registry
 
@@ -26,44 +27,37 @@ GENERAL_PREFERENCE = Preference(
 # The backend whose verdicts mean nothing (smoke runs); reports say so loudly when it was used.
 COIN = "coin"
 
-JudgeFactory = Callable[..., Judge]
-JUDGES: Registry[JudgeFactory] = Registry("judge")
+@dataclass(frozen=True)
+class JudgeBackend:
+    """A judge backend by name: where its class lives, and whether it renders prompt templates
+    (then their texts are part of its spec, and of what its verdicts depend on)."""
+
+    name: str
+    module: str
+    class_name: str
+    uses_templates: bool
+
+    def create(self, spec, cache_path: str | Path | None = None) -> Judge:
+        return getattr(importlib.import_module(self.module), self.class_name)(spec, cache_path)
 
 
-@JUDGES.register("rubric")
-def _rubric(recipe, cache_path=None) -> Judge:
-    from rlphf_cli.judges.rubric import RubricJudge
-
-    return RubricJudge(recipe, cache_path)
-
-
-@JUDGES.register("openai")
-def _openai(recipe, cache_path=None) -> Judge:
-    from rlphf_cli.judges.openai_judge import OpenAIJudge
-
-    return OpenAIJudge(recipe, cache_path)
+JUDGES: Registry[JudgeBackend] = Registry("judge")
+for _backend in (
+    JudgeBackend("rubric", "rlphf_cli.judges.rubric", "RubricJudge", uses_templates=False),
+    JudgeBackend("openai", "rlphf_cli.judges.openai_judge", "OpenAIJudge", uses_templates=True),
+    JudgeBackend("hf", "rlphf_cli.judges.hf_judge", "HFJudge", uses_templates=True),
+    JudgeBackend(COIN, "rlphf_cli.judges.coin", "CoinJudge", uses_templates=True),
+):
+    JUDGES.register(_backend.name)(_backend)
 
 
-@JUDGES.register("hf")
-def _hf(recipe, cache_path=None) -> Judge:
-    from rlphf_cli.judges.hf_judge import HFJudge
-
-    return HFJudge(recipe, cache_path)
-
-
-@JUDGES.register(COIN)
-def _coin(recipe, cache_path=None) -> Judge:
-    from rlphf_cli.judges.coin import CoinJudge
-
-    return CoinJudge(recipe, cache_path)
-
-
-def get_judge(name: str | None, recipe, cache_path: str | Path | None = None) -> Judge:
-    """A judge backend configured from `recipe.judge.<name>` (default: `recipe.judge.backend`).
+def get_judge(spec, cache_path: str | Path | None = None) -> Judge:
+    """The judge a specs.JudgeSpec describes (backend, its settings, its templates).
 
     `cache_path`: the JSONL verdict cache; annotate and judge attach one next to their output
     when none is given."""
-    return JUDGES.get(name or recipe.judge.backend)(recipe, cache_path)
+    return JUDGES.get(spec.backend).create(spec, cache_path)
 
 
-__all__ = ["COIN", "GENERAL_PREFERENCE", "JUDGES", "Judge", "JudgeRequest", "JudgeStats", "Judgment", "get_judge", "parse_verdict"]
+__all__ = ["COIN", "GENERAL_PREFERENCE", "JUDGES", "Judge", "JudgeBackend", "JudgeRequest", "JudgeStats", "Judgment",
+           "TemplateSet", "get_judge", "parse_verdict"]

@@ -15,14 +15,14 @@ import itertools
 import json
 import random
 import time
-from collections.abc import Sequence
 from pathlib import Path
 
 from rlphf_cli import files
 from rlphf_cli.errors import InputError, MissingArtifactError
 from rlphf_cli.judges.base import JudgeRequest, ProgressFn
-from rlphf_cli.preferences import Preference
 from rlphf_cli.runs import atomic_write_json, atomic_write_text
+from rlphf_cli.specs import AnnotateJob
+from rlphf_cli.specs import record as spec_record
 
 CACHE_NAME = "judge_cache.jsonl"
 
@@ -69,40 +69,37 @@ def form_pairs(records: list[dict], pairs_per_prompt: int, seed: int) -> tuple[l
     return pairs, counts
 
 
-def annotate_rollouts(recipe, rollouts_path: str | Path, prefs: str | Sequence[str | Preference] | None,
-                      out_dir: str | Path, *, judge=None, progress: ProgressFn | None = None,
+def annotate_rollouts(job: AnnotateJob, *, judge=None, progress: ProgressFn | None = None,
                       force: bool = False) -> dict:
-    """Label rollout pairs for each preference; write `<out_dir>/<id>.jsonl` + `<id>.summary.json`.
+    """Label rollout pairs for each of the job's criteria; write `<out_dir>/<id>.jsonl` and
+    `<id>.summary.json`.
 
-    `prefs`: preferences, names ('P1A,concise'), 'all', or None for `annotate.prefs`. `judge`: a
-    judge object (default: `get_judge(recipe.annotate.judge, recipe)` with its cache in out_dir).
+    `judge`: a judge object (default: the job's judge, with its cache in the output folder).
     `progress(done, total)` is called as verdicts arrive. Annotations of the run directory are
     replaced only with `force`. Returns the summary of every preference.
     """
     from rlphf_cli.judges import get_judge
-    from rlphf_cli.runs import check_outputs
+    from rlphf_cli.runs import begin_outputs
 
     start = time.time()
-    out_dir = Path(out_dir)
-    preferences = _resolve(recipe, prefs)
-    records = load_rollouts(rollouts_path)
+    out_dir = job.out_dir
+    preferences = list(job.criteria)
+    records = load_rollouts(job.rollouts)
     if judge is None:
-        judge = get_judge(recipe.annotate.judge, recipe, cache_path=out_dir / CACHE_NAME)
+        judge = get_judge(job.judge, cache_path=out_dir / CACHE_NAME)
     else:
         judge.use_cache(out_dir / CACHE_NAME)
     judge.check(preferences)  # before any work: a custom preference on the rubric judge fails here
-    pairs, counts = form_pairs(records, recipe.annotate.pairs_per_prompt, recipe.seed)
+    pairs, counts = form_pairs(records, job.pairs_per_prompt, job.seed)
     if not pairs:
-        raise InputError(f"{rollouts_path}: no pair of distinct samples to annotate "
+        raise InputError(f"{job.rollouts}: no pair of distinct samples to annotate "
                          f"({counts['identical_samples']} prompts with identical samples)")
-    run = check_outputs(recipe, [out_dir / f"{pref.id}.jsonl" for pref in preferences], force=force,
-                        hint="pass --force to label them again (verdicts so far are cached)")
-    if run is not None:
-        run.begin(recipe)
+    begin_outputs(job.record, [out_dir / f"{pref.id}.jsonl" for pref in preferences], force=force,
+                  hint="pass --force to label them again (verdicts so far are cached)")
 
     requests, shown_first = [], []
     for pref in preferences:
-        order = random.Random(f"order:{recipe.seed}:{pref.id}")
+        order = random.Random(f"order:{job.seed}:{pref.id}")
         for pair in pairs:
             swap = order.random() < 0.5
             a, b = (pair["second"], pair["first"]) if swap else (pair["first"], pair["second"])
@@ -136,10 +133,9 @@ def annotate_rollouts(recipe, rollouts_path: str | Path, prefs: str | Sequence[s
         info["first_shown_rate"] = round(info.pop("first_shown_chosen") / len(rows), 4) if rows else None
         path = out_dir / f"{pref.id}.jsonl"
         atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-        summary = {"preference": pref.id, "path": str(path), "rollouts": str(rollouts_path), **counts, **info,
-                   "judge": judge.describe(), "seed": recipe.seed,
-                   "pairs_per_prompt": recipe.annotate.pairs_per_prompt,
-                   "settings": recipe.settings("annotate", "judge", "seed")}
+        summary = {"preference": pref.id, "path": str(path), "rollouts": str(job.rollouts), **counts, **info,
+                   "judge": judge.describe(), "seed": job.seed, "pairs_per_prompt": job.pairs_per_prompt,
+                   "settings": spec_record(job)}
         summaries[pref.id] = summary
 
     total = {"preferences": summaries, "pairs": len(pairs), **counts,
@@ -153,15 +149,3 @@ def annotate_rollouts(recipe, rollouts_path: str | Path, prefs: str | Sequence[s
         summary["wall_s"] = total["wall_s"]  # one batch served every preference
         atomic_write_json(out_dir / f"{summary['preference']}.summary.json", summary)
     return total
-
-
-def _resolve(recipe, prefs) -> list[Preference]:
-    pref_set = recipe.preference_set()
-    if prefs is None:
-        prefs = recipe.annotate.prefs
-    if isinstance(prefs, (list, tuple)) and prefs and all(isinstance(p, Preference) for p in prefs):
-        return list(prefs)
-    resolved = pref_set.resolve(prefs)
-    if not resolved:
-        raise InputError("no preference to annotate")
-    return resolved

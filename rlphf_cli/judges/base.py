@@ -136,15 +136,19 @@ def check_template(text: str, path: Path) -> None:
 
 
 class TemplateSet:
-    """Template texts by (preference id, use), read and checked once."""
+    """Template texts by (preference id, use): read from `folder` (else the shipped ones) and
+    checked once, or given (`texts`, what a judge spec holds: then nothing else is read)."""
 
-    def __init__(self, folder: str | Path | None = None):
+    def __init__(self, folder: str | Path | None = None, texts: dict[tuple[str, str], str] | None = None):
         self.folder = folder
-        self._texts: dict[tuple[str, str], str] = {}
+        self._given = texts is not None
+        self._texts: dict[tuple[str, str], str] = dict(texts or {})
 
     def text(self, pref: Preference, use: str) -> str:
         key = (pref.id, use)
         if key not in self._texts:
+            if self._given:
+                raise InputError(f"the judge was not set up with a template for {pref.id} ({use})")
             path = template_path(pref, use, self.folder)
             text = files.read_text(path, "judge template")
             check_template(text, path)
@@ -182,11 +186,12 @@ class BaseJudge(abc.ABC):
 
     name = "base"
 
-    def __init__(self, recipe, cache_path: str | Path | None = None):
+    def __init__(self, spec, cache_path: str | Path | None = None):
         from rlphf_cli.judges.cache import JudgeCache
 
-        self.recipe = recipe
-        self.templates = TemplateSet(recipe.judge.templates)
+        self.spec = spec  # a specs.JudgeSpec
+        self.settings = spec.settings
+        self.templates = TemplateSet(texts={(pref_id, use): text for pref_id, use, text in spec.templates})
         self.stats = JudgeStats()
         self.cache = JudgeCache(cache_path) if cache_path else None
 
@@ -198,8 +203,9 @@ class BaseJudge(abc.ABC):
         return {"backend": self.name, "model": self.model_id()}
 
     def check(self, prefs: Sequence[Preference]) -> None:
+        uses = sorted({use for _, use, _ in self.spec.templates}) or USES  # what this judge was set up for
         for pref in prefs:
-            for use in USES:
+            for use in uses:
                 self.templates.text(pref, use)
 
     def use_cache(self, path: str | Path | None) -> None:
@@ -288,8 +294,8 @@ class BaseJudge(abc.ABC):
 class UncachedJudge(BaseJudge):
     """An offline, deterministic judge that costs next to nothing: no verdict cache to keep."""
 
-    def __init__(self, recipe, cache_path=None):
-        super().__init__(recipe, cache_path=None)
+    def __init__(self, spec, cache_path=None):
+        super().__init__(spec, cache_path=None)
 
     def use_cache(self, path) -> None:
         pass

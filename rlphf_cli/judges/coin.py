@@ -21,9 +21,9 @@ VERDICTS = {"annotate": ("A", "B"), "evaluate": ("A", "B", "tie")}
 class CoinJudge(UncachedJudge):
     name = "coin"
 
-    def __init__(self, recipe, cache_path=None):
-        super().__init__(recipe)
-        self.seed = recipe.judge.coin.seed
+    def __init__(self, spec, cache_path=None):
+        super().__init__(spec)
+        self.seed = spec.settings.seed
 
     def model_id(self) -> str:
         return f"coin(seed={self.seed})"

@@ -23,9 +23,9 @@ VERDICTS = {OPTION_A: "A", OPTION_B: "B", OPTION_TIE: "tie"}
 class HFJudge(BaseJudge):
     name = "hf"
 
-    def __init__(self, recipe, cache_path=None):
-        super().__init__(recipe, cache_path)
-        self.cfg = recipe.judge.hf
+    def __init__(self, spec, cache_path=None):
+        super().__init__(spec, cache_path)
+        self.cfg = spec.settings
         name = self.cfg.model
         if name.startswith((".", "/", "~")) and not Path(name).expanduser().exists():
             raise InputError(f"judge.hf.model: folder not found: {name}")
@@ -47,14 +47,14 @@ class HFJudge(BaseJudge):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from rlphf_cli.hub import require_model
-        from rlphf_cli.models import resolve_model
+        from rlphf_cli.specs import ModelSpec
 
-        path = resolve_model(self.cfg.model)
+        model = ModelSpec(self.cfg.model)
+        path = model.path()
         require_model(path)
         self._device = "cuda" if torch.cuda.is_available() else "cpu"
         self._tokenizer = AutoTokenizer.from_pretrained(path)
-        dtype = torch.bfloat16 if self._device == "cuda" else torch.float32
-        self._model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(self._device).eval()
+        self._model = AutoModelForCausalLM.from_pretrained(path, dtype=model.torch_dtype()).to(self._device).eval()
 
     def _prompt_ids(self, request: JudgeRequest) -> list[int]:
         from rlphf_cli.prompting import render_prompt, text_ids

@@ -66,9 +66,9 @@ class OpenAIJudge(BaseJudge):
     backoff_cap = 30.0
     retry_after_cap = 300.0
 
-    def __init__(self, recipe, cache_path=None):
-        super().__init__(recipe, cache_path)
-        self.cfg = recipe.judge.openai
+    def __init__(self, spec, cache_path=None):
+        super().__init__(spec, cache_path)
+        self.cfg = spec.settings
         self.concurrency = self.cfg.concurrency
         self._rng = random.Random()
         if not os.environ.get(self.cfg.api_key_env) and self.cfg.base_url is None:

@@ -154,9 +154,9 @@ class RubricJudge(UncachedJudge):
 
     name = "rubric"
 
-    def __init__(self, recipe, cache_path=None):
-        super().__init__(recipe)
-        self.tie_margin = recipe.judge.rubric.tie_margin
+    def __init__(self, spec, cache_path=None):
+        super().__init__(spec)
+        self.tie_margin = spec.settings.tie_margin
 
     def model_id(self) -> str:
         return f"rubric(tie_margin={self.tie_margin})"

@@ -3,6 +3,9 @@
     merge_adapters(adapter_dirs, weights, method="average", out_dir=DIR, *, force=False, **params) -> Path
     merge_in_memory(adapters, tensors, weights, method="average", **params) -> (state dict, config)
 
+`method` is a specs.MergeSpec (what the builders make from a recipe) or a method name with its
+parameters.
+
 Both go through merged_tensors, so a soup served from memory (`rlphf serve`) is the same tensors
 as the file `rlphf merge` writes.
 
@@ -13,8 +16,8 @@ soup.json): average (the paper's, default), exact, svd, ties, dare. The base mod
 
 from rlphf_cli.merging.methods import METHODS, PARAMETERS, MergeMethod
 
-_SOUP_NAMES = ("MergePlan", "merge_adapters", "merge_from_recipe", "merge_in_memory", "merge_into_base",
-               "merged_tensors", "parse_weights", "plan_merge")
+_SOUP_NAMES = ("MergePlan", "merge_adapters", "merge_in_memory", "merge_into_base", "merged_tensors", "parse_weights",
+               "plan_merge", "run_merge")
 
 __all__ = ["METHODS", "PARAMETERS", "MergeMethod", *_SOUP_NAMES]
 

@@ -23,15 +23,36 @@ from __future__ import annotations
 import abc
 import math
 import zlib
+from collections.abc import Mapping
+from typing import Any
 
 from rlphf_cli.errors import InputError
 from rlphf_cli.registry import Registry
+from rlphf_cli.specs import MergeSpec
 
 METHODS: Registry[type[MergeMethod]] = Registry("merge method")
 
 # Every parameter any method takes; callers may pass them all (e.g. from the recipe), and each
 # method keeps the ones it uses.
 PARAMETERS = ("rank", "density", "seed")
+
+
+def merge_spec(method: str, values: Mapping[str, Any] | None = None) -> MergeSpec:
+    """The method and the parameters it declares, taken from `values` (unset ones and those of other
+    methods left out), checked now by building the method: the one reader of merge settings."""
+    values = values or {}
+    unknown = sorted(set(values) - set(PARAMETERS))
+    if unknown:
+        raise InputError(f"unknown merge parameter '{unknown[0]}' (parameters: {', '.join(PARAMETERS)})")
+    declared = METHODS.get(method).params
+    spec = MergeSpec(method, tuple((k, values[k]) for k in declared if values.get(k) is not None))
+    merger(spec)
+    return spec
+
+
+def merger(spec: MergeSpec) -> MergeMethod:
+    """A fresh instance of the spec's method (an instance keeps one merge's statistics)."""
+    return METHODS.get(spec.method)(**spec.kwargs())
 
 
 class MergeMethod(abc.ABC):

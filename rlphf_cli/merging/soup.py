@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from rlphf_cli import files
-from rlphf_cli.errors import InputError, MissingArtifactError
+from rlphf_cli.errors import InputError
 from rlphf_cli.merging.card import build_card
 from rlphf_cli.merging.io import (
     CARD_FILE,
@@ -29,8 +29,10 @@ from rlphf_cli.merging.io import (
     read_adapter,
     torch_dtype,
 )
-from rlphf_cli.merging.methods import METHODS, MergeMethod, merge_full
+from rlphf_cli.merging.methods import MergeMethod, merge_full, merge_spec
+from rlphf_cli.merging.methods import merger as new_merger
 from rlphf_cli.runs import atomic_dir
+from rlphf_cli.specs import MergeJob, MergeSpec
 
 Progress = Callable[[int, int], None]
 TensorReader = Callable[[int, str], Any]  # (input index, tensor key) -> tensor
@@ -116,13 +118,25 @@ class MergePlan:
         return output_config(self.inputs[0], self.ranks if self.merger.folds_scale else None)
 
 
+def as_merge_spec(method: MergeSpec | str, params: Mapping[str, Any]) -> MergeSpec:
+    """A MergeSpec as given, or a method name with its parameters (a parameter the method does not
+    declare is ignored, so callers may pass every merge setting they have)."""
+    if isinstance(method, MergeSpec):
+        if params:
+            raise InputError("give the merge parameters in the MergeSpec, not beside it")
+        return method
+    return merge_spec(method, params)
+
+
 def plan_merge(adapters: Sequence[AdapterInput | str | Path], weights: str | Sequence[float] | None = None,
-               method: str = "average", *, force: bool = False, **params) -> MergePlan:
+               method: MergeSpec | str = "average", *, force: bool = False, **params) -> MergePlan:
     """Check a merge before any tensor is read: method and parameters, weights, then the inputs
     (folders are read here; AdapterInput objects already were) and their compatibility."""
     if not adapters:
         raise InputError("no adapters to merge")
-    merger = METHODS.get(method)(**params)
+    spec = as_merge_spec(method, params)
+    method = spec.method
+    merger = new_merger(spec)
     given = parse_weights(weights, len(adapters))
     used = merger.check_weights(given)
     inputs = [a if isinstance(a, AdapterInput) else read_adapter(a) for a in adapters]
@@ -162,8 +176,8 @@ def merged_tensors(plan: MergePlan, read: TensorReader, progress: Progress | Non
 
 
 def merge_in_memory(adapters: Sequence[AdapterInput], tensors: Sequence[Mapping[str, Any]],
-                    weights: str | Sequence[float] | None = None, method: str = "average", *, force: bool = False,
-                    **params) -> tuple[dict[str, Any], dict]:
+                    weights: str | Sequence[float] | None = None, method: MergeSpec | str = "average", *,
+                    force: bool = False, **params) -> tuple[dict[str, Any], dict]:
     """The soup of adapters whose tensors are already loaded (`tensors[i]`: key -> tensor of
     adapters[i], as in its safetensors file): (state dict, adapter config), the same tensors that
     merge_adapters writes for the same inputs, weights and method."""
@@ -179,7 +193,7 @@ def merge_in_memory(adapters: Sequence[AdapterInput], tensors: Sequence[Mapping[
 def merge_adapters(
     adapter_dirs: Sequence[str | Path],
     weights: str | Sequence[float] | None = None,
-    method: str = "average",
+    method: MergeSpec | str = "average",
     out_dir: str | Path | None = None,
     *,
     force: bool = False,
@@ -190,8 +204,8 @@ def merge_adapters(
     """Merge PEFT LoRA adapter folders into `out_dir` (adapter_config.json, adapter_model.safetensors,
     soup.json, and the first input's tokenizer files). Returns `out_dir`.
 
-    params: rank (svd), density (ties, dare), seed (dare); a parameter a method does not use is
-    ignored (so callers may pass the recipe's whole `merge` section). Only the adapter files are
+    `method`: a MergeSpec, or a method name with its `params`: rank (svd), density (ties, dare),
+    seed (dare); a parameter the method does not use is ignored. Only the adapter files are
     read, one module at a time, and each merged module is written out at once, so peak memory is
     one module's tensors (inputs + output), not the adapters' size. Every check runs before
     anything is written; the folder appears only when complete (temporary folder + rename).
@@ -280,82 +294,30 @@ def merge_into_base(soup_dir: str | Path, out_dir: str | Path, base_model: str |
     return out
 
 
-def merge_from_recipe(
-    recipe,
-    adapters: Sequence[str | Path] | None = None,
-    prefs: str | Sequence[str] | None = None,
-    weights: str | Sequence[float] | None = None,
-    *,
-    out_dir: str | Path | None = None,
-    force: bool = False,
-    into_base: str | Path | None = None,
-    base_model: str | None = None,
-    explicit: Sequence[str] = (),
-    progress: Progress | None = None,
-    replace: bool = False,
-) -> dict:
-    """`rlphf merge`: adapter folders (with out_dir), or preferences resolved to the run directory's
-    policy/<id>/ folders (default out_dir: soups/<combo>/ for equal shares, soups/<id>=<w>+.../
-    otherwise). Method and parameters come from the recipe's `merge` section; `explicit` names the
-    parameters the user set on the command line (an error if the method does not use them). A
-    finished soup of the run directory is replaced only with `replace`. Returns the merge card plus
-    'out' (and 'into_base')."""
-    from rlphf_cli.preferences import combination_name, soup_name
-    from rlphf_cli.runs import RunDir, check_outputs
+def run_merge(job: MergeJob, *, force: bool = False, replace: bool = False,
+              progress: Progress | None = None) -> dict:
+    """`rlphf merge` and the pipeline's soups: merge `job.inputs` into `job.out`, recorded in the run
+    directory when it lies there (a finished soup of the run directory is replaced only with
+    `replace`); with `job.into_base`, also a full model. `force` merges adapters whose
+    base_model_name_or_path differ. Returns the merge card plus 'out' (and 'into_base')."""
+    from rlphf_cli.runs import begin_outputs
 
-    method = recipe.merge.method
-    method_cls = METHODS.get(method)
-    for name in explicit:
-        if name not in method_cls.params:
-            users = [m for m in METHODS.names() if name in METHODS.get(m).params]
-            raise InputError(f"--{name} does not apply to --merge-method {method} (it is for {', '.join(users)})")
-    params = {k: getattr(recipe.merge, k) for k in method_cls.params if getattr(recipe.merge, k) is not None}
-    if into_base is not None:
-        check_model_out(into_base)
-    adapters = list(adapters or [])
-    if adapters and prefs:
-        raise InputError("give adapter folders or --soup, not both")
-    run = None
-    extra = None
-    if adapters:
-        if out_dir is None:
-            raise InputError("--out is required when merging adapter folders (it defaults to soups/<combo>/ "
-                             "only with --soup)")
-        dirs = adapters
-    else:
-        run = RunDir(recipe.resolved_run_dir())
-        available = recipe.preference_set()
-        if not prefs:  # merging every policy found would mix opposite preferences of each dimension
-            raise InputError("nothing to merge: name the preferences, e.g. --soup concise=0.5,friendly=0.5")
-        chosen = available.resolve(prefs)
-        parsed = parse_weights(weights, len(chosen))
-        order = {p.id: i for i, p in enumerate(available)}
-        # Catalog order, so 'friendly,concise' and 'concise,friendly' name the same soup.
-        pairs = sorted(zip(chosen, parsed, strict=True), key=lambda pw: order[pw[0].id])
-        chosen, weights = [p for p, _ in pairs], [w for _, w in pairs]
-        for pref in chosen:
-            if not (run.policy(pref.id) / CONFIG_FILE).is_file():
-                raise MissingArtifactError(f"policy for {pref.id} ({pref.alias})", run.policy(pref.id),
-                                           f"rlphf train-policy --prefs {pref.alias}")
-        combo = combination_name(chosen)
-        dirs = [run.policy(p.id) for p in chosen]
-        # Named by the weights the method uses: average at 0.5/0.5/0.5 is the equal-share soup.
-        out_dir = out_dir or run.soup(soup_name([p.id for p in chosen], method_cls(**params).check_weights(weights)))
-        extra = {"preferences": [p.id for p in chosen], "combo": combo}
+    if job.into_base is not None:
+        check_model_out(job.into_base)
+    extra = {"preferences": list(job.labels), "combo": "+".join(job.labels)} if job.labels else None
 
     def merge() -> Path:
-        return merge_adapters(dirs, weights, method, out_dir, force=force, progress=progress, card_extra=extra,
-                              **params)
+        return merge_adapters(job.inputs, list(job.weights), job.merge, job.out, force=force, progress=progress,
+                              card_extra=extra)
 
-    record = check_outputs(recipe, [Path(out_dir)], force=replace, hint="pass --force to replace it, or --out")
-    if record is not None:
-        record.begin(recipe)
-        with record.stage(f"merge/{Path(out_dir).name}", method=method, weights=list(weights)):
+    run = begin_outputs(job.record, [job.out], force=replace, hint="pass --force to replace it, or --out")
+    if run is not None:
+        with run.stage(f"merge/{job.out.name}", method=job.merge.method, weights=list(job.weights)):
             out = merge()
     else:
         out = merge()
     result = json.loads((out / CARD_FILE).read_text(encoding="utf-8"))
     result["out"] = str(out)
-    if into_base is not None:
-        result["into_base"] = str(merge_into_base(out, into_base, base_model))
+    if job.into_base is not None:
+        result["into_base"] = str(merge_into_base(out, job.into_base, job.base_model))
     return result

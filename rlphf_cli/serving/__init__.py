@@ -1,6 +1,6 @@
 """`rlphf serve`: every user's soup on demand, over an OpenAI-compatible HTTP API.
 
-    server = build_server(recipe, policies=["mine=path/to/adapter"], max_batch=16, max_soups=32)
+    server = build_server(rlphf_cli.jobs.serve_spec(recipe, ["mine=path/to/adapter"]), max_batch=16, max_soups=32)
     run_server(server, host="127.0.0.1", port=8000, on_ready=print)
 
 The request's `model` names the mix (`concise=0.7,friendly=0.3`, `P1A+P2A+P3A`, `base`, one

@@ -14,18 +14,31 @@ import logging
 import time
 import uuid
 from importlib import resources
-from typing import Annotated, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rlphf_cli.errors import InputError
 from rlphf_cli.prompting import messages_with_preferences, render_messages, text_ids
 from rlphf_cli.serving.backend import Backend, BackendError, Delta, Finish, Job, Sampling
 from rlphf_cli.serving.policies import SOUP, PolicySet, Soup, UnknownModel
+from rlphf_cli.serving.protocol import (
+    AssistantMessage,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatRequest,
+    Choice,
+    ChunkChoice,
+    DeltaMessage,
+    ErrorBody,
+    ModelCard,
+    ModelList,
+    SoupInfo,
+    Usage,
+    sse,
+)
 
 log = logging.getLogger("rlphf.serve")
 
@@ -39,66 +52,12 @@ class RequestError(InputError):
 
 
 # --------------------------------------------------------------------------------------------
-# Request schema (strict: a wrong type or an unknown field is an error that names it)
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-
-class TextPart(_Strict):
-    type: Literal["text"]
-    text: str
-
-
-class Message(_Strict):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
-    name: str | None = None
-
-    def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
-
-
-class StreamOptions(_Strict):
-    include_usage: bool = False
-
-
-class ChatRequest(_Strict):
-    model: str
-    messages: list[Message] = Field(min_length=1)
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, gt=0, le=1)
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    n: int = Field(default=1, ge=1)
-    seed: int | None = None
-    stop: str | Annotated[list[str], Field(max_length=4)] | None = None
-    user: str | None = None
-    # OpenAI parameters accepted at their neutral values only
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logprobs: bool | None = None
-    # rlphf's own (extra_body): the soup as weights, and whether its preference prompts are appended
-    preferences: dict[str, float] | None = None
-    preference_prompts: bool = True
-    min_tokens: int = Field(default=0, ge=0)  # as vLLM's OpenAI server
-
-
-# --------------------------------------------------------------------------------------------
 # Errors
-
-
-def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
-               code: str | None = None) -> dict:
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
 def _error(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
            code: str | None = None) -> JSONResponse:
-    return JSONResponse(error_body(message, type_, param, code), status_code=status)
+    return JSONResponse(ErrorBody.of(message, type_, param, code).model_dump(), status_code=status)
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
@@ -130,8 +89,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(UnknownModel)
     async def unknown(request: Request, exc: UnknownModel):
-        param = "preferences" if str(exc).startswith("preferences") else "model"
-        return _error(404, str(exc), param=param, code="model_not_found")
+        return _error(404, str(exc), param=exc.param, code="model_not_found")
 
     @app.exception_handler(RequestError)
     async def bad_request(request: Request, exc: RequestError):
@@ -245,10 +203,6 @@ class _SSEResponse(StreamingResponse):
                 await self.body_iterator.aclose()
 
 
-def _sse(obj) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
-
-
 def create_app(service: Service, playground_config: dict) -> FastAPI:
     backend = service.backend
 
@@ -276,18 +230,16 @@ def create_app(service: Service, playground_config: dict) -> FastAPI:
                 "policies": list(service.policies.policies), **backend.status()}
 
     @app.get("/v1/models")
-    async def models():
+    async def models() -> ModelList:
         created = int(time.time())
-        return {"object": "list", "data": [{"id": name, "object": "model", "created": created, "owned_by": "rlphf"}
-                                           for name in service.policies.model_ids()]}
+        return ModelList(data=[ModelCard(id=name, created=created) for name in service.policies.model_ids()])
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest):
         job = service.job(req)
         backend.counters.requests += 1
-        created = int(time.time())
-        head = {"id": job.id, "created": created, "model": req.model}
-        extra = {"rlphf": {"soup": job.soup.key, "preferences": [p.id for p in job.soup.preferences]}}
+        head = {"id": job.id, "created": int(time.time()), "model": req.model}
+        info = SoupInfo(soup=job.soup.key, preferences=[p.id for p in job.soup.preferences])
         prompt_tokens = len(job.prompt_ids)
         if not req.stream:
             finished: dict[int, Finish] = {}
@@ -296,38 +248,32 @@ def create_app(service: Service, playground_config: dict) -> FastAPI:
                     if isinstance(event, Finish):
                         finished[event.index] = event
             completion = sum(f.completion_tokens for f in finished.values())
-            return {**head, "object": "chat.completion", "system_fingerprint": None,
-                    "choices": [{"index": i, "message": {"role": "assistant", "content": finished[i].text},
-                                 "finish_reason": finished[i].reason, "logprobs": None}
-                                for i in sorted(finished)],
-                    "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-                              "total_tokens": prompt_tokens + completion}, **extra}
+            return ChatCompletion(**head, choices=[
+                Choice(index=i, message=AssistantMessage(content=finished[i].text), finish_reason=finished[i].reason)
+                for i in sorted(finished)], usage=Usage.of(prompt_tokens, completion), rlphf=info)
 
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
-        def chunk(choices: list, **more) -> str:
-            return _sse({**head, "object": "chat.completion.chunk", "system_fingerprint": None, "choices": choices,
-                         **more})
+        def chunk(choices: list[ChunkChoice], **more) -> str:
+            return ChatCompletionChunk(**head, choices=choices, **more).sse(usage_field=include_usage)
 
         async def events():
             completion = 0
             try:
-                yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None,
-                              "logprobs": None} for i in range(job.sampling.n)], **extra)
+                yield chunk([ChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
+                             for i in range(job.sampling.n)], rlphf=info)
                 async with contextlib.aclosing(backend.stream(job)) as stream:
                     async for event in stream:
                         if isinstance(event, Delta):
-                            yield chunk([{"index": event.index, "delta": {"content": event.text},
-                                          "finish_reason": None, "logprobs": None}])
+                            yield chunk([ChunkChoice(index=event.index, delta=DeltaMessage(content=event.text))])
                         else:
                             completion += event.completion_tokens
-                            yield chunk([{"index": event.index, "delta": {}, "finish_reason": event.reason,
-                                          "logprobs": None}])
+                            yield chunk([ChunkChoice(index=event.index, delta=DeltaMessage(),
+                                                     finish_reason=event.reason)])
                 if include_usage:
-                    yield chunk([], usage={"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-                                           "total_tokens": prompt_tokens + completion})
+                    yield chunk([], usage=Usage.of(prompt_tokens, completion))
             except BackendError as exc:
-                yield _sse(error_body(str(exc), "server_error"))
+                yield sse(ErrorBody.of(str(exc), "server_error").model_dump())
             yield "data: [DONE]\n\n"
 
         return _SSEResponse(events(), media_type="text/event-stream",

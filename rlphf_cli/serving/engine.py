@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from rlphf_cli.errors import InputError
 from rlphf_cli.serving.backend import Backend, BackendError, Delta, Finish, Job, TextStream
 from rlphf_cli.serving.policies import PolicySet, Soup
+from rlphf_cli.specs import ModelSpec
 
 log = logging.getLogger("rlphf.serve")
 BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed batch
@@ -72,7 +73,7 @@ class _Ticket:
 class TransformersBackend(Backend):
     name = "transformers"
 
-    def __init__(self, recipe, policies: PolicySet, *, max_batch: int = 16, max_soups: int = 32,
+    def __init__(self, model: ModelSpec, policies: PolicySet, *, max_batch: int = 16, max_soups: int = 32,
                  threads: int | None = None):
         import torch
         from peft import PeftModel
@@ -80,7 +81,7 @@ class TransformersBackend(Backend):
 
         from rlphf_cli.generation import check_adapter_fits, load_base_model
 
-        model, tokenizer, model_name = load_base_model(recipe)
+        model, tokenizer, model_name = load_base_model(model)
         for policy in policies.policies.values():
             check_adapter_fits(policy.path, model, model_name)
         self.policy_adapters = {name: f"policy_{i}" for i, name in enumerate(policies.policies)}
@@ -134,8 +135,7 @@ class TransformersBackend(Backend):
         if policies.method == "exact":
             return None
         name = next(iter(policies.policies))
-        state, config = merge_in_memory([policies.inputs[name]], [self.tensors[name]], [1.0], policies.method,
-                                        **policies.params)
+        state, config = merge_in_memory([policies.inputs[name]], [self.tensors[name]], [1.0], policies.merge)
         return _signature(state, config), config
 
     # -- life cycle ---------------------------------------------------------------------------
@@ -415,7 +415,7 @@ class TransformersBackend(Backend):
         start = time.perf_counter()
         policies = self.policies
         state, config = merge_in_memory([policies.inputs[n] for n in soup.names], [self.tensors[n] for n in soup.names],
-                                        soup.weights, policies.method, **policies.params)
+                                        soup.weights, policies.merge)
         signature = _signature(state, config)
         self._evict(in_use, room=1)
         slot = next((s for s in self._free if s.signature == signature), None)

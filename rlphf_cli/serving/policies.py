@@ -10,25 +10,31 @@ and 'concise=0.7,friendly=0.3' are one soup, merged once. No torch here.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from rlphf_cli.errors import InputError, MissingArtifactError, did_you_mean
+from rlphf_cli.errors import InputError, did_you_mean
 from rlphf_cli.generation import parse_soup
-from rlphf_cli.merging import METHODS, plan_merge
+from rlphf_cli.merging import plan_merge
 from rlphf_cli.merging.io import AdapterInput, read_adapter
 from rlphf_cli.preferences import Preference, PreferenceSet, combination_name
+from rlphf_cli.specs import MergeSpec, ServeSpec
 
 BASE = "base"
 SOUP = "soup"  # the `model` of a request whose soup comes from `preferences` or the user's profile
 
 
 class UnknownModel(InputError):
-    """A request names a policy or model the server does not have (HTTP 404 model_not_found)."""
+    """A request names a policy or model the server does not have (HTTP 404 model_not_found);
+    `param` is the request field that named it."""
+
+    def __init__(self, message: str, param: str = "model"):
+        super().__init__(message)
+        self.param = param
 
 
 @dataclass(frozen=True)
@@ -70,12 +76,11 @@ class Soup:
 
 @dataclass
 class PolicySet:
-    """The served policies (checked adapter folders), the recipe's preferences and merge settings."""
+    """The served policies (checked adapter folders), the recipe's preferences and merge method."""
 
     policies: dict[str, Policy]
     preferences: PreferenceSet
-    method: str = "average"
-    params: dict = field(default_factory=dict)
+    merge: MergeSpec = field(default_factory=MergeSpec)
     inputs: dict[str, AdapterInput] = field(default_factory=dict)  # name -> checked adapter (no tensors)
 
     def __post_init__(self):
@@ -83,49 +88,24 @@ class PolicySet:
             raise InputError("no policies to serve")
         self.inputs = {name: read_adapter(p.path) for name, p in self.policies.items()}
         self._order = {name: i for i, name in enumerate(self.policies)}
-        # A method or parameter the recipe got wrong (e.g. ties without density) stops the start-up;
-        # policies that cannot be merged together are refused per request (each still serves alone).
-        METHODS.get(self.method)(**self.params)
 
-    # -- building ---------------------------------------------------------------------------
+    @property
+    def method(self) -> str:
+        return self.merge.method
+
+    @property
+    def params(self) -> dict:
+        return self.merge.kwargs()
 
     @classmethod
-    def from_run(cls, recipe, extra: Sequence[str] = (), method: str | None = None) -> PolicySet:
-        """The run directory's policy/<id>/ folders (every preference of the recipe that has one),
-        then `extra` 'NAME=PATH' policies. NAME may be a preference id or alias (its prompt is
-        then known), or any other name."""
-        from rlphf_cli.runs import RunDir
-
-        prefs = recipe.preference_set()
-        run = RunDir(recipe.resolved_run_dir())
-        found: dict[str, Policy] = {}
-        for pref in prefs:
-            folder = run.policy(pref.id)
-            if (folder / "adapter_config.json").is_file():
-                found[pref.id] = Policy(pref.id, folder, pref)
-        known = {n.lower() for n in prefs.names()}
-        for item in extra:
-            name, sep, path = item.partition("=")
-            name, path = name.strip(), path.strip()
-            if not sep or not name or not path:
-                raise InputError(f"--policy '{item}': expected NAME=PATH, e.g. --policy concise=runs/x/policy/P2A")
-            if not re.fullmatch(r"[A-Za-z0-9_\-]+", name) or name == BASE or name == SOUP:
-                raise InputError(f"--policy '{item}': NAME must be letters, digits, '_' or '-' "
-                                 f"(and not '{BASE}' or '{SOUP}')")
-            folder = Path(path).expanduser()
-            if not (folder / "adapter_config.json").is_file():
-                raise InputError(f"--policy {name}={path}: not a PEFT adapter folder (no adapter_config.json)")
-            pref = prefs.get(name) if name.lower() in known else None
-            found[pref.id if pref else name] = Policy(pref.id if pref else name, folder, pref)
-        if not found:
-            raise MissingArtifactError("per-preference policies", run.path("policy"),
-                                       "rlphf train-policy --prefs all (or give --policy NAME=PATH)")
-        merge = recipe.merge
-        method = method or merge.method
-        params = {k: v for k, v in merge.model_dump(exclude={"method"}).items() if v is not None}
-        order = {p.id: i for i, p in enumerate(prefs)}
-        ordered = dict(sorted(found.items(), key=lambda kv: order.get(kv[0], len(order))))
-        return cls(ordered, prefs, method, params)
+    def from_spec(cls, spec: ServeSpec) -> PolicySet:
+        """The policies of a ServeSpec (rlphf_cli.jobs.serve_spec), in its order; policies that
+        cannot be merged together are refused per request (each still serves alone)."""
+        prefs = PreferenceSet(spec.preferences)
+        known = {p.id for p in prefs}
+        policies = {name: Policy(name, Path(path), prefs.get(name) if name in known else None)
+                    for name, path in spec.policies}
+        return cls(policies, prefs, spec.merge)
 
     # -- resolving a request ----------------------------------------------------------------------
 
@@ -138,14 +118,14 @@ class PolicySet:
         for name, _ in members:
             if name not in self.policies:
                 raise UnknownModel(f"{where} '{spec if isinstance(spec, str) else name}': no policy '{name}'"
-                                   f"{did_you_mean(name, self._names())}; served: {self.describe()}")
+                                   f"{did_you_mean(name, self._names())}; served: {self.describe()}", param=where)
         members.sort(key=lambda m: self._order[m[0]])
         single = isinstance(spec, str) and not re.search(r"[=,+]", spec)
         positive = [self.policies[n].preference for n, w in members if w > 0 and self.policies[n].preference]
         soup = Soup(tuple(members), merged=not single, preferences=tuple(positive) if prompts else ())
         if soup.merged:
             # The merge method's own checks (negative weights, ...) before any request is queued.
-            plan_merge([self.inputs[n] for n in soup.names], soup.weights, self.method, **self.params)
+            plan_merge([self.inputs[n] for n in soup.names], soup.weights, self.merge)
         return soup
 
     def _names(self) -> list[str]:

@@ -3,30 +3,31 @@
 from __future__ import annotations
 
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from rlphf_cli.errors import InputError
 from rlphf_cli.registry import Registry
 from rlphf_cli.serving.policies import PolicySet, load_profiles
+from rlphf_cli.specs import ServeSpec
 
-# name -> factory(recipe, policies, max_batch=, max_soups=) -> Backend; imported lazily (torch, vllm)
+# name -> factory(spec, policies, max_batch=, max_soups=) -> Backend; imported lazily (torch, vllm)
 BACKENDS: Registry[Callable] = Registry("serving backend")
 
 
 @BACKENDS.register("transformers")
-def _transformers(recipe, policies, **options):
+def _transformers(spec: ServeSpec, policies, **options):
     from rlphf_cli.serving.engine import TransformersBackend
 
-    return TransformersBackend(recipe, policies, **options)
+    return TransformersBackend(spec.model, policies, **options)
 
 
 @BACKENDS.register("vllm")
-def _vllm(recipe, policies, **options):
+def _vllm(spec: ServeSpec, policies, **options):
     from rlphf_cli.serving.vllm_backend import VLLMBackend
 
-    return VLLMBackend(recipe, policies, **options)
+    return VLLMBackend(spec.model, policies, seed=spec.sampling.seed, **options)
 
 
 @dataclass
@@ -43,11 +44,10 @@ class Server:
         return next(iter(self.policies.policies))
 
 
-def build_server(recipe, *, policies: Sequence[str] = (), merge_method: str | None = None, max_soups: int = 32,
-                 max_batch: int = 16, backend: str = "transformers", profiles: str | Path | None = None,
-                 threads: int | None = None) -> Server:
-    """Load the model and the policies (run directory's policy/<id>/ and `policies` 'NAME=PATH')
-    and build the app. Every input is checked here, before anything listens."""
+def build_server(spec: ServeSpec, *, max_soups: int = 32, max_batch: int = 16, backend: str = "transformers",
+                 profiles: str | Path | None = None, threads: int | None = None) -> Server:
+    """Load the model and the policies of `spec` (rlphf_cli.jobs.serve_spec) and build the app.
+    Every input is checked here, before anything listens."""
     if max_batch < 1 or max_soups < 1:
         raise InputError(f"--max-batch and --max-soups must be >= 1 (got {max_batch}, {max_soups})")
     if threads and backend != "transformers":
@@ -57,18 +57,18 @@ def build_server(recipe, *, policies: Sequence[str] = (), merge_method: str | No
         from rlphf_cli.serving.vllm_backend import import_vllm
 
         import_vllm()  # before any loading: a missing vLLM is one clear line
-    served = PolicySet.from_run(recipe, policies, merge_method)
+    served = PolicySet.from_spec(spec)
     user_soups = load_profiles(profiles, served) if profiles else {}
     options = {"threads": threads} if threads else {}
-    loaded = factory(recipe, served, max_batch=max_batch, max_soups=max_soups, **options)
+    loaded = factory(spec, served, max_batch=max_batch, max_soups=max_soups, **options)
 
     from rlphf_cli.serving.api import Service, create_app
 
-    service = Service(loaded, served, prompt_format=recipe.model.prompt_format,
-                      default_max_tokens=recipe.generate.max_new_tokens, max_batch=max_batch, profiles=user_soups)
+    max_tokens = spec.sampling.max_new_tokens
+    service = Service(loaded, served, prompt_format=spec.model.prompt_format, default_max_tokens=max_tokens,
+                      max_batch=max_batch, profiles=user_soups)
     config = {"dimensions": served.dimensions(), "others": served.others(), "models": served.model_ids(),
-              "max_tokens": recipe.generate.max_new_tokens, "backend": backend, "model": recipe.model.name,
-              "users": sorted(user_soups)}
+              "max_tokens": max_tokens, "backend": backend, "model": spec.model.name, "users": sorted(user_soups)}
     return Server(create_app(service, config), loaded, served, user_soups)
 
 

@@ -20,6 +20,7 @@ from rlphf_cli.errors import InputError
 from rlphf_cli.runs import fingerprint
 from rlphf_cli.serving.backend import Backend, Delta, Finish, Job, TextStream
 from rlphf_cli.serving.policies import PolicySet, Soup
+from rlphf_cli.specs import ModelSpec
 
 LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
 
@@ -57,18 +58,17 @@ def max_lora_rank(policies: PolicySet) -> int:
 class VLLMBackend(Backend):
     name = "vllm"
 
-    def __init__(self, recipe, policies: PolicySet, *, max_batch: int = 16, max_soups: int = 32,
-                 cache_dir: str | Path | None = None):
+    def __init__(self, model: ModelSpec, policies: PolicySet, *, max_batch: int = 16, max_soups: int = 32,
+                 seed: int = 0, cache_dir: str | Path | None = None):
         from transformers import AutoConfig, AutoTokenizer
 
         from rlphf_cli.merging.io import hash_inputs
-        from rlphf_cli.models import resolve_model
 
         vllm = import_vllm()
         from vllm.lora.request import LoRARequest
 
-        model_name = resolve_model(recipe.model.name)
-        cfg = recipe.model
+        model_name = model.path()
+        cfg = model
         tokenizer = AutoTokenizer.from_pretrained(model_name, revision=cfg.revision,
                                                   trust_remote_code=cfg.trust_remote_code)
         config = AutoConfig.from_pretrained(model_name, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
@@ -79,7 +79,7 @@ class VLLMBackend(Backend):
         hash_inputs(list(policies.inputs.values()))  # content hashes name the cached soup folders
         self.engine_args = dict(
             model=model_name, tokenizer=model_name, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
-            dtype=cfg.dtype, seed=recipe.seed, enable_lora=True, max_lora_rank=max_lora_rank(policies),
+            dtype=cfg.dtype, seed=seed, enable_lora=True, max_lora_rank=max_lora_rank(policies),
             max_loras=max_batch, max_cpu_loras=max(max_soups, max_batch) + len(policies.policies),
             max_num_seqs=max_batch, max_model_len=int(context),
         )
@@ -130,8 +130,8 @@ class VLLMBackend(Backend):
         from rlphf_cli.merging import merge_adapters
 
         policies = self.policies
-        merge_adapters([policies.policies[n].path for n in soup.names], soup.weights, policies.method, folder,
-                       card_extra={"served_as": soup.key}, **policies.params)
+        merge_adapters([policies.policies[n].path for n in soup.names], soup.weights, policies.merge, folder,
+                       card_extra={"served_as": soup.key})
         self.written.append(folder)
 
     def sampling_params(self, job: Job):

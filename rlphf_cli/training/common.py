@@ -35,6 +35,7 @@ def seqcls_load_quietly():
 
 
 def load_tokenizer(model_path: str, *, revision: str | None = None, trust_remote_code: bool = False):
+    """The tokenizer of a model folder or hub name, with a pad token (EOS where it has none)."""
     from transformers import AutoTokenizer
 
     from rlphf_cli.hub import require_model
@@ -118,24 +119,6 @@ def load_pairs(path: Path, annotate_alias: str) -> tuple[list[dict], int]:
 
 # --------------------------------------------------------------------------------------------
 # Publishing
-
-
-def begin_outputs(recipe, outputs: list[Path], force: bool, hint: str) -> None:
-    """After the inputs are checked, before training: the outputs can be written and replace no
-    finished model of the run directory unless `force`; the run directory records the command."""
-    from rlphf_cli.runs import check_outputs
-
-    run = check_outputs(recipe, outputs, force=force, hint=hint)
-    if run is not None and is_main_process():
-        run.begin(recipe)
-
-
-def output_folders(ids: list[str], out_dir: str | Path | None, default) -> dict[str, Path]:
-    """Where each of several models goes: `out_dir` for one, `<out_dir>/<id>` for several, else the
-    run directory's `default(id)`."""
-    if out_dir is None:
-        return {i: default(i) for i in ids}
-    return {i: Path(out_dir) / i if len(ids) > 1 else Path(out_dir) for i in ids}
 
 
 def staging_dir(out_dir: Path, kind: str) -> Path:

@@ -18,35 +18,23 @@ from pathlib import Path
 from rlphf_cli import files
 from rlphf_cli.errors import InputError, MissingArtifactError
 from rlphf_cli.hub import require_model
-from rlphf_cli.recipe import Recipe, check_trainer_fields
-from rlphf_cli.runs import RunDir
-from rlphf_cli.training import GENERAL, is_main_process
+from rlphf_cli.runs import begin_outputs
+from rlphf_cli.specs import ModelSpec, RewardModelJob, record
+from rlphf_cli.training import is_main_process
 from rlphf_cli.training.callbacks import ProgressFn, make_callbacks
 from rlphf_cli.training.common import (
-    begin_outputs,
     conversation_text,
     encode,
     load_pairs,
     load_tokenizer,
-    output_folders,
     publish,
     quiet_trainer,
     seqcls_load_quietly,
     staging_dir,
 )
-from rlphf_cli.training.config import quantization_config, trainer_config
-from rlphf_cli.training.lora import lora_config
 
 DEFAULT_MAX_LENGTH = 1024
 RM_INFO = "metrics.json"
-
-
-def resolve_rm_name(recipe: Recipe, pref: str) -> tuple[str, str]:
-    """(id, alias) of a preference, or ('general', 'general') for the RLHF baseline's reward model."""
-    if pref.strip().lower() == GENERAL:
-        return GENERAL, GENERAL
-    found = recipe.preference_set().get(pref)
-    return found.id, found.alias
 
 
 def split_pairs(pairs: list[dict], eval_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
@@ -60,31 +48,20 @@ def split_pairs(pairs: list[dict], eval_fraction: float, seed: int) -> tuple[lis
     return [p for p in pairs if p["id"] not in held_out], [p for p in pairs if p["id"] in held_out]
 
 
-def train_reward_model(recipe: Recipe, pref: str, data_path: str | Path | None = None,
-                       out_dir: str | Path | None = None, *, model: str | None = None,
-                       progress: ProgressFn | None = None, force: bool = False) -> dict:
-    """Train the LoRA reward model of one preference (or 'general'); write `out_dir` (default
-    rm/<id> in the recipe's run directory) and return its metrics. A reward model of the run
-    directory is replaced only with `force`."""
+def train_reward_model(job: RewardModelJob, *, progress: ProgressFn | None = None, force: bool = False) -> dict:
+    """Train the LoRA reward model of one preference (or 'general'); write `job.out` and return its
+    metrics. A reward model of the run directory is replaced only with `force`."""
     from datasets import Dataset
     from trl import RewardTrainer
 
-    from rlphf_cli.models import resolve_model
+    pairs, skipped = load_pairs(job.data, job.alias)
+    train_pairs, eval_pairs = split_pairs(pairs, job.eval_fraction, job.seed)
+    begin_outputs(job.record, [job.out], force=force, hint="pass --force to train it again")
 
-    check_trainer_fields(recipe)
-    rm_id, alias = resolve_rm_name(recipe, pref)
-    run = RunDir(recipe.resolved_run_dir())
-    data_path = Path(data_path) if data_path else run.annotations(rm_id)
-    out_dir = Path(out_dir) if out_dir else run.reward_model(rm_id)
-    pairs, skipped = load_pairs(data_path, alias)
-    train_pairs, eval_pairs = split_pairs(pairs, recipe.train_rm.eval_fraction, recipe.seed)
-    begin_outputs(recipe, [out_dir], force, "pass --force to train it again")
-
-    model_path = resolve_model(model or recipe.model.name)
-    tokenizer = load_tokenizer(model_path, revision=recipe.model.revision,
-                               trust_remote_code=recipe.model.trust_remote_code)
-    fmt = recipe.model.prompt_format
-    args = trainer_config(recipe, "RewardConfig", str(staging_dir(out_dir, "trainer")))
+    model_path = job.model.path()
+    tokenizer = load_tokenizer(model_path, revision=job.model.revision, trust_remote_code=job.model.trust_remote_code)
+    fmt = job.model.prompt_format
+    args = job.trainer.config(job.model, str(staging_dir(job.out, "trainer")))
     max_length = args.max_length or DEFAULT_MAX_LENGTH
 
     def tokenized(rows: list[dict]) -> dict[str, list]:
@@ -95,7 +72,7 @@ def train_reward_model(recipe: Recipe, pref: str, data_path: str | Path | None =
                                     max_length) for r in rows],
         }
 
-    metrics_file = staging_dir(out_dir, "metrics.jsonl")
+    metrics_file = staging_dir(job.out, "metrics.jsonl")
     if is_main_process():  # rank 0 alone writes it
         metrics_file.unlink(missing_ok=True)
     metrics_cb, progress_cb, interrupt_cb = make_callbacks(metrics_file, progress)
@@ -105,12 +82,12 @@ def train_reward_model(recipe: Recipe, pref: str, data_path: str | Path | None =
         args=args,
         train_dataset=Dataset.from_dict(tokenized(train_pairs)),
         processing_class=tokenizer,
-        peft_config=lora_config(recipe.train_rm.lora, "SEQ_CLS"),
-        quantization_config=quantization_config(recipe),
+        peft_config=job.lora.peft_config("SEQ_CLS"),
+        quantization_config=job.model.quantization_config(),
         callbacks=[cb for cb in (metrics_cb, progress_cb, interrupt_cb) if cb is not None],
     )
     quiet_trainer(trainer)
-    lora_dropout = restore_lora_dropout(trainer.model, recipe.train_rm.lora.lora_dropout)
+    lora_dropout = restore_lora_dropout(trainer.model, job.lora.lora_dropout)
     try:
         result = trainer.train()
     finally:
@@ -125,7 +102,7 @@ def train_reward_model(recipe: Recipe, pref: str, data_path: str | Path | None =
     rejected = score_ids(model_obj, tokenizer.pad_token_id, held["rejected_ids"])
     margins = [c - r for c, r in zip(chosen, rejected, strict=True)]
     metrics = {
-        "preference": rm_id,
+        "preference": job.pref_id,
         "accuracy": sum(m > 0 for m in margins) / len(margins),
         "mean_margin": sum(margins) / len(margins),
         "pairs_train": len(train_pairs),
@@ -139,14 +116,14 @@ def train_reward_model(recipe: Recipe, pref: str, data_path: str | Path | None =
         "prompt_format": fmt,
         "max_length": max_length,
         "lora_dropout": lora_dropout,
-        "data": str(data_path),
-        "settings": recipe.settings("model", "train_rm", "seed"),
+        "data": str(job.data),
+        "settings": record(job),
     }
-    publish(trainer, out_dir, {RM_INFO: metrics}, copies={"metrics.jsonl": metrics_file})
+    publish(trainer, job.out, {RM_INFO: metrics}, copies={"metrics.jsonl": metrics_file})
     if is_main_process():
         metrics_file.unlink(missing_ok=True)
         shutil.rmtree(args.output_dir, ignore_errors=True)
-    metrics["out_dir"] = str(out_dir)
+    metrics["out_dir"] = str(job.out)
     return metrics
 
 
@@ -165,42 +142,16 @@ def restore_lora_dropout(model, p: float) -> float:
     return max(effective, default=0.0)
 
 
-def train_reward_models(recipe: Recipe, prefs: str | Sequence[str], *, data_path: str | Path | None = None,
-                        out_dir: str | Path | None = None, model: str | None = None,
-                        progress_factory=None, force: bool = False) -> dict[str, dict]:
-    """Train several reward models in turn ('all', 'P1A,concise', 'general'). With several, `out_dir`
-    is a parent folder (<out_dir>/<id>) and `data_path` is not allowed. `progress_factory(id)` returns
-    the progress callback of one model."""
-    check_trainer_fields(recipe)
-    names = _rm_names(recipe, prefs)
-    if len(names) > 1 and data_path is not None:
-        raise InputError("--data names one annotations file: use it with a single --prefs")
-    run = RunDir(recipe.resolved_run_dir())
-    if data_path is None:  # every input first: no half-done 'all' because the fifth one is missing
-        for rm_id in names:
-            load_pairs(run.annotations(rm_id), resolve_rm_name(recipe, rm_id)[1])
-    targets = output_folders(names, out_dir, run.reward_model)
-    begin_outputs(recipe, list(targets.values()), force, "pass --force to train it again")
-    results = {}
-    for rm_id in names:
-        results[rm_id] = train_reward_model(recipe, rm_id, data_path, targets[rm_id], model=model, force=True,
-                                            progress=progress_factory(rm_id) if progress_factory else None)
-    return results
-
-
-def _rm_names(recipe: Recipe, prefs: str | Sequence[str]) -> list[str]:
-    if isinstance(prefs, str):
-        prefs = [p.strip() for p in prefs.split(",") if p.strip()]
-    names: list[str] = []
-    for name in prefs:
-        if name.lower() == "all":
-            resolved = [p.id for p in recipe.preference_set()]
-        else:
-            resolved = [resolve_rm_name(recipe, name)[0]]
-        names += [n for n in resolved if n not in names]
-    if not names:
-        raise InputError("no preference given")
-    return names
+def train_reward_models(jobs: Sequence[RewardModelJob], *, progress_factory=None, force: bool = False) -> dict[str, dict]:
+    """Train several reward models in turn; every input is checked first (no half-done 'all'
+    because the fifth one is missing). `progress_factory(id)` returns one model's progress callback."""
+    for job in jobs:
+        load_pairs(job.data, job.alias)
+    if jobs:
+        begin_outputs(jobs[0].record, [job.out for job in jobs], force=force, hint="pass --force to train it again")
+    return {job.pref_id: train_reward_model(job, force=True,
+                                            progress=progress_factory(job.pref_id) if progress_factory else None)
+            for job in jobs}
 
 
 # --------------------------------------------------------------------------------------------
@@ -272,7 +223,7 @@ class RewardScorer:
         if device is None:
             device = _default_device()
         if dtype is None:
-            dtype = "bfloat16" if torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+            dtype = ModelSpec(self.base).dtype_name() if torch.device(device).type == "cuda" else "float32"
         self.name = "rm_" + "".join(c if c.isalnum() else "_" for c in self.rm_dir.name)
         # Named after the folder and its weights file, so a retrained RM is loaded again, not reused.
         weights = next(self.rm_dir.glob("adapter_model.*"), self.rm_dir / "adapter_config.json").stat()
