@@ -93,3 +93,13 @@ def served(serve_recipe, serve_run):
                           threads=1)
     with ServerThread(server) as url:
         yield SimpleNamespace(url=url, server=server, backend=server.backend, run=serve_run)
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    """An empty $RLPHF_HOME and a fresh working directory (runs/ lands there)."""
+    monkeypatch.setenv("RLPHF_HOME", str(tmp_path / "home"))
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    return tmp_path / "home"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from pathlib import Path
 
 from rlphf_cli.jobs import judge_spec
 from rlphf_cli.judges import GENERAL_PREFERENCE, get_judge
@@ -45,3 +47,77 @@ def generate_to(recipe: Recipe, prompts: list[dict], out, *, prefs: str = "", nu
     job = jobs.generate_job(recipe, out, prompts=PromptSet("<in memory>"), num_samples=jobs.sample_count(
         recipe, num_samples)[0], prefs=recipe.preference_set().resolve(prefs) if prefs else [])
     return generate_file(job, prompts=prompts, generator=generator, resume=resume, progress=progress)
+
+
+def one_error_line(result, *fragments: str, code: int = 2, exact: bool = False) -> str:
+    """A command's failure as users must see it: exit `code`, one line holding every fragment, no
+    traceback; `exact`: nothing else at all, not even an empty line before it."""
+    assert result.exit_code == code, result.output
+    assert "Traceback" not in result.output, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1, result.output
+    if exact:
+        assert result.output.count("\n") == 1, repr(result.output)
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0].strip()
+
+
+# Hand-made rollouts and generations for annotate and judge (rubric-distinguishable answers)
+
+SAMPLES = [
+    "Plants use sunlight to make food. It is fun!",
+    "Photosynthesis converts photons into chemical energy through chlorophyll-mediated electron transport chains.",
+    "Hey friend! Plants basically cook with sunshine, haha :) Awesome, right? Yay!",
+    "Obviously plants make food from light. Figure it out yourself.",
+]
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def make_rollouts(path: Path, prompts: int = 6, samples: int = 3) -> Path:
+    records = [{"id": f"p{i}", "instruction": f"[q{i}] Explain photosynthesis, part {i}.", "preferences": [],
+                "combo": "", "system": "base", "response": SAMPLES[i % 4],
+                "responses": [SAMPLES[(i + k) % 4] for k in range(samples)]} for i in range(prompts)]
+    records.append({"id": "dup", "instruction": "Say hi.", "preferences": [], "combo": "", "system": "base",
+                    "response": "hi", "responses": ["hi", "hi"]})
+    return write_jsonl(path, records)
+
+
+def make_generations(path: Path, system: str, style: int, combos=("P1A+P2A+P3A", "P1B+P2B+P3B"), n: int = 4) -> Path:
+    records = []
+    for combo in combos:
+        for i in range(n):
+            text = SAMPLES[style] if style >= 0 else SAMPLES[i % 4]
+            records.append({"id": f"e{i}", "instruction": f"[e{i}] Explain item {i}.", "preferences": [p for p in combo.split("+") if p],
+                            "combo": combo, "system": system, "response": text, "responses": [text]})
+    return write_jsonl(path, records)
+
+
+
+
+# --------------------------------------------------------------------------------------------
+# annotate
+
+
+def mtimes(root: Path) -> dict[Path, int]:
+    """Every file under `root` with its modification time: what a command must leave alone."""
+    return {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+
+
+# A recipe-defined preference and a judge template of its own (the coin judge renders it)
+PIRATE = {"id": "P9X", "alias": "pirate", "dimension": "voice", "prompt": "Talk like a pirate.",
+          "criterion": "Which response sounds more like a pirate?"}
+
+PIRATE_TEMPLATE = ("Judge like a ship's captain. {criterion}\nQ: {instruction}\n(a) {output_a}\n(b) {output_b}\n"
+                   "Answer \"Output (a)\" or \"Output (b)\".")
+
+
+def write_recipe(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "x.yaml"
+    path.write_text(text)
+    return path

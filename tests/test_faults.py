@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 from fake_openai_server import FakeOpenAIServer
-from test_generate import make_adapter, write_prompts
+from test_generation import make_adapter, write_prompts
 from test_training import base_args, setup, trained_rm, with_rm  # noqa: F401 (fixtures)
 from typer.testing import CliRunner
 

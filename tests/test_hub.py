@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_training import RECIPE, one_error_line, write_pairs
+from helpers import one_error_line
+from test_training import RECIPE, write_pairs
 from typer.testing import CliRunner
 
 import rlphf_cli

@@ -267,3 +267,19 @@ def test_every_check_happens_when_the_recipe_loads_or_the_jobs_are_built(tmp_pat
     with pytest.raises(RecipeError, match="train_policy.sft.lerning_rate: unknown SFTConfig field"):
         Pipeline(recipe)  # rlphf run builds every job (and so checks every trainer) before any work
     assert not (tmp_path / "run").exists()
+
+
+def test_the_sample_count_rules():
+    from rlphf_cli.errors import InputError
+    from rlphf_cli.jobs import sample_count
+    from rlphf_cli.recipe import load_recipe
+
+    sampled, greedy = load_recipe(), load_recipe(None, ["generate.temperature=0"])
+    assert sample_count(sampled) == (1, None) and sample_count(sampled, rollouts=True) == (2, None)
+    assert sample_count(sampled, 4) == (4, None)
+    assert sample_count(greedy, rollouts=True)[0] == 1 and "greedy" in sample_count(greedy)[1]
+    assert sample_count(load_recipe(None, ["generate.num_samples=3"]), rollouts=True) == (3, None)
+    # `rlphf run` asks for annotate.num_samples rollouts: a greedy recipe cannot make pairs.
+    with pytest.raises(InputError, match=r"annotate.num_samples \(.*tiny.yaml\) 2 with --set generate.temperature 0"):
+        sample_count(greedy, greedy.annotate.num_samples,
+                     requested_by=f"annotate.num_samples ({greedy.origin('annotate.num_samples')})")

@@ -1,5 +1,5 @@
-"""Judges: verdict parsing, the rubric proxy, the cache, the openai backend against a local fake
-server with injected faults, the hf backend on the tiny random model, win rates."""
+"""Judges (rlphf_cli.judges): verdict parsing, templates, the rubric proxy, the coin judge, the cache, the
+openai backend against a local fake server with injected faults, the hf backend, win rates."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import PIRATE, PIRATE_TEMPLATE
 
 from rlphf_cli.errors import InputError
 from rlphf_cli.evaluation.winrate import bootstrap_ci, summarize, win_rate
@@ -20,7 +21,7 @@ from rlphf_cli.judges.base import TemplateSet, render_template, shipped_template
 from rlphf_cli.judges.cache import JudgeCache
 from rlphf_cli.judges.rubric import compare, measure
 from rlphf_cli.preferences import Preference, PreferenceSet
-from rlphf_cli.recipe import Recipe
+from rlphf_cli.recipe import Recipe, load_recipe
 
 sys.path.insert(0, str(Path(__file__).parent))
 from fake_openai_server import FakeOpenAIServer  # noqa: E402
@@ -325,3 +326,42 @@ def test_judge_intervals_resample_prompts_with_all_their_combinations():
     by_cell = summarize([(f"{i['id']}/{i['combo']}", i["outcome"]) for i in items], 1000, 0)
     assert (summary["ci_low"], summary["ci_high"]) == (by_prompt["ci_low"], by_prompt["ci_high"])
     assert summary["ci_high"] - summary["ci_low"] > 2 * (by_cell["ci_high"] - by_cell["ci_low"])
+
+
+def _recipe_with_templates(folder: Path | None = None) -> Recipe:
+    sets = ["judge.backend=coin"] + ([f"judge.templates={folder}"] if folder else [])
+    return load_recipe(None, sets)
+
+
+def test_coin_judge_renders_the_templates_and_decides_by_a_seeded_hash(tmp_path):
+    pirate = Preference(**PIRATE)
+    folder = tmp_path / "templates"
+    folder.mkdir()
+    (folder / "P9X_annotate.txt").write_text(PIRATE_TEMPLATE)
+    judge = judge_for("coin", _recipe_with_templates(folder), [pirate])
+    judge.check([pirate])
+    requests = [JudgeRequest(f"Tell me about {w}.", f"{w} is a word", f"arr, {w}", pirate, use="annotate")
+                for w in "rain sun bread stars music maps tides snow bees roots".split()]
+    verdicts = [j.verdict for j in judge.judge_many(requests)]
+    assert set(verdicts) == {"A", "B"}  # annotation is two-way
+    assert verdicts == [j.verdict for j in judge_for("coin", _recipe_with_templates(folder), [pirate]).judge_many(requests)]
+    other_seed = load_recipe(None, ["judge.backend=coin", f"judge.templates={folder}", "judge.coin.seed=1"])
+    assert verdicts != [j.verdict for j in judge_for("coin", other_seed, [pirate]).judge_many(requests)]
+    # The verdicts follow the rendered prompt: another template text, other verdicts.
+    (folder / "P9X_annotate.txt").write_text(PIRATE_TEMPLATE.replace("captain", "cook"))
+    assert verdicts != [j.verdict for j in judge_for("coin", _recipe_with_templates(folder), [pirate]).judge_many(requests)]
+    evaluated = judge_for("coin", _recipe_with_templates()).judge_many(
+        [JudgeRequest(r.instruction, r.a, r.b, PreferenceSet.catalog().get("P2A")) for r in requests])
+    assert {j.verdict for j in evaluated} <= {"A", "B", "tie"} and len({j.verdict for j in evaluated}) > 1
+    assert "coin" in JUDGES and judge.describe()["backend"] == "coin"
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("{instruction} {output_a} {outptu_b}", "unknown placeholder {outptu_b} (did you mean 'output_b'?)"),
+    ("{instruction} {output_a} and nothing else", "has no {output_b}"),
+])
+def test_a_broken_template_is_refused_naming_the_file(tmp_path, text, message):
+    (tmp_path / "P9X_evaluate.txt").write_text(text)
+    with pytest.raises(InputError, match="P9X_evaluate.txt: ") as caught:  # refused when the judge is set up
+        judge_for("coin", _recipe_with_templates(tmp_path), [Preference(**PIRATE)])
+    assert message in str(caught.value) and "\n" not in str(caught.value)

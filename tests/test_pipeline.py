@@ -1,4 +1,5 @@
-"""`rlphf run` end to end on the tiny random fixture: every artifact, then a rerun that recomputes nothing."""
+"""`rlphf run` (rlphf_cli.pipeline) end to end on the tiny random fixture: every artifact, a rerun that
+recomputes nothing, a finished run rerun from its own recipe.yaml, a dimension added to a finished run."""
 
 from __future__ import annotations
 
@@ -6,9 +7,12 @@ import json
 
 import pytest
 import yaml
+from helpers import mtimes
+from test_generation import write_prompts
 from typer.testing import CliRunner
 
 from rlphf_cli.cli.main import app
+from rlphf_cli.runs import RunDir
 
 runner = CliRunner()
 
@@ -168,3 +172,47 @@ def test_adding_a_preference_dimension_costs_its_experts_only(pipeline_recipe, m
                if e["event"] == "done" and e["stage"].startswith(("train-rm/", "train-policy/"))]
     assert sorted(trained) == sorted(["train-rm/P2A", "train-rm/P2B", "train-policy/P2A", "train-policy/P2B",
                                       "train-rm/P4A", "train-rm/P4B", "train-policy/P4A", "train-policy/P4B"])
+
+
+@pytest.mark.slow
+def test_a_finished_run_reruns_from_its_recipe_and_notices_a_replaced_output(tmp_path, tiny_random_model):
+    train = write_prompts(tmp_path / "train.jsonl", [{"id": f"t{i}", "prompt": f"Tell me about {w}."}
+                                                     for i, w in enumerate("sun rain snow wind tide rock".split())])
+    recipe = {"name": "record", "run_dir": str(tmp_path / "run"), "model": {"name": str(tiny_random_model)},
+              "preferences": {"use": ["P1A", "P2A"]},
+              "data": {"train_prompts": str(train), "eval_prompts": str(train), "max_eval_prompts": 3},
+              "generate": {"max_new_tokens": 8, "batch_size": 16},
+              "train_rm": {"trl": {"max_steps": 1, "per_device_train_batch_size": 4, "max_length": 48}},
+              "train_policy": {"rloo": {"max_steps": 1, "per_device_train_batch_size": 4, "num_generations": 2,
+                                        "max_completion_length": 8}},
+              "judge": {"bootstrap_samples": 20}, "evaluation": {"baselines": ["base"], "sweep": None}}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    run = tmp_path / "run"
+    assert runner.invoke(app, ["run", str(path)]).exit_code == 0
+    assert json.loads((run / "policy" / "P2A" / "training.json").read_text())["settings"]["trainer"]["fields"][
+        "max_steps"] == 1
+    before = mtimes(run)
+    again = runner.invoke(app, ["run", str(run / "recipe.yaml")])  # the record runs as is
+    assert again.exit_code == 0, again.output
+    assert {p: t for p, t in mtimes(run).items() if p.name != "events.jsonl"} == {
+        p: t for p, t in before.items() if p.name != "events.jsonl"}
+
+    # A stage command replaces a policy (with --force and its own settings): the run's recipe stays,
+    # and the next `rlphf run` keeps that policy and recomputes what depends on it, saying so.
+    recipe_text = (run / "recipe.yaml").read_text()
+    forced = runner.invoke(app, ["train-policy", "--pref", "P2A", "--run-dir", str(run), "--recipe", str(path),
+                                 "--set", "train_policy.rloo.max_steps=2", "--force"])
+    assert forced.exit_code == 0, forced.output
+    assert (run / "recipe.yaml").read_text() == recipe_text
+    assert json.loads((run / "policy" / "P2A" / "training.json").read_text())["steps"] == 2
+    policy = mtimes(run / "policy")
+    rerun = runner.invoke(app, ["run", str(path)])
+    assert rerun.exit_code == 0, rerun.output
+    assert "policy/P2A changed since `rlphf run` made it" in rerun.output.replace("\n", " ")
+    assert mtimes(run / "policy") == policy  # kept, not retrained
+    after = mtimes(run)
+    assert after[run / "soups" / "P1A+P2A" / "soup.json"] != before[run / "soups" / "P1A+P2A" / "soup.json"]
+    assert after[run / "judgments" / "psoups_vs_base.json"] != before[run / "judgments" / "psoups_vs_base.json"]
+    assert after[run / "rm" / "P2A" / "adapter_model.safetensors"] == before[run / "rm" / "P2A" / "adapter_model.safetensors"]
+    assert [e["stage"] for e in RunDir(run).events() if e["event"] == "changed"] == ["train-policy/P2A"]

@@ -1,4 +1,4 @@
-"""Smoke runs: the `tiny-random` built-in model, the `coin` judge, `rlphf run smoke` and `--smoke`."""
+"""Smoke runs (rlphf_cli.smoke): the smoke recipe, `rlphf run smoke` and `--smoke` on any recipe."""
 
 from __future__ import annotations
 
@@ -8,118 +8,18 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import judge_for
+from helpers import PIRATE, PIRATE_TEMPLATE
 from typer.testing import CliRunner
 
 from rlphf_cli.cli.main import app
-from rlphf_cli.errors import InputError, RecipeError
-from rlphf_cli.judges import JUDGES, JudgeRequest
-from rlphf_cli.models import BUILTIN_MODELS, resolve_model, tiny_random
-from rlphf_cli.pipeline import STAGE_NAMES, plan
-from rlphf_cli.preferences import Preference, PreferenceSet
-from rlphf_cli.recipe import EvaluationSection, Recipe, builtin_recipes_dir, load_recipe
+from rlphf_cli.pipeline import STAGE_NAMES
+from rlphf_cli.recipe import EvaluationSection, builtin_recipes_dir, load_recipe
 from rlphf_cli.runs import read_jsonl
 from rlphf_cli.smoke import load_smoke_recipe
 from rlphf_cli.specs import TRAINERS
 
 runner = CliRunner()
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
-PIRATE = {"id": "P9X", "alias": "pirate", "dimension": "voice", "prompt": "Talk like a pirate.",
-          "criterion": "Which response sounds more like a pirate?"}
-PIRATE_TEMPLATE = ("Judge like a ship's captain. {criterion}\nQ: {instruction}\n(a) {output_a}\n(b) {output_b}\n"
-                   "Answer \"Output (a)\" or \"Output (b)\".")
-
-
-@pytest.fixture
-def home(tmp_path, monkeypatch):
-    """An empty $RLPHF_HOME and a fresh working directory (runs/ lands there)."""
-    monkeypatch.setenv("RLPHF_HOME", str(tmp_path / "home"))
-    work = tmp_path / "work"
-    work.mkdir()
-    monkeypatch.chdir(work)
-    return tmp_path / "home"
-
-
-# --------------------------------------------------------------------------------------------
-# tiny-random
-
-
-def test_tiny_random_builds_deterministically_into_its_cache(home, tmp_path):
-    path = Path(resolve_model("tiny-random"))
-    assert path.parent == home and path.name == f"tiny-random-{tiny_random.build_fingerprint()[:12]}"
-    info = json.loads((path / "build.json").read_text())
-    assert info["random_weights"] and info["params"] < 100_000
-    assert resolve_model("tiny-random") == str(path)  # cached: no rebuild
-    again = tiny_random.build_tiny_random_model(tmp_path / "again")
-    assert again["weights_sha256"] == info["weights_sha256"]
-
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    text = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
-    assert text == "<|user|>\nHi\n<|assistant|>\n" and tokenizer.eos_token == "<|end|>"
-
-
-def test_builtin_models_are_known_to_recipes_and_plans(home):
-    assert {"tiny", "tiny-random"} <= set(BUILTIN_MODELS.names())
-    recipe = load_recipe(None, ["model.name=tiny-random"])  # no file of that name: still valid
-    assert plan(recipe)[0].name == "tiny-model" and "tiny-random" in plan(recipe)[0].description
-    assert plan(load_recipe(None, ["model.name=some-org/some-model"]))[0].name == "rollouts"
-    with pytest.raises(RecipeError, match="model.name: file not found"):
-        load_recipe(None, ["model.name=./no-such-folder"])
-
-
-def test_generate_takes_model_tiny_random(home, tmp_path):
-    prompts = tmp_path / "p.jsonl"
-    prompts.write_text('{"id": "a", "prompt": "Explain rain."}\n{"id": "b", "prompt": "What is a star?"}\n')
-    out = tmp_path / "out.jsonl"
-    result = runner.invoke(app, ["generate", "--model", "tiny-random", "--prompts", str(prompts), "--out", str(out),
-                                 "--max-new-tokens", "4"])
-    assert result.exit_code == 0, result.output
-    assert [r["id"] for r in read_jsonl(out)] == ["a", "b"]
-
-
-# --------------------------------------------------------------------------------------------
-# The coin judge
-
-
-def _recipe_with_templates(folder: Path | None = None) -> Recipe:
-    sets = ["judge.backend=coin"] + ([f"judge.templates={folder}"] if folder else [])
-    return load_recipe(None, sets)
-
-
-def test_coin_judge_renders_the_templates_and_decides_by_a_seeded_hash(tmp_path):
-    pirate = Preference(**PIRATE)
-    folder = tmp_path / "templates"
-    folder.mkdir()
-    (folder / "P9X_annotate.txt").write_text(PIRATE_TEMPLATE)
-    judge = judge_for("coin", _recipe_with_templates(folder), [pirate])
-    judge.check([pirate])
-    requests = [JudgeRequest(f"Tell me about {w}.", f"{w} is a word", f"arr, {w}", pirate, use="annotate")
-                for w in "rain sun bread stars music maps tides snow bees roots".split()]
-    verdicts = [j.verdict for j in judge.judge_many(requests)]
-    assert set(verdicts) == {"A", "B"}  # annotation is two-way
-    assert verdicts == [j.verdict for j in judge_for("coin", _recipe_with_templates(folder), [pirate]).judge_many(requests)]
-    other_seed = load_recipe(None, ["judge.backend=coin", f"judge.templates={folder}", "judge.coin.seed=1"])
-    assert verdicts != [j.verdict for j in judge_for("coin", other_seed, [pirate]).judge_many(requests)]
-    # The verdicts follow the rendered prompt: another template text, other verdicts.
-    (folder / "P9X_annotate.txt").write_text(PIRATE_TEMPLATE.replace("captain", "cook"))
-    assert verdicts != [j.verdict for j in judge_for("coin", _recipe_with_templates(folder), [pirate]).judge_many(requests)]
-    evaluated = judge_for("coin", _recipe_with_templates()).judge_many(
-        [JudgeRequest(r.instruction, r.a, r.b, PreferenceSet.catalog().get("P2A")) for r in requests])
-    assert {j.verdict for j in evaluated} <= {"A", "B", "tie"} and len({j.verdict for j in evaluated}) > 1
-    assert "coin" in JUDGES and judge.describe()["backend"] == "coin"
-
-
-@pytest.mark.parametrize(("text", "message"), [
-    ("{instruction} {output_a} {outptu_b}", "unknown placeholder {outptu_b} (did you mean 'output_b'?)"),
-    ("{instruction} {output_a} and nothing else", "has no {output_b}"),
-])
-def test_a_broken_template_is_refused_naming_the_file(tmp_path, text, message):
-    (tmp_path / "P9X_evaluate.txt").write_text(text)
-    with pytest.raises(InputError, match="P9X_evaluate.txt: ") as caught:  # refused when the judge is set up
-        judge_for("coin", _recipe_with_templates(tmp_path), [Preference(**PIRATE)])
-    assert message in str(caught.value) and "\n" not in str(caught.value)
 
 
 # --------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import one_error_line
 from typer.testing import CliRunner
 
 from rlphf_cli.cli.main import app
@@ -83,15 +84,6 @@ def load(setup, *sets: str):
     from rlphf_cli.recipe import load_recipe
 
     return load_recipe(setup["recipe"], [f"run_dir={setup['run']}", *sets])
-
-
-def one_error_line(result, *expected: str) -> str:
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1, result.output
-    for text in expected:
-        assert text in lines[0], lines[0]
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -195,7 +187,6 @@ def test_morl_reward_routes_each_sample_to_its_preferences():
     assert out == [2.0, None, 2.0] and fake.calls == [["i0", "i2"]]
     assert reward.__name__ == "rm_P2A"
     assert RMReward(fake, "P2A")(prompts=["a"], completions=["y"], instruction=["i"], prefs=[[]]) == [2.0]
-
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,20 +1,18 @@
-"""Issue 17: the run directory is a faithful record. A reusable recipe.yaml, each command's settings
-in its own output's record and in events.jsonl, no silent overwrite, fingerprints over what is on
-disk, a resume that reproduces, file-system failures as one line."""
+"""The run directory (rlphf_cli.runs) as a faithful record: a reusable recipe.yaml, each command's
+settings in its own output's record and in events.jsonl, no silent overwrite, file-system failures as
+one line before any work."""
 
 from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-import yaml
-from test_generate import PROMPTS, make_adapter, other_base, recipe_for, write_prompts  # noqa: F401 (fixture)
+from helpers import mtimes, one_error_line
+from test_generation import PROMPTS, make_adapter, other_base, recipe_for, write_prompts  # noqa: F401 (fixture)
 from typer.testing import CliRunner
 
 from rlphf_cli.cli.main import app
@@ -24,18 +22,6 @@ from rlphf_cli.runs import RunDir, read_jsonl
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def one_line(result, *fragments: str, code: int = 2) -> str:
-    assert result.exit_code == code, result.output
-    assert "Traceback" not in result.output and result.output.count("\n") == 1, result.output
-    for fragment in fragments:
-        assert fragment in result.output, result.output
-    return result.output.strip()
-
-
-def mtimes(root: Path) -> dict[Path, int]:
-    return {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -129,7 +115,7 @@ def test_a_stage_command_never_replaces_a_finished_output_silently(finished, arg
     if args[0] in ("annotate", "judge", "merge"):
         common = common[:2]
     before = mtimes(run)
-    line = one_line(runner.invoke(app, [*args, *common]), f"{run / replaced}: exists ({what}", "--force")
+    line = one_error_line(runner.invoke(app, [*args, *common]), f"{run / replaced}: exists ({what}", "--force")
     assert "--force" in line
     assert mtimes(run) == before and not (run / "recipe.yaml").exists()
 
@@ -145,102 +131,7 @@ def test_force_replaces_and_a_weighted_soup_gets_its_own_folder(finished):
 
 
 # --------------------------------------------------------------------------------------------
-# 3. Resume reproduces
-
-
-def test_sampling_is_seeded_per_prompt_not_per_batch(tiny_random_model, tmp_path):
-    from helpers import generator_for
-
-    gen = generator_for(recipe_for(tiny_random_model, tmp_path, **{"generate.max_new_tokens": 12}))
-    texts = [gen.prompt_text(p["instruction"]) for p in PROMPTS]
-    together = gen.generate(texts, num_samples=2)[0]
-    gen.batch_size = 2  # one prompt (two samples) per batch
-    alone = gen.generate(texts, num_samples=2)[0]
-    subset = gen.generate(texts[2:], num_samples=2)[0]
-    assert together == alone and subset == together[2:]
-    assert len({s for r in together for s, _ in r}) > 5  # and they are samples, not one answer
-
-
-def test_resume_refuses_other_settings_naming_the_difference(tiny_random_model, other_base, tmp_path):  # noqa: F811
-    prompts = write_prompts(tmp_path / "p.jsonl", PROMPTS)
-    out = tmp_path / "o.jsonl"
-    base = ["generate", "--model", str(tiny_random_model), "--prompts", str(prompts), "--out", str(out),
-            "--max-new-tokens", "4", "--run-dir", str(tmp_path / "run")]
-    assert runner.invoke(app, [*base, "--limit", "3"]).exit_code == 0
-    before = out.read_text()
-    adapter = make_adapter(tiny_random_model, tmp_path / "lora", seed=3)
-    for extra, difference in [
-        (["--temperature", "0.5"], "sampling.temperature 1.0, not 0.5"),
-        (["--prefs", "P2A"], "system 'base', not 'prompted'"),
-        (["--prefs", "P2A", "--system", "base"], "combination '', not 'P2A'"),
-        (["--adapter", str(adapter), "--system", "base"], "adapters 'none', not '"),
-        (["--seed", "4"], "sampling.seed 0, not 4"),
-        (["--model", str(other_base)], f"model '{tiny_random_model}', not '{other_base}'"),
-        (["--num-samples", "3"], "samples per prompt 2, not 3"),  # rollouts: annotate.num_samples
-    ]:
-        one_line(runner.invoke(app, [*base, "--resume", *extra]), f"{out}: id 'p0' was written with {difference}")
-    assert out.read_text() == before
-
-    # A resume with fewer prompts keeps the records it does not regenerate.
-    result = runner.invoke(app, [*base, "--resume", "--limit", "2"])
-    assert result.exit_code == 0 and "kept 1 records" in result.output, result.output
-    assert out.read_text() == before
-
-
-def test_sigint_during_the_last_batch_is_an_interruption_not_a_success(tiny_random_model, tmp_path, monkeypatch):
-    from rlphf_cli.generation import Generator
-
-    original = Generator.generate
-
-    def interrupted_after_the_last_batch(self, texts, num_samples=1, on_batch=None):
-        original(self, texts, num_samples, on_batch)
-        raise KeyboardInterrupt  # Ctrl-C while the last batch was being written
-
-    monkeypatch.setattr(Generator, "generate", interrupted_after_the_last_batch)
-    out = tmp_path / "o.jsonl"
-    result = runner.invoke(app, ["generate", "--model", str(tiny_random_model), "--prompts",
-                                 str(write_prompts(tmp_path / "p.jsonl", PROMPTS)), "--out", str(out),
-                                 "--max-new-tokens", "3", "--run-dir", str(tmp_path / "run")])
-    assert result.exit_code == 130 and "wrote" not in result.output, result.output
-    assert "5 records kept, 5 of the 5 prompts asked for; all written, nothing to resume" in result.output
-    assert len(read_jsonl(out)) == 5
-
-
-@pytest.mark.slow
-def test_a_real_sigint_then_the_printed_resume_command_equals_an_uninterrupted_run(tiny_random_model, tmp_path):
-    import shlex
-
-    prompts = write_prompts(tmp_path / "p.jsonl", [{"id": f"q{i}", "prompt": f"Tell me about thing {i}."}
-                                                   for i in range(10)])
-    args = ["generate", "--model", str(tiny_random_model), "--prompts", str(prompts), "--num-samples", "2",
-            "--max-new-tokens", "16", "--min-new-tokens", "16", "--batch-size", "2", "--run-dir", str(tmp_path / "run")]
-    whole = tmp_path / "whole.jsonl"
-    assert runner.invoke(app, [*args, "--out", str(whole)]).exit_code == 0
-
-    cut = tmp_path / "cut.jsonl"
-    # Background jobs of a non-interactive shell ignore SIGINT; the child must not inherit that.
-    child = subprocess.Popen([sys.executable, "-m", "rlphf_cli", *args, "--out", str(cut)],
-                             env={**os.environ, "PYTHONPATH": str(ROOT)}, text=True,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    deadline = time.time() + 120
-    while time.time() < deadline and (not cut.exists() or len(cut.read_text().splitlines()) < 3):
-        time.sleep(0.01)
-    child.send_signal(signal.SIGINT)
-    stdout, stderr = child.communicate(timeout=60)
-    assert child.returncode == 130, stdout + stderr
-    kept = len(read_jsonl(cut))
-    assert 3 <= kept < 10, stderr
-    assert f"{cut}: {kept} records kept, {kept} of the 10 prompts asked for" in stderr, stderr
-    assert "wrote" not in stdout
-    command = next(line for line in stderr.splitlines() if line.startswith("resume with: rlphf "))
-    resumed = runner.invoke(app, shlex.split(command.removeprefix("resume with: rlphf ")))
-    assert resumed.exit_code == 0, resumed.output
-    assert read_jsonl(cut) == read_jsonl(whole)  # record for record
-
-
-# --------------------------------------------------------------------------------------------
-# 4. File-system failures: one line naming the path, before the work
+# 3. File-system failures: one line naming the path, before the work
 
 
 @pytest.mark.parametrize("args", [
@@ -250,7 +141,7 @@ def test_a_real_sigint_then_the_printed_resume_command_equals_an_uninterrupted_r
 def test_a_run_dir_that_is_a_file_is_one_line(tmp_path, monkeypatch, args):
     monkeypatch.chdir(tmp_path)
     Path("taken").write_text("a file")
-    one_line(runner.invoke(app, [*args, "--run-dir", "taken"]), "--run-dir: run_dir: taken: taken is a file, not a folder")
+    one_error_line(runner.invoke(app, [*args, "--run-dir", "taken"]), "--run-dir: run_dir: taken: taken is a file, not a folder")
 
 
 def test_an_output_that_cannot_be_written_fails_before_the_work(tmp_path, monkeypatch):
@@ -265,12 +156,12 @@ def test_an_output_that_cannot_be_written_fails_before_the_work(tmp_path, monkey
         judge = ["judge", "--a", str(gen), "--b", str(gen), "--judge", "openai", "--set",
                  f"judge.openai.base_url={server.base_url}", "--set", "judge.openai.api_key_env=RLPHF_TEST_KEY",
                  "--run-dir", str(tmp_path / "run")]
-        one_line(runner.invoke(app, [*judge, "--out", str(tmp_path / "blocker" / "j.json")]),
+        one_error_line(runner.invoke(app, [*judge, "--out", str(tmp_path / "blocker" / "j.json")]),
                  f"{tmp_path / 'blocker' / 'j.json'}: {tmp_path / 'blocker'} is a file, not a folder")
         locked = tmp_path / "locked"
         locked.mkdir()
         with unwritable(locked):
-            line = one_line(runner.invoke(app, [*judge, "--out", str(locked / "j.json")]), f"{locked / 'j.json'}: ")
+            line = one_error_line(runner.invoke(app, [*judge, "--out", str(locked / "j.json")]), f"{locked / 'j.json'}: ")
         assert "permission denied" in line or "not permitted" in line
         assert server.requests == 0  # nothing judged before failing
     assert not (tmp_path / "run").exists()
@@ -289,7 +180,7 @@ def test_an_immutable_output_folder_is_one_line_for_every_command(finished, comm
         "run --only report": ["run", "--only", "report", "--run-dir", str(locked / "run")],
     }[command]
     with unwritable(locked):
-        line = one_line(runner.invoke(app, args), f"{locked}/")
+        line = one_error_line(runner.invoke(app, args), f"{locked}/")
     assert "permission denied" in line or "not permitted" in line
     assert list(locked.iterdir()) == []
 
@@ -319,45 +210,43 @@ class unwritable:
 # The whole record on a finished pipeline run
 
 
-@pytest.mark.slow
-def test_a_finished_run_reruns_from_its_recipe_and_notices_a_replaced_output(tmp_path, tiny_random_model):
-    train = write_prompts(tmp_path / "train.jsonl", [{"id": f"t{i}", "prompt": f"Tell me about {w}."}
-                                                     for i, w in enumerate("sun rain snow wind tide rock".split())])
-    recipe = {"name": "record", "run_dir": str(tmp_path / "run"), "model": {"name": str(tiny_random_model)},
-              "preferences": {"use": ["P1A", "P2A"]},
-              "data": {"train_prompts": str(train), "eval_prompts": str(train), "max_eval_prompts": 3},
-              "generate": {"max_new_tokens": 8, "batch_size": 16},
-              "train_rm": {"trl": {"max_steps": 1, "per_device_train_batch_size": 4, "max_length": 48}},
-              "train_policy": {"rloo": {"max_steps": 1, "per_device_train_batch_size": 4, "num_generations": 2,
-                                        "max_completion_length": 8}},
-              "judge": {"bootstrap_samples": 20}, "evaluation": {"baselines": ["base"], "sweep": None}}
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    run = tmp_path / "run"
-    assert runner.invoke(app, ["run", str(path)]).exit_code == 0
-    assert json.loads((run / "policy" / "P2A" / "training.json").read_text())["settings"]["trainer"]["fields"][
-        "max_steps"] == 1
-    before = mtimes(run)
-    again = runner.invoke(app, ["run", str(run / "recipe.yaml")])  # the record runs as is
-    assert again.exit_code == 0, again.output
-    assert {p: t for p, t in mtimes(run).items() if p.name != "events.jsonl"} == {
-        p: t for p, t in before.items() if p.name != "events.jsonl"}
+def test_run_directory_writes_recipe_and_env_and_no_secret(tmp_path, monkeypatch):
+    from rlphf_cli.jobs import run_record
+    from rlphf_cli.recipe import load_recipe
+    from rlphf_cli.runs import RunDir, atomic_write_text
 
-    # A stage command replaces a policy (with --force and its own settings): the run's recipe stays,
-    # and the next `rlphf run` keeps that policy and recomputes what depends on it, saying so.
-    recipe_text = (run / "recipe.yaml").read_text()
-    forced = runner.invoke(app, ["train-policy", "--pref", "P2A", "--run-dir", str(run), "--recipe", str(path),
-                                 "--set", "train_policy.rloo.max_steps=2", "--force"])
-    assert forced.exit_code == 0, forced.output
-    assert (run / "recipe.yaml").read_text() == recipe_text
-    assert json.loads((run / "policy" / "P2A" / "training.json").read_text())["steps"] == 2
-    policy = mtimes(run / "policy")
-    rerun = runner.invoke(app, ["run", str(path)])
-    assert rerun.exit_code == 0, rerun.output
-    assert "policy/P2A changed since `rlphf run` made it" in rerun.output.replace("\n", " ")
-    assert mtimes(run / "policy") == policy  # kept, not retrained
-    after = mtimes(run)
-    assert after[run / "soups" / "P1A+P2A" / "soup.json"] != before[run / "soups" / "P1A+P2A" / "soup.json"]
-    assert after[run / "judgments" / "psoups_vs_base.json"] != before[run / "judgments" / "psoups_vs_base.json"]
-    assert after[run / "rm" / "P2A" / "adapter_model.safetensors"] == before[run / "rm" / "P2A" / "adapter_model.safetensors"]
-    assert [e["stage"] for e in RunDir(run).events() if e["event"] == "changed"] == ["train-policy/P2A"]
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-super-secret-value")
+    recipe = load_recipe("psoups-paper", [f"run_dir={tmp_path / 'run'}"])
+    run = RunDir.open(recipe.resolved_run_dir(), run_record(recipe))
+    with run.stage("annotate", pref="P2A") as info:
+        info["pairs"] = 3
+    atomic_write_text(run.path("annotations", "P2A.jsonl"), "{}\n")
+    assert (run.root / "recipe.yaml").exists()
+    env = json.loads((run.root / "env.json").read_text())
+    assert {"torch", "transformers", "trl", "peft"} <= set(env["versions"]) and env["seed"] == 42
+    assert "OPENAI_API_KEY" in (run.root / "recipe.yaml").read_text()  # the variable's name only
+    events = run.events()
+    assert [e["event"] for e in events] == ["start", "end"] and events[1]["outcome"] == "ok"
+    for file in run.root.rglob("*"):
+        if file.is_file():
+            assert "sk-test-super-secret-value" not in file.read_text()
+    assert not list(run.root.rglob(".*.tmp-*"))
+
+
+def test_stage_markers_and_atomic_dir(tmp_path):
+    from rlphf_cli.runs import RunDir, atomic_dir, fingerprint
+
+    run = RunDir.open(tmp_path / "run")
+    key = fingerprint({"inputs": [1, 2]})
+    assert not run.is_done("train-rm/P2A", key)
+    run.mark_done("train-rm/P2A", key)
+    assert run.is_done("train-rm/P2A", key)
+    assert not run.is_done("train-rm/P2A", fingerprint({"inputs": [1, 3]}))
+    with pytest.raises(RuntimeError), atomic_dir(tmp_path / "out") as tmp:
+        (tmp / "half.txt").write_text("x")
+        raise RuntimeError("crash")
+    assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == [tmp_path / "run"]
+    with atomic_dir(tmp_path / "out") as tmp:
+        (tmp / "whole.txt").write_text("x")
+    assert (tmp_path / "out" / "whole.txt").exists()
+    assert (tmp_path / "out").stat().st_mode & 0o777 == (tmp_path / "run").stat().st_mode & 0o777  # not 0700

@@ -1,12 +1,18 @@
-"""`rlphf generate` and rlphf_cli.generation on the random fixture model (seconds)."""
+"""`rlphf generate` and rlphf_cli.generation on the random fixture model (seconds): records, seeding per
+prompt, resume, interruption, sample counts."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
-from helpers import generate_to, generator_for
+from helpers import generate_to, generator_for, one_error_line
 from typer.testing import CliRunner
 
 from rlphf_cli.cli.main import app
@@ -15,6 +21,7 @@ from rlphf_cli.recipe import load_recipe
 from rlphf_cli.runs import read_jsonl
 
 runner = CliRunner()
+ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = [
     {"id": f"p{i}", "instruction": text}
     for i, text in enumerate([
@@ -58,14 +65,6 @@ def other_base(tmp_path_factory):
 def write_prompts(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
-
-
-def one_error_line(result) -> str:
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1, result.output
-    assert "Traceback" not in result.output
-    return lines[0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -300,3 +299,119 @@ def test_cli_bad_input_is_one_line_and_writes_nothing(tiny_random_model, other_b
     assert expected in line, line
     assert not out.exists()
     assert not (run / "generations").exists() and not (run / "rollouts.jsonl").exists()
+
+
+def test_greedy_without_a_sample_count_just_works_with_one_sample(tiny_random_model, tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "Explain gravity."}\n{"prompt": "Hi."}\n')
+    out = tmp_path / "o.jsonl"
+    result = runner.invoke(app, ["generate", "--temperature", "0", "--prompts", str(prompts), "--out", str(out),
+                                 "--model", str(tiny_random_model), "--max-new-tokens", "4",
+                                 "--run-dir", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    assert "greedy decoding (temperature 0): one response per prompt" in result.output
+    from rlphf_cli.runs import read_jsonl
+
+    assert [len(r["responses"]) for r in read_jsonl(out)] == [1, 1]
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["--temperature", "0", "--num-samples", "3", "--prefs", "P2A"], "--num-samples 3 with --temperature 0"),
+    (["--set", "generate.temperature=0", "--num-samples", "2"], "--num-samples 2 with --set generate.temperature 0"),
+    (["--temperature", "0", "--set", "generate.num_samples=2"], "--set generate.num_samples 2 with --temperature 0"),
+])
+def test_an_explicit_sample_count_with_greedy_decoding_is_one_line(tmp_path, args, expected):
+    one_error_line(runner.invoke(app, ["generate", *args, "--run-dir", str(tmp_path / "run")]), expected)
+    assert not (tmp_path / "run").exists()
+
+
+def test_sampling_is_seeded_per_prompt_not_per_batch(tiny_random_model, tmp_path):
+    from helpers import generator_for
+
+    gen = generator_for(recipe_for(tiny_random_model, tmp_path, **{"generate.max_new_tokens": 12}))
+    texts = [gen.prompt_text(p["instruction"]) for p in PROMPTS]
+    together = gen.generate(texts, num_samples=2)[0]
+    gen.batch_size = 2  # one prompt (two samples) per batch
+    alone = gen.generate(texts, num_samples=2)[0]
+    subset = gen.generate(texts[2:], num_samples=2)[0]
+    assert together == alone and subset == together[2:]
+    assert len({s for r in together for s, _ in r}) > 5  # and they are samples, not one answer
+
+
+def test_resume_refuses_other_settings_naming_the_difference(tiny_random_model, other_base, tmp_path):  # noqa: F811
+    prompts = write_prompts(tmp_path / "p.jsonl", PROMPTS)
+    out = tmp_path / "o.jsonl"
+    base = ["generate", "--model", str(tiny_random_model), "--prompts", str(prompts), "--out", str(out),
+            "--max-new-tokens", "4", "--run-dir", str(tmp_path / "run")]
+    assert runner.invoke(app, [*base, "--limit", "3"]).exit_code == 0
+    before = out.read_text()
+    adapter = make_adapter(tiny_random_model, tmp_path / "lora", seed=3)
+    for extra, difference in [
+        (["--temperature", "0.5"], "sampling.temperature 1.0, not 0.5"),
+        (["--prefs", "P2A"], "system 'base', not 'prompted'"),
+        (["--prefs", "P2A", "--system", "base"], "combination '', not 'P2A'"),
+        (["--adapter", str(adapter), "--system", "base"], "adapters 'none', not '"),
+        (["--seed", "4"], "sampling.seed 0, not 4"),
+        (["--model", str(other_base)], f"model '{tiny_random_model}', not '{other_base}'"),
+        (["--num-samples", "3"], "samples per prompt 2, not 3"),  # rollouts: annotate.num_samples
+    ]:
+        one_error_line(runner.invoke(app, [*base, "--resume", *extra]), f"{out}: id 'p0' was written with {difference}",
+                       exact=True)
+    assert out.read_text() == before
+
+    # A resume with fewer prompts keeps the records it does not regenerate.
+    result = runner.invoke(app, [*base, "--resume", "--limit", "2"])
+    assert result.exit_code == 0 and "kept 1 records" in result.output, result.output
+    assert out.read_text() == before
+
+
+def test_sigint_during_the_last_batch_is_an_interruption_not_a_success(tiny_random_model, tmp_path, monkeypatch):
+    from rlphf_cli.generation import Generator
+
+    original = Generator.generate
+
+    def interrupted_after_the_last_batch(self, texts, num_samples=1, on_batch=None):
+        original(self, texts, num_samples, on_batch)
+        raise KeyboardInterrupt  # Ctrl-C while the last batch was being written
+
+    monkeypatch.setattr(Generator, "generate", interrupted_after_the_last_batch)
+    out = tmp_path / "o.jsonl"
+    result = runner.invoke(app, ["generate", "--model", str(tiny_random_model), "--prompts",
+                                 str(write_prompts(tmp_path / "p.jsonl", PROMPTS)), "--out", str(out),
+                                 "--max-new-tokens", "3", "--run-dir", str(tmp_path / "run")])
+    assert result.exit_code == 130 and "wrote" not in result.output, result.output
+    assert "5 records kept, 5 of the 5 prompts asked for; all written, nothing to resume" in result.output
+    assert len(read_jsonl(out)) == 5
+
+
+@pytest.mark.slow
+def test_a_real_sigint_then_the_printed_resume_command_equals_an_uninterrupted_run(tiny_random_model, tmp_path):
+    import shlex
+
+    prompts = write_prompts(tmp_path / "p.jsonl", [{"id": f"q{i}", "prompt": f"Tell me about thing {i}."}
+                                                   for i in range(10)])
+    args = ["generate", "--model", str(tiny_random_model), "--prompts", str(prompts), "--num-samples", "2",
+            "--max-new-tokens", "16", "--min-new-tokens", "16", "--batch-size", "2", "--run-dir", str(tmp_path / "run")]
+    whole = tmp_path / "whole.jsonl"
+    assert runner.invoke(app, [*args, "--out", str(whole)]).exit_code == 0
+
+    cut = tmp_path / "cut.jsonl"
+    # Background jobs of a non-interactive shell ignore SIGINT; the child must not inherit that.
+    child = subprocess.Popen([sys.executable, "-m", "rlphf_cli", *args, "--out", str(cut)],
+                             env={**os.environ, "PYTHONPATH": str(ROOT)}, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.time() + 120
+    while time.time() < deadline and (not cut.exists() or len(cut.read_text().splitlines()) < 3):
+        time.sleep(0.01)
+    child.send_signal(signal.SIGINT)
+    stdout, stderr = child.communicate(timeout=60)
+    assert child.returncode == 130, stdout + stderr
+    kept = len(read_jsonl(cut))
+    assert 3 <= kept < 10, stderr
+    assert f"{cut}: {kept} records kept, {kept} of the 10 prompts asked for" in stderr, stderr
+    assert "wrote" not in stdout
+    command = next(line for line in stderr.splitlines() if line.startswith("resume with: rlphf "))
+    resumed = runner.invoke(app, shlex.split(command.removeprefix("resume with: rlphf ")))
+    assert resumed.exit_code == 0, resumed.output
+    assert read_jsonl(cut) == read_jsonl(whole)  # record for record

@@ -1,6 +1,6 @@
-"""One rule for prompt -> token ids: generation, TRL's RL prompts and the reward model's inputs
-see the same ids, BOS included, for a model whose tokenizer has a BOS token (the tiny models have
-none, so only this fixture shows a difference)."""
+"""Prompting (rlphf_cli.prompting): one rule for prompt -> token ids. Generation, TRL's RL prompts and the
+reward model's inputs see the same ids, BOS included, for a model whose tokenizer has a BOS token (the
+tiny models have none, so only this fixture shows a difference)."""
 
 from __future__ import annotations
 

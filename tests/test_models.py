@@ -1,4 +1,5 @@
-"""The embedded tiny model: shipped data, the builder, the cache, and (slow) the built model's quality."""
+"""Models (rlphf_cli.models): the embedded tiny model (shipped data, the builder, the cache, and, slow,
+the built model's quality), the tiny-random smoke model, built-in model names."""
 
 from __future__ import annotations
 
@@ -13,7 +14,11 @@ import pytest
 from typer.testing import CliRunner
 
 from rlphf_cli.cli.main import app
-from rlphf_cli.models import corpus, tiny
+from rlphf_cli.errors import RecipeError
+from rlphf_cli.models import BUILTIN_MODELS, corpus, resolve_model, tiny, tiny_random
+from rlphf_cli.pipeline import plan
+from rlphf_cli.recipe import load_recipe
+from rlphf_cli.runs import read_jsonl
 
 runner = CliRunner()
 
@@ -220,3 +225,48 @@ def test_cli_tiny_model_reports_the_cached_model(tiny_model):
     result = runner.invoke(app, ["tiny-model"])
     assert result.exit_code == 0, result.output
     assert "cached" in result.output and str(tiny_model) in result.output
+
+
+def test_fixture_model_loads_with_auto_classes(tiny_random_model):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_random_model)
+    AutoModelForCausalLM.from_pretrained(tiny_random_model)
+    AutoModelForSequenceClassification.from_pretrained(tiny_random_model, num_labels=1)
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
+    assert text == "<|user|>\nHi\n<|assistant|>\n"
+
+
+def test_tiny_random_builds_deterministically_into_its_cache(home, tmp_path):
+    path = Path(resolve_model("tiny-random"))
+    assert path.parent == home and path.name == f"tiny-random-{tiny_random.build_fingerprint()[:12]}"
+    info = json.loads((path / "build.json").read_text())
+    assert info["random_weights"] and info["params"] < 100_000
+    assert resolve_model("tiny-random") == str(path)  # cached: no rebuild
+    again = tiny_random.build_tiny_random_model(tmp_path / "again")
+    assert again["weights_sha256"] == info["weights_sha256"]
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
+    assert text == "<|user|>\nHi\n<|assistant|>\n" and tokenizer.eos_token == "<|end|>"
+
+
+def test_builtin_models_are_known_to_recipes_and_plans(home):
+    assert {"tiny", "tiny-random"} <= set(BUILTIN_MODELS.names())
+    recipe = load_recipe(None, ["model.name=tiny-random"])  # no file of that name: still valid
+    assert plan(recipe)[0].name == "tiny-model" and "tiny-random" in plan(recipe)[0].description
+    assert plan(load_recipe(None, ["model.name=some-org/some-model"]))[0].name == "rollouts"
+    with pytest.raises(RecipeError, match="model.name: file not found"):
+        load_recipe(None, ["model.name=./no-such-folder"])
+
+
+def test_generate_takes_model_tiny_random(home, tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"id": "a", "prompt": "Explain rain."}\n{"id": "b", "prompt": "What is a star?"}\n')
+    out = tmp_path / "out.jsonl"
+    result = runner.invoke(app, ["generate", "--model", "tiny-random", "--prompts", str(prompts), "--out", str(out),
+                                 "--max-new-tokens", "4"])
+    assert result.exit_code == 0, result.output
+    assert [r["id"] for r in read_jsonl(out)] == ["a", "b"]

@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 import torch
+from helpers import one_error_line
 from openai import OpenAI
 from typer.testing import CliRunner
 
@@ -356,13 +357,6 @@ def test_malformed_requests_and_routes(client, served):
 
 # --------------------------------------------------------------------------------------------
 # The command
-
-
-def one_error_line(result) -> str:
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and "Traceback" not in result.output, result.output
-    return lines[0]
 
 
 def test_help_loads_no_heavy_library():
