@@ -146,7 +146,8 @@ def criteria(prefs: Sequence[Preference], backend: str) -> tuple[Criterion, ...]
 def judge_spec(recipe: Recipe, backend: str, prefs: Sequence[Preference],
                uses: Sequence[str] = ("annotate", "evaluate")) -> JudgeSpec:
     """A judge backend with its settings and, when it renders templates, the text of every template
-    it may use for `prefs` in `uses` (read and checked now)."""
+    it may use for `prefs` in `uses` (read and checked now; with a `batch_size` above 1, the
+    templates of batched requests too), and the recipe's spending limit."""
     from rlphf_cli.judges import JUDGES, TemplateSet
 
     entry = JUDGES.get(backend)
@@ -154,10 +155,11 @@ def judge_spec(recipe: Recipe, backend: str, prefs: Sequence[Preference],
     templates = []
     if entry.uses_templates:
         found = TemplateSet(recipe.judge.templates)
+        batched = getattr(settings, "batch_size", 1) > 1
         for pref in prefs:
-            for use in uses:
-                templates.append((pref.id, use, found.text(pref, use)))
-    return JudgeSpec(backend=backend, settings=settings, templates=tuple(templates))
+            kinds = [k for use in uses for k in ([use, f"{use}_batch", "batch_pair"] if batched else [use])]
+            templates += [(pref.id, kind, found.text(pref, kind)) for kind in dict.fromkeys(kinds)]
+    return JudgeSpec(backend=backend, settings=settings, templates=tuple(templates), max_cost=recipe.judge.max_cost)
 
 
 def run_dir(recipe: Recipe) -> RunDir:
