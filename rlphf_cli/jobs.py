@@ -25,6 +25,7 @@ from rlphf_cli.specs import (
     AnnotateJob,
     Criterion,
     GenerateJob,
+    JudgeCheckJob,
     JudgeJob,
     JudgeSpec,
     LoraSpec,
@@ -495,6 +496,21 @@ def judge_job(recipe: Recipe, a: str | Path | Sequence[str | Path], b: str | Pat
                     judge=judge_spec(recipe, backend, prefs, uses=("evaluate",)), criteria=wanted,
                     both_orders=recipe.judge.both_orders, bootstrap_samples=recipe.judge.bootstrap_samples,
                     seed=recipe.seed, common=common, out=Path(out) if out else None, record=run_record(recipe))
+
+
+def judge_check_job(recipe: Recipe, labels: str | Path | None = None, *, backend: str | None = None) -> JudgeCheckJob:
+    """`backend` (default judge.backend) on labelled pairs (default: the shipped set) of any
+    preference the recipe knows, used or not; verdicts cached under $RLPHF_HOME/judge-check/."""
+    from rlphf_cli.judges.annotate import CACHE_NAME
+    from rlphf_cli.judges.check import CACHE_DIR, shipped_labels
+    from rlphf_cli.models.cache import rlphf_home
+
+    prefs = list(recipe.known_preferences())
+    backend = backend or recipe.judge.backend
+    return JudgeCheckJob(labels=Path(labels) if labels else shipped_labels(), preferences=criteria(prefs, backend),
+                         judge=judge_spec(recipe, backend, prefs, uses=("evaluate",)),
+                         cache=rlphf_home() / CACHE_DIR / CACHE_NAME, bootstrap_samples=recipe.judge.bootstrap_samples,
+                         seed=recipe.seed)
 
 
 # --------------------------------------------------------------------------------------------

@@ -210,8 +210,7 @@ class Recipe(Strict):
 
     @model_validator(mode="after")
     def _check_preference_names(self) -> Recipe:
-        all_prefs = PreferenceSet(list(CATALOG) + [Preference(**d.model_dump()) for d in self.preferences.define])
-        names = all_prefs.names()
+        names = self.known_preferences().names()
         for field, listed in (("preferences.use", self.preferences.use), ("annotate.prefs", self.annotate.prefs)):
             if listed == "all":
                 continue
@@ -279,8 +278,11 @@ class Recipe(Strict):
 
     def preference_set(self) -> PreferenceSet:
         """The preferences this recipe uses, in catalog order then definition order."""
-        everything = PreferenceSet(list(CATALOG) + [Preference(**d.model_dump()) for d in self.preferences.define])
-        return everything.subset(self.preferences.use)
+        return self.known_preferences().subset(self.preferences.use)
+
+    def known_preferences(self) -> PreferenceSet:
+        """The catalog's preferences and the recipe's own, used or not."""
+        return PreferenceSet(list(CATALOG) + [Preference(**d.model_dump()) for d in self.preferences.define])
 
     def resolved_run_dir(self) -> Path:
         return Path(self.run_dir or f"runs/{self.name}")

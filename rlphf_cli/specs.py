@@ -405,6 +405,18 @@ class AnnotateJob:
 
 
 @dataclass(frozen=True)
+class JudgeCheckJob:
+    """A judge run on labelled pairs (a person's pick is `chosen`): agreement, position bias, ties, cost."""
+
+    labels: Path
+    preferences: tuple[Criterion, ...]  # every criterion a row may name (by id or alias)
+    judge: JudgeSpec
+    cache: Path | None = None
+    bootstrap_samples: int = 1000
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class JudgeJob:
     """System A's generations against system B's, pairwise, on each record's criteria."""
 
