@@ -491,3 +491,13 @@ def test_a_broken_template_is_refused_naming_the_file(tmp_path, text, message):
     with pytest.raises(InputError, match="P9X_evaluate.txt: ") as caught:  # refused when the judge is set up
         judge_for("coin", _recipe_with_templates(tmp_path), [Preference(**PIRATE)])
     assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_the_two_orders_of_a_pair_are_never_in_one_batched_request(monkeypatch):
+    monkeypatch.setenv("RLPHF_TEST_JUDGE_KEY", KEY)
+    with FakeOpenAIServer() as server:
+        judge = fast_judge(openai_recipe(server, batch_size=5), None)
+        requests = [r for req in requests_for(3) for r in (req, JudgeRequest(req.instruction, req.b, req.a, req.pref))]
+        chunks = judge.chunks(list(enumerate(requests)))
+        assert [[n for n, _ in chunk] for chunk in chunks] == [[0, 2, 4], [1, 3, 5]]
+        assert [j.verdict for j in judge.judge_many(requests)] == ["A", "B"] * 3 and server.requests == 2

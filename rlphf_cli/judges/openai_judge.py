@@ -147,12 +147,18 @@ class OpenAIJudge(BaseJudge):
     # Requests: one pair each, or up to batch_size pairs of one preference and use
 
     def chunks(self, items: list[tuple[int, JudgeRequest]]) -> list[list[tuple[int, JudgeRequest]]]:
+        """The items of each request, in order: up to batch_size pairs of one preference and use. A
+        pair shown in both orders never has them in one request: the judge would see the swap."""
         size = self.cfg.batch_size
         if size == 1:
             return [[item] for item in items]
-        groups: dict[tuple[str, str], list[tuple[int, JudgeRequest]]] = {}
+        groups: dict[tuple[str, str, bool], list[tuple[int, JudgeRequest]]] = {}
+        shown: set[tuple[str, str, str, str, str]] = set()
         for item in items:
-            groups.setdefault((item[1].pref.id, item[1].use), []).append(item)
+            request = item[1]
+            swapped = (request.pref.id, request.use, request.instruction, request.b, request.a) in shown
+            shown.add((request.pref.id, request.use, request.instruction, request.a, request.b))
+            groups.setdefault((request.pref.id, request.use, swapped), []).append(item)
         return [group[i:i + size] for group in groups.values() for i in range(0, len(group), size)]
 
     def messages(self, requests: list[JudgeRequest]) -> tuple[list[dict], int]:
