@@ -17,6 +17,11 @@ from typing import Any
 CHARS_PER_TOKEN = 4.0
 
 
+def prompt_chars(messages: list[dict]) -> int:
+    """The characters of a chat request's messages: what its input tokens are estimated from."""
+    return sum(len(str(m.get("content", ""))) for m in messages)
+
+
 def usd(price, prompt_tokens: int, completion_tokens: int) -> float | None:
     """The cost of tokens at `price` (a recipe PriceSection), or None without a price."""
     if price is None:

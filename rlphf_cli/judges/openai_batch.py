@@ -16,7 +16,7 @@ import asyncio
 import json
 
 from rlphf_cli.errors import InputError
-from rlphf_cli.judges.openai_judge import prompt_chars
+from rlphf_cli.judges.cost import prompt_chars
 
 ENDPOINT = "/v1/chat/completions"
 TERMINAL = {"completed", "failed", "expired", "cancelled"}

@@ -29,7 +29,7 @@ import time
 
 from rlphf_cli.errors import InputError, SpendingLimitReached
 from rlphf_cli.judges.base import BaseJudge, JudgeRequest, Judgment, Verdict, fill, parse_verdict
-from rlphf_cli.judges.cost import RequestPlan, Spend, TokenRate, usd
+from rlphf_cli.judges.cost import RequestPlan, Spend, TokenRate, prompt_chars, usd
 
 REASK = {
     "annotate": 'Your answer could not be read. Reply with exactly "Output (a)" or "Output (b)", and nothing else.',
@@ -90,10 +90,6 @@ def parse_numbered(text: str, count: int) -> dict[int, tuple[Verdict, str]]:
             verdict = "invalid"
         found[index] = (verdict, match.group(0).strip())
     return found
-
-
-def prompt_chars(messages: list[dict]) -> int:
-    return sum(len(str(m.get("content", ""))) for m in messages)
 
 
 class OpenAIJudge(BaseJudge):
