@@ -60,3 +60,7 @@ class MissingArtifactError(RlphfError):
 
 class NotAvailableYet(RlphfError):
     """A command whose implementation has not landed yet."""
+
+
+class SpendingLimitReached(RlphfError):
+    """A judge stopped sending requests at the spending limit; what was answered is cached."""

@@ -387,6 +387,22 @@ class Generator:
         return record
 
 
+def stand_in_file(job: GenerateJob, path: Path) -> Path:
+    """What `job` will write, with every response at its longest (`max_new_tokens` tokens of about 4
+    characters): a stand-in to count a judge's requests before the responses exist."""
+    combo = combination_name(job.prefs)
+    records = []
+    for prompt in job.prompts.load():
+        # Distinct per system, combination and sample, as real answers are (a judge asks identical requests once).
+        responses = [f"({job.system} {combo} {k}) " + "tok " * job.sampling.max_new_tokens
+                     for k in range(job.num_samples)]
+        records.append({"id": str(prompt["id"]), "instruction": prompt["instruction"], "preferences": [p.id for p in job.prefs],
+                        "combo": combo, "system": job.system, "response": responses[0], "responses": responses})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_records(path, records)
+    return path
+
+
 def _write_records(path: Path, records) -> None:
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 

@@ -25,6 +25,7 @@ from rlphf_cli.specs import (
     AnnotateJob,
     Criterion,
     GenerateJob,
+    JudgeCheckJob,
     JudgeJob,
     JudgeSpec,
     LoraSpec,
@@ -146,7 +147,8 @@ def criteria(prefs: Sequence[Preference], backend: str) -> tuple[Criterion, ...]
 def judge_spec(recipe: Recipe, backend: str, prefs: Sequence[Preference],
                uses: Sequence[str] = ("annotate", "evaluate")) -> JudgeSpec:
     """A judge backend with its settings and, when it renders templates, the text of every template
-    it may use for `prefs` in `uses` (read and checked now)."""
+    it may use for `prefs` in `uses` (read and checked now; with a `batch_size` above 1, the
+    templates of batched requests too), and the recipe's spending limit."""
     from rlphf_cli.judges import JUDGES, TemplateSet
 
     entry = JUDGES.get(backend)
@@ -154,10 +156,11 @@ def judge_spec(recipe: Recipe, backend: str, prefs: Sequence[Preference],
     templates = []
     if entry.uses_templates:
         found = TemplateSet(recipe.judge.templates)
+        batched = getattr(settings, "batch_size", 1) > 1
         for pref in prefs:
-            for use in uses:
-                templates.append((pref.id, use, found.text(pref, use)))
-    return JudgeSpec(backend=backend, settings=settings, templates=tuple(templates))
+            kinds = [k for use in uses for k in ([use, f"{use}_batch", "batch_pair"] if batched else [use])]
+            templates += [(pref.id, kind, found.text(pref, kind)) for kind in dict.fromkeys(kinds)]
+    return JudgeSpec(backend=backend, settings=settings, templates=tuple(templates), max_cost=recipe.judge.max_cost)
 
 
 def run_dir(recipe: Recipe) -> RunDir:
@@ -493,6 +496,21 @@ def judge_job(recipe: Recipe, a: str | Path | Sequence[str | Path], b: str | Pat
                     judge=judge_spec(recipe, backend, prefs, uses=("evaluate",)), criteria=wanted,
                     both_orders=recipe.judge.both_orders, bootstrap_samples=recipe.judge.bootstrap_samples,
                     seed=recipe.seed, common=common, out=Path(out) if out else None, record=run_record(recipe))
+
+
+def judge_check_job(recipe: Recipe, labels: str | Path | None = None, *, backend: str | None = None) -> JudgeCheckJob:
+    """`backend` (default judge.backend) on labelled pairs (default: the shipped set) of any
+    preference the recipe knows, used or not; verdicts cached under $RLPHF_HOME/judge-check/."""
+    from rlphf_cli.judges.annotate import CACHE_NAME
+    from rlphf_cli.judges.check import CACHE_DIR, shipped_labels
+    from rlphf_cli.models.cache import rlphf_home
+
+    prefs = list(recipe.known_preferences())
+    backend = backend or recipe.judge.backend
+    return JudgeCheckJob(labels=Path(labels) if labels else shipped_labels(), preferences=criteria(prefs, backend),
+                         judge=judge_spec(recipe, backend, prefs, uses=("evaluate",)),
+                         cache=rlphf_home() / CACHE_DIR / CACHE_NAME, bootstrap_samples=recipe.judge.bootstrap_samples,
+                         seed=recipe.seed)
 
 
 # --------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ change.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import json
 import os
@@ -22,12 +23,15 @@ from typing import Any
 
 from rlphf_cli import jobs
 from rlphf_cli.errors import InputError, did_you_mean
+from rlphf_cli.judges.cost import Budget, RequestPlan
 from rlphf_cli.models import builtin_model, torch_threads
 from rlphf_cli.preferences import Preference, combination_name
 from rlphf_cli.recipe import Recipe
 from rlphf_cli.runs import RunDir, fingerprint
 from rlphf_cli.specs import (
+    AnnotateJob,
     GenerateJob,
+    JudgeJob,
     Member,
     MergeJob,
     MergeSpec,
@@ -129,6 +133,7 @@ class Pipeline:
         self.progress = progress or _quiet
         self.fp: dict[str, str] = {}  # unit key -> fingerprint, for downstream units
         self.model = jobs.model_spec(recipe)
+        self.budget = Budget(recipe.judge.max_cost)  # one spending limit for every judge of the run
         self._base_generator = None
         self._units = {stage: getattr(self, "_units_" + stage.replace("-", "_"))() for stage in self.stages()}
 
@@ -176,7 +181,7 @@ class Pipeline:
             def work(job=job):
                 from rlphf_cli.judges.annotate import annotate_rollouts
 
-                return annotate_rollouts(job, progress=self._unit_progress, force=True)
+                return annotate_rollouts(job, progress=self._unit_progress, force=True, budget=self.budget)
 
             units.append(Unit(f"annotate/{pref_id}", pref_id, job, ["rollouts"], work, [self.run.annotations(pref_id)]))
         return units
@@ -300,7 +305,7 @@ class Pipeline:
             def work(job=job):
                 from rlphf_cli.evaluation.judging import judge_files
 
-                result = judge_files(job, progress=self._unit_progress, force=True)
+                result = judge_files(job, progress=self._unit_progress, force=True, budget=self.budget)
                 return {"win_rate": result["overall"]["win_rate"]}
 
             units.append(Unit(f"judge/{system}_vs_{baseline}", f"{system} vs {baseline}", job, upstream, work,
@@ -316,6 +321,35 @@ class Pipeline:
         upstream = ([f"judge/{s}_vs_{b}" for s, b in self.judged_pairs()]
                     + [f"evaluate/{SWEEP}/w{w:g}" for w in self.sweep_weights()])
         return [Unit("report", "report", None, upstream, work, [self.run.report_dir() / "report.md"])]
+
+    def judge_plans(self) -> dict[str, RequestPlan | str | None]:
+        """Per judging stage (annotate, judge): the requests its units would send after the cache, with
+        their tokens and cost, from each unit's own job (None: its judge sends no paid request; a
+        text: why they cannot be counted yet). An input not made yet is stood in for by what the unit
+        that makes it will write, every response at its longest."""
+        import tempfile
+
+        from rlphf_cli.errors import RlphfError
+        from rlphf_cli.evaluation.judging import plan_judgment
+        from rlphf_cli.judges import JUDGES
+        from rlphf_cli.judges.annotate import plan_annotation
+
+        makers = {unit.spec.out: unit.spec for stage in ("rollouts", "evaluate") for unit in self.units(stage)}
+        plans: dict[str, RequestPlan | str | None] = {}
+        with tempfile.TemporaryDirectory() as scratch:
+            for stage, planner in (("annotate", plan_annotation), ("judge", plan_judgment)):
+                plans[stage] = None
+                try:
+                    for unit in self.units(stage):
+                        if not JUDGES.get(unit.spec.judge.backend).priced:
+                            continue
+                        job, estimated = _with_stand_ins(unit.spec, makers, Path(scratch) / unit.key.replace("/", "_"))
+                        plan = planner(job)
+                        plan.estimated = estimated
+                        plans[stage] = plan if plans[stage] is None else plans[stage] + plan
+                except RlphfError as exc:
+                    plans[stage] = f"not counted: {exc}"
+        return plans
 
     def fingerprints(self) -> dict[str, str]:
         """Every unit's inputs fingerprint, from the specs alone (as if every upstream unit's outputs
@@ -468,6 +502,27 @@ def _train_policy_job(job: PolicyJob) -> dict:
     from rlphf_cli.training.policy import train_policy
 
     return train_policy(job, force=True)
+
+
+def _with_stand_ins(job: AnnotateJob | JudgeJob, makers: dict[Path, GenerateJob], scratch: Path):
+    """`job` reading stand-ins (rlphf_cli.generation.stand_in_file) for the inputs not made yet, and
+    whether it does."""
+    from rlphf_cli.data import HUB_PREFIX
+    from rlphf_cli.generation import stand_in_file
+
+    inputs = [job.rollouts] if isinstance(job, AnnotateJob) else [*job.a, *job.b]
+    missing = [path for path in dict.fromkeys(inputs) if not path.exists() and path in makers]
+    if not missing:
+        return job, False
+    for path in missing:
+        if makers[path].prompts.source.startswith(HUB_PREFIX):
+            raise InputError(f"{path.name} is not made yet and its prompts ({makers[path].prompts.source}) are on the "
+                             "hub, which a dry run does not fetch")
+    stand_ins = {path: stand_in_file(makers[path], scratch / f"{n}-{path.name}") for n, path in enumerate(missing)}
+    if isinstance(job, AnnotateJob):
+        return dataclasses.replace(job, rollouts=stand_ins[job.rollouts]), True
+    return dataclasses.replace(job, a=tuple(stand_ins.get(p, p) for p in job.a),
+                               b=tuple(stand_ins.get(p, p) for p in job.b)), True
 
 
 def _jsonable(result: Any) -> Any:

@@ -22,6 +22,7 @@ from rlphf_cli.data import BUILTIN_PREFIX, HUB_PREFIX
 from rlphf_cli.errors import InputError, RecipeError, did_you_mean
 from rlphf_cli.merging.methods import METHODS
 from rlphf_cli.preferences import CATALOG, Preference, PreferenceSet
+from rlphf_cli.specs import RECORD_ONLY  # a key that changes no verdict or output: left out of fingerprints
 
 
 class Strict(BaseModel):
@@ -129,6 +130,13 @@ class RubricJudgeSection(Strict):
     tie_margin: float = Field(default=0.05, ge=0)
 
 
+class PriceSection(Strict):
+    """USD per million tokens, as the provider bills them (none ships: prices change and differ)."""
+
+    input: float = Field(ge=0)
+    output: float = Field(ge=0)
+
+
 class OpenAIJudgeSection(Strict):
     base_url: str | None = None  # any OpenAI-compatible endpoint (vLLM, llama.cpp, Ollama)
     model: str = "gpt-4o-mini"
@@ -138,7 +146,11 @@ class OpenAIJudgeSection(Strict):
     timeout: float = Field(default=60.0, gt=0)
     parse_retries: int = Field(default=2, ge=0)
     temperature: float = Field(default=0.0, ge=0)
-    max_tokens: int = Field(default=32, ge=1)
+    max_tokens: int = Field(default=32, ge=1)  # per verdict: a request of N pairs may use N times as many
+    price: PriceSection | None = Field(default=None, json_schema_extra=RECORD_ONLY)
+    batch_size: int = Field(default=1, ge=1)  # pairs per request, numbered answers (AlpacaFarm's "b5" is 5)
+    mode: Literal["chat", "batch"] = Field(default="chat", json_schema_extra=RECORD_ONLY)  # batch: the Batch API
+    poll_interval: float = Field(default=30.0, gt=0, json_schema_extra=RECORD_ONLY)  # seconds between batch polls
 
 
 class HFJudgeSection(Strict):
@@ -155,6 +167,7 @@ class JudgeSection(Strict):
     templates: str | None = None  # folder of prompt templates overriding the shipped ones
     both_orders: bool = True
     bootstrap_samples: int = Field(default=1000, ge=0)
+    max_cost: float | None = Field(default=None, gt=0)  # USD a command may spend on judge requests
     rubric: RubricJudgeSection = Field(default_factory=RubricJudgeSection)
     openai: OpenAIJudgeSection = Field(default_factory=OpenAIJudgeSection)
     hf: HFJudgeSection = Field(default_factory=HFJudgeSection)
@@ -197,8 +210,7 @@ class Recipe(Strict):
 
     @model_validator(mode="after")
     def _check_preference_names(self) -> Recipe:
-        all_prefs = PreferenceSet(list(CATALOG) + [Preference(**d.model_dump()) for d in self.preferences.define])
-        names = all_prefs.names()
+        names = self.known_preferences().names()
         for field, listed in (("preferences.use", self.preferences.use), ("annotate.prefs", self.annotate.prefs)):
             if listed == "all":
                 continue
@@ -235,6 +247,9 @@ class Recipe(Strict):
         for loc, name in (("annotate.judge", self.annotate.judge), ("judge.backend", self.judge.backend)):
             if name not in JUDGES:
                 raise _FieldError(loc, f"unknown judge '{name}'{did_you_mean(name, JUDGES.names())}")
+            if self.judge.max_cost is not None and JUDGES.get(name).priced and getattr(self.judge, name).price is None:
+                raise _FieldError("judge.max_cost", f"the {name} judge ({loc}) has no price to count the spend at: "
+                                  f"set judge.{name}.price.input and .output (USD per million tokens, as billed)")
         return self
 
     @property
@@ -263,8 +278,11 @@ class Recipe(Strict):
 
     def preference_set(self) -> PreferenceSet:
         """The preferences this recipe uses, in catalog order then definition order."""
-        everything = PreferenceSet(list(CATALOG) + [Preference(**d.model_dump()) for d in self.preferences.define])
-        return everything.subset(self.preferences.use)
+        return self.known_preferences().subset(self.preferences.use)
+
+    def known_preferences(self) -> PreferenceSet:
+        """The catalog's preferences and the recipe's own, used or not."""
+        return PreferenceSet(list(CATALOG) + [Preference(**d.model_dump()) for d in self.preferences.define])
 
     def resolved_run_dir(self) -> Path:
         return Path(self.run_dir or f"runs/{self.name}")

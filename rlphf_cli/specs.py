@@ -33,7 +33,8 @@ def record(spec: Any) -> Any:
         return {f.name: record(getattr(spec, f.name)) for f in dataclasses.fields(spec)
                 if f.metadata.get("fingerprint", True)}
     if hasattr(spec, "model_dump"):  # a recipe section (a frozen pydantic model), e.g. a judge's settings
-        return spec.model_dump(mode="json")
+        return spec.model_dump(mode="json", exclude={name for name, info in type(spec).model_fields.items()
+                                                     if (info.json_schema_extra or {}).get("fingerprint") is False})
     if isinstance(spec, Mapping):
         return {str(k): record(v) for k, v in spec.items()}
     if _is_items(spec):  # frozen_items of a mapping (TRL fields, ...): a mapping again
@@ -381,6 +382,7 @@ class JudgeSpec:
     backend: str
     settings: Any = None
     templates: tuple[tuple[str, str, str], ...] = ()  # (preference id, use, template text)
+    max_cost: float | None = field(default=None, metadata=RECORD_ONLY)  # USD; what is paid, not what is answered
 
     def template(self, pref_id: str, use: str) -> str:
         for pid, u, text in self.templates:
@@ -400,6 +402,18 @@ class AnnotateJob:
     pairs_per_prompt: int = 1
     seed: int = 0
     record: RunRecord | None = field(default=None, metadata=RECORD_ONLY)
+
+
+@dataclass(frozen=True)
+class JudgeCheckJob:
+    """A judge run on labelled pairs (a person's pick is `chosen`): agreement, position bias, ties, cost."""
+
+    labels: Path
+    preferences: tuple[Criterion, ...]  # every criterion a row may name (by id or alias)
+    judge: JudgeSpec
+    cache: Path | None = None
+    bootstrap_samples: int = 1000
+    seed: int = 0
 
 
 @dataclass(frozen=True)

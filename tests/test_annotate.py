@@ -132,3 +132,43 @@ def test_annotate_general_preference_for_the_rlhf_baseline(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "ann" / "general.jsonl").read_text().splitlines()]
     assert summary["preferences"]["general"]["written"] == len(rows) > 0
     assert all(r["preference"] == "general" for r in rows)
+
+
+def test_annotate_dry_run_counts_the_requests_and_max_cost_stops_then_the_rerun_goes_on(tmp_path, monkeypatch):
+    monkeypatch.setenv("RLPHF_TEST_JUDGE_KEY", KEY)
+    run = tmp_path / "run"
+    make_rollouts(run / "rollouts.jsonl")
+    with FakeOpenAIServer() as server:
+        args = ["annotate", "--run-dir", str(run), "--judge", "openai", "--prefs", "P2A,P3B",
+                "--set", f"judge.openai.base_url={server.base_url}", "--set", "judge.openai.api_key_env=RLPHF_TEST_JUDGE_KEY",
+                "--set", "judge.openai.price.input=10", "--set", "judge.openai.price.output=30",
+                "--set", "judge.openai.concurrency=1"]
+        dry = runner.invoke(app, [*args, "--dry-run"])
+        assert dry.exit_code == 0, dry.output
+        assert "annotate: 12 verdicts, 0 cached; 12 requests to send" in dry.output
+        assert "at $10 / $30 per million tokens" in dry.output and server.requests == 0
+        assert not (run / "annotations").exists()
+        stopped = runner.invoke(app, [*args, "--max-cost", "0.005"])
+        line = one_error_line(stopped, "spending limit: $0.00", "of the $0.005 allowed", "verdicts not asked",
+                              "Run the same command again")
+        assert "judge_cache.jsonl" in line and not (run / "annotations" / "P2A.jsonl").exists()
+        paid = server.requests
+        assert 0 < paid < 12
+        dry = runner.invoke(app, [*args, "--dry-run"])
+        assert f"{paid} cached; {12 - paid} requests to send" in dry.output
+        done = runner.invoke(app, args)
+        assert done.exit_code == 0, done.output
+        assert server.requests == 12  # nothing paid twice
+    summary = json.loads((run / "annotations" / "P2A.summary.json").read_text())
+    cost = summary["cost"]
+    assert cost["price"] == {"input": 10.0, "output": 30.0} and cost["prompt_tokens"] > 0
+    assert cost["usd"] == pytest.approx((10 * cost["prompt_tokens"] + 30 * cost["completion_tokens"]) / 1e6, abs=1e-6)
+
+
+def test_a_spending_limit_needs_a_price(tmp_path):
+    rollouts = make_rollouts(tmp_path / "rollouts.jsonl")
+    result = runner.invoke(app, ["annotate", "--rollouts", str(rollouts), "--out", str(tmp_path / "ann"),
+                                 "--judge", "openai", "--max-cost", "1"])
+    one_error_line(result, "judge.max_cost: the openai judge (annotate.judge) has no price",
+                   "judge.openai.price")
+    assert not (tmp_path / "ann").exists()

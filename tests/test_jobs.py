@@ -143,6 +143,11 @@ CHANGES = [
     ("judge.openai.parse_retries", 1, nothing),
     ("judge.openai.temperature", 0.5, nothing),
     ("judge.openai.max_tokens", 8, nothing),
+    ("judge.openai.price", {"input": 1.0, "output": 2.0}, nothing),
+    ("judge.openai.batch_size", 5, nothing),
+    ("judge.openai.mode", "batch", nothing),
+    ("judge.openai.poll_interval", 1.0, nothing),
+    ("judge.max_cost", 5.0, nothing),  # the coin judge is free; with openai: test_what_a_judge_is_paid_...
     ("judge.hf.model", "tiny", nothing),
     ("judge.hf.batch_size", 2, nothing),
     ("judge.coin.seed", 1, judges),
@@ -171,14 +176,14 @@ def recipe_from(tmp_path: Path, data: dict):
     return load_recipe(path)
 
 
-def changed(tmp_path: Path, key: str, value) -> tuple[set[str], Pipeline]:
-    data = yaml.safe_load(yaml.safe_dump(BASE))
+def changed(tmp_path: Path, key: str, value, base: dict = BASE) -> tuple[set[str], Pipeline]:
+    data = yaml.safe_load(yaml.safe_dump(base))
     node = data
     parts = key.split(".")
     for part in parts[:-1]:
         node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
     node[int(parts[-1]) if isinstance(node, list) else parts[-1]] = value
-    before = Pipeline(recipe_from(tmp_path, BASE))
+    before = Pipeline(recipe_from(tmp_path, base))
     after = Pipeline(recipe_from(tmp_path, data))
     old, new = before.fingerprints(), after.fingerprints()
     assert set(old) == set(new), key  # a value, not the set of units
@@ -225,6 +230,20 @@ def test_a_change_reruns_exactly_the_units_that_read_it_and_what_depends_on_them
     assert found == downstream(pipeline, direct), key
     if reads is not nothing:
         assert found, key
+
+
+def test_what_a_judge_is_paid_is_not_what_it_answers(tmp_path):
+    """With an openai judge annotating and judging: its price, spending limit, Batch API mode and poll
+    interval rerun nothing (same requests, same answers); pairs per request ask another question."""
+    paid = {**BASE, "annotate": {**BASE["annotate"], "judge": "openai"},
+            "judge": {**BASE["judge"], "backend": "openai", "max_cost": 1.0,
+                      "openai": {"base_url": "http://127.0.0.1:9/v1", "price": {"input": 1.0, "output": 2.0}}}}
+    for key, value in (("judge.openai.price.input", 3.0), ("judge.max_cost", 5.0), ("judge.openai.mode", "batch"),
+                       ("judge.openai.poll_interval", 1.0)):
+        assert changed(tmp_path, key, value, paid)[0] == set(), key
+    found, pipeline = changed(tmp_path, "judge.openai.batch_size", 5, paid)
+    keys = {u.key for stage in pipeline.stages() for u in pipeline.units(stage)}
+    assert found == downstream(pipeline, {k for k in keys if judges(k)})
 
 
 def test_a_changed_template_reruns_its_readers(tmp_path):

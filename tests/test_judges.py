@@ -271,6 +271,132 @@ def test_sigkill_loses_only_requests_in_flight(tmp_path, monkeypatch):
 
 
 # --------------------------------------------------------------------------------------------
+# Cost: a spending limit, batched prompts, the Batch API
+
+
+def priced(server: FakeOpenAIServer, **fields) -> Recipe:
+    """An openai judge at the fake server, at 10 USD per million input tokens and 30 per million output."""
+    return openai_recipe(server, **{"price.input": 10, "price.output": 30, "poll_interval": 0.01, **fields})
+
+
+def mixed_requests(n: int) -> list[JudgeRequest]:
+    """Pairs whose shorter output is shown first, second, or ties, for two preferences and both uses."""
+    out = []
+    for i in range(n):
+        short, long_ = f"short answer {i}", f"a much longer answer number {i} here"
+        a, b = [(short, long_), (long_, short), (short, f"equal answer {i}")][i % 3]
+        out.append(JudgeRequest(f"[q{i}] Explain item {i}.", a, b, PREFS.get("P2A" if i % 2 else "P3A"),
+                                use="evaluate" if i % 4 < 2 else "annotate"))
+    return out
+
+
+@pytest.mark.parametrize(("text", "count", "expected"), [
+    ("1. Output (a)\n2. Output (b)\n3. TIE", 3, {1: "A", 2: "B", 3: "tie"}),
+    ("**1.** Output (b)\nPair 2: output(a)\n7. Output (a)", 2, {1: "B", 2: "A"}),  # 7 is no pair of 2
+    ("1. Output (a)\n1. Output (b)\n2) It depends", 2, {1: "invalid", 2: "invalid"}),
+    ("Output (a)", 2, {}),
+])
+def test_numbered_verdicts_of_a_batched_answer(text, count, expected):
+    from rlphf_cli.judges.openai_judge import parse_numbered
+
+    assert {n: v for n, (v, _) in parse_numbered(text, count).items()} == expected
+
+
+def test_batched_prompts_give_each_pair_its_own_verdict_for_fewer_tokens(tmp_path, monkeypatch):
+    """Five pairs a request (the paper's annotator): the same verdicts as one pair a request, fewer
+    input tokens per pair; a pair left out of the answer is asked again alone; the cache is per pair."""
+    monkeypatch.setenv("RLPHF_TEST_JUDGE_KEY", KEY)
+    requests = mixed_requests(12)
+    with FakeOpenAIServer(garble="[q3]") as server:
+        single = fast_judge(openai_recipe(server), tmp_path / "one.jsonl")
+        verdicts = [j.verdict for j in single.judge_many(requests)]
+        assert server.requests == 12
+        server.reset_counts()
+        batched = fast_judge(openai_recipe(server, batch_size=5), tmp_path / "five.jsonl")
+        out = batched.judge_many(requests)
+        assert [j.verdict for j in out] == verdicts and set(verdicts) == {"A", "B", "tie"}
+        # Per (preference, use): 3 + 3 + 3 + 3 pairs -> one request each, and [q3] again alone.
+        assert server.requests == 4 + 1 == batched.stats.requests
+        assert sum(j.prompt_tokens for j in out) < 0.75 * single.stats.prompt_tokens
+        server.reset_counts()
+        again = fast_judge(openai_recipe(server, batch_size=5), tmp_path / "five.jsonl")
+        assert [j.verdict for j in again.judge_many(requests)] == verdicts and server.requests == 0
+        assert sum(j.prompt_tokens for j in again.judge_many(requests)) == sum(j.prompt_tokens for j in out)
+
+
+def test_a_spending_limit_stops_before_it_is_passed_and_the_rerun_goes_on(tmp_path, monkeypatch):
+    from rlphf_cli.errors import SpendingLimitReached
+
+    monkeypatch.setenv("RLPHF_TEST_JUDGE_KEY", KEY)
+    requests, cache = requests_for(10), tmp_path / "cache.jsonl"
+    with FakeOpenAIServer() as server:
+        plan = fast_judge(priced(server), cache).plan(requests)
+        assert (plan.judgments, plan.cached, plan.requests) == (10, 0, 10) and plan.usd > 0
+        judge = fast_judge(priced(server, concurrency=1), cache)
+        judge.budget.limit = limit = round(4 * plan.usd / 10, 6)  # a request's highest cost, 4 times
+        with pytest.raises(SpendingLimitReached, match=r"spent of the \$[0-9.]+ allowed.*verdicts not asked.*Run the "
+                           r"same command again") as caught:
+            judge.judge_many(requests)
+        assert "\n" not in str(caught.value)
+        paid = server.requests
+        assert 4 <= paid < 10 and judge.budget.spent <= limit and judge.spend.requests == paid
+        assert judge.spend.usd == pytest.approx((10 * judge.spend.prompt_tokens + 30 * judge.spend.completion_tokens) / 1e6)
+        left = fast_judge(priced(server), cache).plan(requests)
+        assert (left.cached, left.requests) == (paid, 10 - paid) and left.rate_measured and left.output_measured
+        server.reset_counts()
+        rest = fast_judge(priced(server), cache)
+        assert all(j.verdict == "A" for j in rest.judge_many(requests))
+        assert server.requests == 10 - paid  # nothing asked twice
+
+
+def test_batch_api_answers_through_the_cache_and_the_chat_endpoint_takes_what_it_could_not(tmp_path, monkeypatch):
+    monkeypatch.setenv("RLPHF_TEST_JUDGE_KEY", KEY)
+    requests = requests_for(6)
+    with FakeOpenAIServer(faults={"[q1]": ["garbage"], "[q2]": ["500"]}, batch_polls=2) as server:
+        judge = fast_judge(priced(server, mode="batch"), tmp_path / "cache.jsonl")
+        out = judge.judge_many(requests)
+        assert all(j.verdict == "A" for j in out)
+        assert (server.uploads, server.batches_created, server.batch_lines) == (1, 1, 6)
+        assert server.requests == 2  # [q1]'s unreadable answer asked again, [q2]'s failed line asked anew
+        assert judge.spend.requests == 5 + 2 and judge.spend.usd > 0
+        assert all(j.prompt_tokens > 0 for j in out)  # each verdict carries what its answers cost
+
+
+BATCH_KILL_SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+from test_judges import fast_judge, requests_for
+from helpers import recipe_with
+recipe = recipe_with("judge.openai.base_url={base_url}", "judge.openai.api_key_env=RLPHF_TEST_JUDGE_KEY",
+                     "judge.openai.mode=batch", "judge.openai.poll_interval=0.05")
+fast_judge(recipe, {cache!r}).judge_many(requests_for(6))
+"""
+
+
+def test_a_run_killed_while_its_batch_is_pending_picks_it_up_instead_of_paying_twice(tmp_path, monkeypatch):
+    import threading
+
+    monkeypatch.setenv("RLPHF_TEST_JUDGE_KEY", KEY)
+    cache, hold = tmp_path / "cache.jsonl", threading.Event()
+    with FakeOpenAIServer(hold=hold) as server:
+        script = BATCH_KILL_SCRIPT.format(tests=str(Path(__file__).parent), base_url=server.base_url, cache=str(cache))
+        proc = subprocess.Popen([sys.executable, "-c", script], env={**os.environ})
+        deadline = time.time() + 60
+        while time.time() < deadline and not (cache.exists() and "batch_id" in cache.read_text()):
+            time.sleep(0.05)
+        time.sleep(0.2)  # polling
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert server.batches_created == 1 and server.batch_lines == 0
+        hold.set()  # the provider finishes the batch while nobody waits for it
+        server.reset_counts()
+        judge = fast_judge(openai_recipe(server, mode="batch", poll_interval=0.05), cache)
+        assert all(j.verdict == "A" for j in judge.judge_many(requests_for(6)))
+        assert (server.uploads, server.batches_created, server.requests) == (0, 0, 0)
+        assert server.batch_lines == 6  # the first batch's lines, run once
+
+
+# --------------------------------------------------------------------------------------------
 # HF backend
 
 
@@ -365,3 +491,13 @@ def test_a_broken_template_is_refused_naming_the_file(tmp_path, text, message):
     with pytest.raises(InputError, match="P9X_evaluate.txt: ") as caught:  # refused when the judge is set up
         judge_for("coin", _recipe_with_templates(tmp_path), [Preference(**PIRATE)])
     assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_the_two_orders_of_a_pair_are_never_in_one_batched_request(monkeypatch):
+    monkeypatch.setenv("RLPHF_TEST_JUDGE_KEY", KEY)
+    with FakeOpenAIServer() as server:
+        judge = fast_judge(openai_recipe(server, batch_size=5), None)
+        requests = [r for req in requests_for(3) for r in (req, JudgeRequest(req.instruction, req.b, req.a, req.pref))]
+        chunks = judge.chunks(list(enumerate(requests)))
+        assert [[n for n, _ in chunk] for chunk in chunks] == [[0, 2, 4], [1, 3, 5]]
+        assert [j.verdict for j in judge.judge_many(requests)] == ["A", "B"] * 3 and server.requests == 2

@@ -165,3 +165,24 @@ def test_judge_lists_of_files_and_baseline_relabelled_with_combo(tmp_path):
     assert result["system_a"] == "psoups" and result["system_b"] == "base"
     assert set(result["per_criterion"]) == {"P1A", "P2A", "P1B", "P2B"} and result["judgments"] == 16
     assert result["per_criterion"]["P2A"]["win_rate"] == 1.0
+
+
+def test_judge_dry_run_and_spend_in_the_result(tmp_path, monkeypatch):
+    monkeypatch.setenv("RLPHF_TEST_JUDGE_KEY", KEY)
+    a = make_generations(tmp_path / "a.jsonl", "soup", style=0, combos=("P2A+P3A",))
+    b = make_generations(tmp_path / "b.jsonl", "base", style=1, combos=("P2A+P3A",))
+    out = tmp_path / "j" / "out.json"
+    with FakeOpenAIServer() as server:
+        args = ["judge", "--a", str(a), "--b", str(b), "--out", str(out), "--judge", "openai",
+                "--set", f"judge.openai.base_url={server.base_url}", "--set", "judge.openai.api_key_env=RLPHF_TEST_JUDGE_KEY",
+                "--set", "judge.openai.batch_size=4", "--set", "judge.openai.price.input=10",
+                "--set", "judge.openai.price.output=30"]
+        dry = runner.invoke(app, [*args, "--dry-run"])
+        assert dry.exit_code == 0, dry.output
+        # 4 records x 2 criteria x 2 orders = 16 verdicts, 4 pairs of one criterion a request
+        assert "judge: 16 verdicts, 0 cached; 4 requests to send" in dry.output and not out.exists()
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, result.output
+        assert server.requests == 4 and "spent" in result.output
+    data = json.loads(out.read_text())
+    assert data["spend"]["requests"] == 4 and data["cost"]["usd"] == data["spend"]["usd"] > 0

@@ -216,3 +216,17 @@ def test_a_finished_run_reruns_from_its_recipe_and_notices_a_replaced_output(tmp
     assert after[run / "judgments" / "psoups_vs_base.json"] != before[run / "judgments" / "psoups_vs_base.json"]
     assert after[run / "rm" / "P2A" / "adapter_model.safetensors"] == before[run / "rm" / "P2A" / "adapter_model.safetensors"]
     assert [e["stage"] for e in RunDir(run).events() if e["event"] == "changed"] == ["train-policy/P2A"]
+
+
+def test_dry_run_counts_the_paid_judge_requests_of_each_stage(tmp_path):
+    """Before anything is made, from each unit's own job: stand-ins for the rollouts and answers, every
+    response at its longest. smoke: 8 prompts x (3 preferences + the general criterion) to annotate."""
+    result = runner.invoke(app, ["run", "smoke", "--dry-run", "--run-dir", str(tmp_path / "run"),
+                                 "--set", "annotate.judge=openai", "--set", "judge.openai.base_url=http://127.0.0.1:9/v1",
+                                 "--set", "judge.openai.price.input=1", "--set", "judge.openai.price.output=2"])
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("# annotate:") or line.startswith("# judge:")]
+    assert lines[0].startswith("# annotate: 32 verdicts, 0 cached; 32 requests to send: about ")
+    assert "at $1 / $2 per million tokens (inputs not made yet" in lines[0]
+    assert lines[1] == "# judge: no paid judge requests"  # the rubric judges
+    assert not (tmp_path / "run").exists()

@@ -16,6 +16,7 @@ from rlphf_cli.cli.common import (
     one_progress_bar,
     resolve_recipe,
 )
+from rlphf_cli.cli.spending import DryRunOption, MaxCostOption, plan_line
 
 JudgeOption = Annotated[
     Optional[str], typer.Option("--judge", help="Judge backend: rubric (offline proxy), openai or hf.",
@@ -39,6 +40,8 @@ def annotate_command(
                                                             "annotate.pairs_per_prompt).", show_default=False)] = None,
     force: Annotated[bool, typer.Option("--force", help="Label again, replacing the run directory's "
                                         "annotations (verdicts are cached).")] = False,
+    max_cost: MaxCostOption = None,
+    dry_run: DryRunOption = False,
     recipe: RecipeOption = None,
     run_dir: RunDirOption = None,
     set_: SetOption = None,
@@ -51,11 +54,14 @@ def annotate_command(
     Example: [bold]rlphf annotate --prefs all --judge rubric[/]
     """
     from rlphf_cli.jobs import annotate_job
-    from rlphf_cli.judges.annotate import annotate_rollouts
+    from rlphf_cli.judges.annotate import annotate_rollouts, plan_annotation
 
     resolved = resolve_recipe(recipe, set_, run_dir, annotate__prefs=prefs, annotate__judge=judge,
-                              annotate__pairs_per_prompt=pairs_per_prompt)
+                              annotate__pairs_per_prompt=pairs_per_prompt, judge__max_cost=max_cost)
     job = annotate_job(resolved, rollouts=rollouts, out_dir=out)
+    if dry_run:
+        console.print(plan_line("annotate", plan_annotation(job)), highlight=False, soft_wrap=True)
+        return
     with one_progress_bar(f"annotating with the {job.judge.backend} judge") as update:
         summary = annotate_rollouts(job, progress=update, force=force)
     _print_summary(summary)
@@ -74,10 +80,12 @@ def _print_summary(summary: dict) -> None:
     console.print(table)
     stats = summary["stats"]
     skipped = summary["identical_samples"] + summary["single_sample"]
+    spent = summary["spend"]["usd"]
     console.print(
         f"{summary['prompts']} prompts ({skipped} without two distinct samples), judge {summary['judge']['backend']}: "
         f"{stats['requests']} requests, {stats['cached']} cached, {stats['retries']} retries, "
-        f"{stats['prompt_tokens']}+{stats['completion_tokens']} tokens, {summary['wall_s']:.1f} s",
+        f"{stats['prompt_tokens']}+{stats['completion_tokens']} tokens"
+        + (f", ${spent:.4f} spent" if spent else "") + f", {summary['wall_s']:.1f} s",
         highlight=False,
     )
     if summary["failed"]:

@@ -17,6 +17,7 @@ from rlphf_cli.cli.common import (
     one_progress_bar,
     resolve_recipe,
 )
+from rlphf_cli.cli.spending import DryRunOption, MaxCostOption, plan_line
 
 
 @cli_errors
@@ -41,6 +42,8 @@ def judge_command(
                                                              show_default=False)] = None,
     force: Annotated[bool, typer.Option("--force", help="Judge again, replacing the run directory's judgment "
                                         "(verdicts are cached).")] = False,
+    max_cost: MaxCostOption = None,
+    dry_run: DryRunOption = False,
     recipe: RecipeOption = None,
     run_dir: RunDirOption = None,
     set_: SetOption = None,
@@ -55,15 +58,18 @@ def judge_command(
 
     Example: [bold]rlphf judge --a mine.jsonl --b theirs.jsonl --criteria all --common[/]
     """
-    from rlphf_cli.evaluation.judging import default_out, judge_files
+    from rlphf_cli.evaluation.judging import default_out, judge_files, plan_judgment
     from rlphf_cli.jobs import judge_job
     from rlphf_cli.jobs import run_dir as run_of
 
     resolved = resolve_recipe(recipe, set_, run_dir, judge__backend=judge,
                               judge__both_orders=False if single_order else None,
-                              judge__bootstrap_samples=bootstrap_samples)
+                              judge__bootstrap_samples=bootstrap_samples, judge__max_cost=max_cost)
     out = out or default_out(run_of(resolved), a, b)
     job = judge_job(resolved, a, b, criteria_=criteria, out=out, common=common)
+    if dry_run:
+        console.print(plan_line("judge", plan_judgment(job)), highlight=False, soft_wrap=True)
+        return
     with one_progress_bar(f"judging with the {job.judge.backend} judge") as update:
         result = judge_files(job, progress=update, force=force)
     _print_result(result, out)
@@ -87,8 +93,9 @@ def _print_result(result: dict, out: Path) -> None:
     stats = result["stats"]
     console.print(f"{result['pairs']} matched records, {result['judgments']} judgments, judge "
                   f"{result['judge']['backend']}: {stats['requests']} requests, {stats['cached']} cached, "
-                  f"{stats['prompt_tokens']}+{stats['completion_tokens']} tokens, {result['wall_s']:.1f} s",
-                  highlight=False)
+                  f"{stats['prompt_tokens']}+{stats['completion_tokens']} tokens"
+                  + (f", ${result['spend']['usd']:.4f} spent" if result["spend"]["usd"] else "")
+                  + f", {result['wall_s']:.1f} s", highlight=False)
     left = result["left_out"]
     if left["only_a"] or left["only_b"]:
         console.print(f"--common: left out {left['only_a']} records only in A and {left['only_b']} only in B",

@@ -10,7 +10,19 @@ import typer
 from typer.core import TyperCommand, TyperGroup
 
 from rlphf_cli import __version__
-from rlphf_cli.cli import annotate, common, generate, judge, merge, run, serve, tiny_model, train_policy, train_rm
+from rlphf_cli.cli import (
+    annotate,
+    common,
+    generate,
+    judge,
+    judge_check,
+    merge,
+    run,
+    serve,
+    tiny_model,
+    train_policy,
+    train_rm,
+)
 
 
 class _FlagsReadAsFlags:
@@ -75,7 +87,7 @@ def _reflowed(doc: str) -> str:
     return "\n\n".join(" ".join(line.strip() for line in p.splitlines()) for p in paragraphs)
 
 
-for module in (tiny_model, generate, annotate, train_rm, train_policy, merge, judge, run, serve):
+for module in (tiny_model, generate, annotate, train_rm, train_policy, merge, judge, judge_check, run, serve):
     module.register(app)
 for command in app.registered_commands:
     if command.cls in (None, TyperCommand):

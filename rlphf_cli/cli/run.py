@@ -18,6 +18,7 @@ from rlphf_cli.cli.common import (
     progress_bar,
     resolve_recipe,
 )
+from rlphf_cli.cli.spending import MaxCostOption, plan_line
 
 
 class PipelineDisplay:
@@ -73,7 +74,9 @@ def run_command(
                                                  show_default=False)] = None,
     pref: OldPrefOption = None,
     force: Annotated[bool, typer.Option("--force", help="Recompute finished stages.")] = False,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate and print the resolved recipe and plan.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate and print the resolved recipe and plan, with "
+                                          "the requests each judging stage would send and their cost.")] = False,
+    max_cost: MaxCostOption = None,
     smoke: Annotated[bool, typer.Option("--smoke", help="A smoke run of this recipe in seconds, into <run_dir>-smoke: "
                                         "its preferences, templates and settings on tiny-random with the smoke "
                                         "recipe's sizes, judged by 'coin'. Its numbers mean nothing.")] = False,
@@ -91,7 +94,8 @@ def run_command(
     from rlphf_cli.recipe import recipe_warnings
     from rlphf_cli.training import is_main_process, quiet_libraries
 
-    resolved = resolve_recipe(either(recipe, recipe_option, "RECIPE and --recipe"), set_, run_dir, smoke=smoke)
+    resolved = resolve_recipe(either(recipe, recipe_option, "RECIPE and --recipe"), set_, run_dir, smoke=smoke,
+                              judge__max_cost=max_cost)
     pref = either(prefs, pref, "--prefs and --pref")
     if smoke:
         from rlphf_cli.smoke import describe
@@ -100,8 +104,7 @@ def run_command(
                       f"{describe(resolved)}; its numbers mean nothing", highlight=False, soft_wrap=True)
     print_warnings(recipe_warnings(resolved))
     if dry_run:
-        Pipeline(resolved)  # every unit's job built: every setting checked, as a run would
-        _print_plan(resolved, only, from_, pref)
+        _print_plan(Pipeline(resolved), only, from_, pref)  # every unit's job built: every setting checked
         return
     quiet_libraries()
     if not is_main_process():  # the other processes of a distributed launch train alongside, silently
@@ -113,9 +116,10 @@ def run_command(
     _print_summary(summary)
 
 
-def _print_plan(resolved, only: str | None, from_: str | None, pref: str | None) -> None:
+def _print_plan(pipeline, only: str | None, from_: str | None, pref: str | None) -> None:
     from rlphf_cli.pipeline import check_selection, plan
 
+    resolved = pipeline.recipe
     picked = check_selection(resolved, only, from_, pref)
     console.print(f"# resolved recipe ({resolved.source})", style="dim")
     console.print(resolved.to_yaml(), highlight=False, markup=False)
@@ -127,6 +131,9 @@ def _print_plan(resolved, only: str | None, from_: str | None, pref: str | None)
         console.print(f"# this command runs {chosen}" + (f" for {', '.join(picked)}" if picked else ""),
                       style="dim", highlight=False)
     _print_estimate(resolved)
+    for stage, requests in pipeline.judge_plans().items():
+        line = plan_line(stage, requests) if hasattr(requests, "requests") else f"{stage}: {requests or 'no paid judge requests'}"
+        console.print("# " + line, style="dim", highlight=False, soft_wrap=True)
 
 
 def _print_summary(summary: dict) -> None:

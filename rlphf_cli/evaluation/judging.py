@@ -15,6 +15,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 from rlphf_cli import files
 from rlphf_cli.errors import InputError, MissingArtifactError
@@ -148,7 +149,56 @@ def _criteria_for(pref_set: PreferenceSet, a: dict, b: dict, criteria) -> list[C
     return pref_set.resolve(criteria)
 
 
-def judge_files(job: JudgeJob, *, judge=None, progress: ProgressFn | None = None, force: bool = False) -> dict:
+class _Asked(NamedTuple):
+    a_path: Path | list[Path]
+    b_path: Path | list[Path]
+    pairs: list[tuple[dict, dict]]  # matched records
+    left_out: dict
+    used: list[Criterion]  # the criteria judged
+    cells: list[tuple[dict, Criterion]]  # (A's record, criterion), one per judgment (per order pair)
+    requests: list[JudgeRequest]
+
+
+def _judge_and_requests(job: JudgeJob, judge=None, budget=None) -> tuple:
+    """The job's judge (default: its spec's, cached in `<out folder>/judge_cache.jsonl`), checked for
+    the criteria used, and what it is asked (_Asked)."""
+    from rlphf_cli.judges import get_judge
+
+    a_path, b_path = _one_or_list(job.a), _one_or_list(job.b)
+    pairs, left_out = match_records(a_path, b_path, job.common)
+    pref_set = PreferenceSet(job.preferences)
+    per_pair = [_criteria_for(pref_set, a, b, job.criteria) for a, b in pairs]
+    used = list(dict.fromkeys(p for prefs in per_pair for p in prefs))
+    if not used:
+        raise InputError(f"{_label(a_path)}: the records carry no preferences (combination none); "
+                         "pass --criteria P1A,P2A or --criteria all")
+    cache_path = Path(job.out).parent / CACHE_NAME if job.out is not None else None
+    if judge is None:
+        judge = get_judge(job.judge, cache_path=cache_path, budget=budget)
+    else:
+        judge.use_cache(cache_path)
+    judge.check(used)
+    requests: list[JudgeRequest] = []
+    cells: list[tuple[dict, Criterion]] = []
+    for (a, b), prefs in zip(pairs, per_pair, strict=True):
+        for pref in prefs:
+            cells.append((a, pref))
+            instruction = str(a.get("instruction", ""))
+            requests.append(JudgeRequest(instruction, _response(a), _response(b), pref, use="evaluate"))
+            if job.both_orders:
+                requests.append(JudgeRequest(instruction, _response(b), _response(a), pref, use="evaluate"))
+    return judge, _Asked(a_path, b_path, pairs, left_out, used, cells, requests)
+
+
+def plan_judgment(job: JudgeJob):
+    """The requests `judge_files(job)` would send after the cache, with their expected tokens and
+    cost (a cost.RequestPlan); nothing is sent or written."""
+    judge, asked = _judge_and_requests(job)
+    return judge.plan(asked.requests)
+
+
+def judge_files(job: JudgeJob, *, judge=None, progress: ProgressFn | None = None, force: bool = False,
+                budget=None) -> dict:
     """Judge system A's generations against system B's; write `job.out` (JSON) and its `.md`.
 
     `job.a`/`job.b`: a generation JSONL file each, a folder of per-combination files each (matched
@@ -157,41 +207,18 @@ def judge_files(job: JudgeJob, *, judge=None, progress: ProgressFn | None = None
     other. `job.common`: judge the shared records only (the result says how many were left out).
     `job.criteria`: 'combo' (each record's own preferences), 'all', or names ('P1A', 'P2A').
     `judge`: a judge object (default: the job's), cached in `<out folder>/judge_cache.jsonl`. A
-    judgment of the run directory is replaced only with `force`. Returns the result written.
+    judgment of the run directory is replaced only with `force`. `budget`: a cost.Budget shared
+    with the command's other judges. Returns the result written.
     """
-    from rlphf_cli.judges import get_judge
+    from rlphf_cli.judges.cost import cost_record
     from rlphf_cli.runs import begin_outputs
 
     start = time.time()
-    a_path, b_path = _one_or_list(job.a), _one_or_list(job.b)
-    out_path, criteria = job.out, job.criteria
-    pairs, left_out = match_records(a_path, b_path, job.common)
-    pref_set = PreferenceSet(job.preferences)
-    per_pair = [_criteria_for(pref_set, a, b, criteria) for a, b in pairs]
-    used = list(dict.fromkeys(p for prefs in per_pair for p in prefs))
-    if not used:
-        raise InputError(f"{_label(a_path)}: the records carry no preferences (combination none); "
-                         "pass --criteria P1A,P2A or --criteria all")
-    cache_path = Path(out_path).parent / CACHE_NAME if out_path is not None else None
-    if judge is None:
-        judge = get_judge(job.judge, cache_path=cache_path)
-    else:
-        judge.use_cache(cache_path)
-    judge.check(used)
+    out_path, criteria, both = job.out, job.criteria, job.both_orders
+    judge, (a_path, b_path, pairs, left_out, used, cells, requests) = _judge_and_requests(job, judge, budget)
     if out_path is not None:
         begin_outputs(job.record, [Path(out_path), Path(out_path).with_suffix(".md")], force=force,
                       hint="pass --force to judge again (verdicts are cached), or --out")
-
-    both = job.both_orders
-    requests: list[JudgeRequest] = []
-    cells: list[tuple[dict, Criterion]] = []
-    for (a, b), prefs in zip(pairs, per_pair, strict=True):
-        for pref in prefs:
-            cells.append((a, pref))
-            instruction = str(a.get("instruction", ""))
-            requests.append(JudgeRequest(instruction, _response(a), _response(b), pref, use="evaluate"))
-            if both:
-                requests.append(JudgeRequest(instruction, _response(b), _response(a), pref, use="evaluate"))
     judgments = judge.judge_many(requests, progress=progress)
 
     items = []
@@ -222,6 +249,8 @@ def judge_files(job: JudgeJob, *, judge=None, progress: ProgressFn | None = None
         "per_criterion": {p.id: _summary([i for i in items if i["criterion"] == p.id], samples, seed) for p in used},
         "per_combo": {},
         "stats": judge.stats.to_dict(),
+        "spend": judge.spend.to_dict(),
+        "cost": cost_record(judgments, judge.price),
     }
     for combo in dict.fromkeys(i["combo"] for i in items):
         in_combo = [i for i in items if i["combo"] == combo]

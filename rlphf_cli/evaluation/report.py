@@ -378,18 +378,24 @@ def stage_costs(pipeline) -> list[str]:
     for event in pipeline.run.events():
         if event.get("event") == "end" and event.get("stage") in pipeline.stages():
             walls[event["stage"]] = walls.get(event["stage"], 0.0) + float(event.get("wall_s", 0.0))
-    requests = tokens = 0
-    for summary_path in pipeline.run.path("annotations").glob("*.summary.json"):
-        summary = _load_json(summary_path) or {}
-        requests += int(summary.get("requests", 0))
-        tokens += int(summary.get("tokens", 0) or 0)
-    for judgment_path in pipeline.run.path("judgments").glob("*.json"):
-        stats = (_load_json(judgment_path) or {}).get("stats", {})
-        requests += int(stats.get("requests", 0))
-        tokens += int(stats.get("prompt_tokens", 0)) + int(stats.get("completion_tokens", 0))
     lines = ["| stage | wall time (s, last runs) |", "|---|---:|"]
     lines += [f"| {stage} | {wall:.1f} |" for stage, wall in walls.items()]
-    lines += ["", f"Judge requests: {requests}; judge tokens: {tokens} (the rubric judge makes no paid request)."]
+    recipe = pipeline.recipe
+    judged = {"annotate": (recipe.annotate.judge, [_load_json(p) or {} for p in
+                                                  sorted(pipeline.run.path("annotations").glob("*.summary.json"))]),
+              "judge": (recipe.judge.backend, [_load_json(p) or {} for p in
+                                               sorted(pipeline.run.path("judgments").glob("*.json"))])}
+    lines += ["", "| judged stage | judge | requests (last runs) | input tokens | output tokens | cost (USD) |",
+              "|---|---|---:|---:|---:|---:|"]
+    for stage, (backend, records) in judged.items():
+        costs = [r.get("cost") or {} for r in records]
+        requests = sum(int(r.get("requests", (r.get("stats") or {}).get("requests", 0))) for r in records)
+        spent = [c.get("usd") for c in costs]
+        usd = "-" if not costs or None in spent else f"{sum(spent):.4f}"
+        lines.append(f"| {stage} | {backend} | {requests} | {sum(c.get('prompt_tokens', 0) for c in costs)} | "
+                     f"{sum(c.get('completion_tokens', 0) for c in costs)} | {usd} |")
+    lines += ["", "Tokens and cost: the answers behind each stage's verdicts, cached ones included (whichever run "
+              "asked them), at `judge.<backend>.price`; `-` without a price. The rubric judge makes no paid request."]
     return lines
 
 

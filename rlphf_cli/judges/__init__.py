@@ -36,6 +36,7 @@ class JudgeBackend:
     module: str
     class_name: str
     uses_templates: bool
+    priced: bool = False  # its requests are paid: its settings hold a `price`, and judge.max_cost applies
 
     def create(self, spec, cache_path: str | Path | None = None) -> Judge:
         return getattr(importlib.import_module(self.module), self.class_name)(spec, cache_path)
@@ -44,19 +45,23 @@ class JudgeBackend:
 JUDGES: Registry[JudgeBackend] = Registry("judge")
 for _backend in (
     JudgeBackend("rubric", "rlphf_cli.judges.rubric", "RubricJudge", uses_templates=False),
-    JudgeBackend("openai", "rlphf_cli.judges.openai_judge", "OpenAIJudge", uses_templates=True),
+    JudgeBackend("openai", "rlphf_cli.judges.openai_judge", "OpenAIJudge", uses_templates=True, priced=True),
     JudgeBackend("hf", "rlphf_cli.judges.hf_judge", "HFJudge", uses_templates=True),
     JudgeBackend(COIN, "rlphf_cli.judges.coin", "CoinJudge", uses_templates=True),
 ):
     JUDGES.register(_backend.name)(_backend)
 
 
-def get_judge(spec, cache_path: str | Path | None = None) -> Judge:
+def get_judge(spec, cache_path: str | Path | None = None, budget=None) -> Judge:
     """The judge a specs.JudgeSpec describes (backend, its settings, its templates).
 
     `cache_path`: the JSONL verdict cache; annotate and judge attach one next to their output
-    when none is given."""
-    return JUDGES.get(spec.backend).create(spec, cache_path)
+    when none is given. `budget`: a cost.Budget the judges of one command share (default: the
+    spec's own spending limit)."""
+    judge = JUDGES.get(spec.backend).create(spec, cache_path)
+    if budget is not None:
+        judge.budget = budget
+    return judge
 
 
 __all__ = ["COIN", "GENERAL_PREFERENCE", "JUDGES", "Judge", "JudgeBackend", "JudgeRequest", "JudgeStats", "Judgment",

@@ -69,42 +69,58 @@ def form_pairs(records: list[dict], pairs_per_prompt: int, seed: int) -> tuple[l
     return pairs, counts
 
 
-def annotate_rollouts(job: AnnotateJob, *, judge=None, progress: ProgressFn | None = None,
-                      force: bool = False) -> dict:
-    """Label rollout pairs for each of the job's criteria; write `<out_dir>/<id>.jsonl` and
-    `<id>.summary.json`.
-
-    `judge`: a judge object (default: the job's judge, with its cache in the output folder).
-    `progress(done, total)` is called as verdicts arrive. Annotations of the run directory are
-    replaced only with `force`. Returns the summary of every preference.
-    """
+def _judge_and_requests(job: AnnotateJob, judge=None, budget=None):
+    """The job's judge (default: its spec's, with its cache in the output folder), checked for the
+    job's preferences before any work, and the requests of every pair: the pairs are the same for every
+    preference, the order in which a pair is shown is drawn per preference."""
     from rlphf_cli.judges import get_judge
-    from rlphf_cli.runs import begin_outputs
 
-    start = time.time()
-    out_dir = job.out_dir
-    preferences = list(job.criteria)
     records = load_rollouts(job.rollouts)
     if judge is None:
-        judge = get_judge(job.judge, cache_path=out_dir / CACHE_NAME)
+        judge = get_judge(job.judge, cache_path=job.out_dir / CACHE_NAME, budget=budget)
     else:
-        judge.use_cache(out_dir / CACHE_NAME)
-    judge.check(preferences)  # before any work: a custom preference on the rubric judge fails here
+        judge.use_cache(job.out_dir / CACHE_NAME)
+    judge.check(list(job.criteria))  # before any work: a custom preference on the rubric judge fails here
     pairs, counts = form_pairs(records, job.pairs_per_prompt, job.seed)
     if not pairs:
         raise InputError(f"{job.rollouts}: no pair of distinct samples to annotate "
                          f"({counts['identical_samples']} prompts with identical samples)")
-    begin_outputs(job.record, [out_dir / f"{pref.id}.jsonl" for pref in preferences], force=force,
-                  hint="pass --force to label them again (verdicts so far are cached)")
-
-    requests, shown_first = [], []
-    for pref in preferences:
+    requests = []
+    for pref in job.criteria:
         order = random.Random(f"order:{job.seed}:{pref.id}")
         for pair in pairs:
             swap = order.random() < 0.5
             a, b = (pair["second"], pair["first"]) if swap else (pair["first"], pair["second"])
             requests.append(JudgeRequest(pair["instruction"], a, b, pref, use="annotate"))
-            shown_first.append(a)
+    return judge, pairs, counts, requests
+
+
+def plan_annotation(job: AnnotateJob):
+    """The requests `annotate_rollouts(job)` would send after the cache, with their expected tokens
+    and cost (a cost.RequestPlan); nothing is sent or written."""
+    judge, _, _, requests = _judge_and_requests(job)
+    return judge.plan(requests)
+
+
+def annotate_rollouts(job: AnnotateJob, *, judge=None, progress: ProgressFn | None = None,
+                      force: bool = False, budget=None) -> dict:
+    """Label rollout pairs for each of the job's criteria; write `<out_dir>/<id>.jsonl` and
+    `<id>.summary.json`.
+
+    `judge`: a judge object (default: the job's judge, with its cache in the output folder).
+    `progress(done, total)` is called as verdicts arrive. Annotations of the run directory are
+    replaced only with `force`. `budget`: a cost.Budget shared with the command's other judges.
+    Returns the summary of every preference.
+    """
+    from rlphf_cli.judges.cost import cost_record
+    from rlphf_cli.runs import begin_outputs
+
+    start = time.time()
+    out_dir = job.out_dir
+    preferences = list(job.criteria)
+    judge, pairs, counts, requests = _judge_and_requests(job, judge, budget)
+    begin_outputs(job.record, [out_dir / f"{pref.id}.jsonl" for pref in preferences], force=force,
+                  hint="pass --force to label them again (verdicts so far are cached)")
     judgments = judge.judge_many(requests, progress=progress)
 
     summaries = {}
@@ -129,6 +145,7 @@ def annotate_rollouts(job: AnnotateJob, *, judge=None, progress: ProgressFn | No
                 rows.append({"prompt": pair["instruction"], "chosen": chosen, "rejected": rejected,
                              "id": pair["id"], "preference": pref.id})
         info["written"] = len(rows)
+        info["cost"] = cost_record(judgments[p * len(pairs):(p + 1) * len(pairs)], judge.price)
         # Share of labels that went to the response shown first: ~0.5 unless the judge has a position bias.
         info["first_shown_rate"] = round(info.pop("first_shown_chosen") / len(rows), 4) if rows else None
         path = out_dir / f"{pref.id}.jsonl"
@@ -143,7 +160,8 @@ def annotate_rollouts(job: AnnotateJob, *, judge=None, progress: ProgressFn | No
              "ties_dropped": sum(s["ties_dropped"] for s in summaries.values()),
              "invalid": sum(s["invalid"] for s in summaries.values()),
              "failed": sum(s["failed"] for s in summaries.values()),
-             "stats": judge.stats.to_dict(), "judge": judge.describe(), "out_dir": str(out_dir),
+             "stats": judge.stats.to_dict(), "spend": judge.spend.to_dict(), "judge": judge.describe(),
+             "out_dir": str(out_dir),
              "wall_s": round(time.time() - start, 3)}
     for summary in summaries.values():
         summary["wall_s"] = total["wall_s"]  # one batch served every preference

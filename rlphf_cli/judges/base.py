@@ -93,7 +93,15 @@ class Judge(Protocol):
 OPTION_A, OPTION_B, OPTION_TIE = "Output (a)", "Output (b)", "TIE"
 PLACEHOLDERS = ("instruction", "output_a", "output_b", "criterion")
 REQUIRED_PLACEHOLDERS = ("instruction", "output_a", "output_b")  # what the judge must see
-_PLACEHOLDER = re.compile(r"\{(" + "|".join(PLACEHOLDERS) + r")\}")
+# Several pairs in one request (judge.openai.batch_size): `<use>_batch` frames the numbered pairs, each
+# rendered with `batch_pair`. (allowed, required) placeholders of every kind of template:
+TEMPLATE_KINDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "annotate": (PLACEHOLDERS, REQUIRED_PLACEHOLDERS),
+    "evaluate": (PLACEHOLDERS, REQUIRED_PLACEHOLDERS),
+    "annotate_batch": (("criterion", "count", "pairs"), ("pairs",)),
+    "evaluate_batch": (("criterion", "count", "pairs"), ("pairs",)),
+    "batch_pair": (("index", "instruction", "output_a", "output_b"), ("index", "instruction", "output_a", "output_b")),
+}
 _ANY_PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
@@ -104,7 +112,7 @@ def shipped_templates_dir() -> Path:
 def template_path(pref: Preference, use: str, folder: str | Path | None = None) -> Path:
     """`<folder>/<ID>_<use>.txt`, else the shipped one, else the generic `default_<use>.txt`
     (which reads the preference's criterion text): recipe-defined preferences work unchanged."""
-    if use not in USES:
+    if use not in TEMPLATE_KINDS:
         raise ValueError(use)
     candidates = []
     for base in ([Path(folder).expanduser()] if folder else []) + [shipped_templates_dir()]:
@@ -117,20 +125,26 @@ def template_path(pref: Preference, use: str, folder: str | Path | None = None) 
     raise InputError(f"no judge template for {pref.id} ({use}) in {folder or shipped_templates_dir()}")
 
 
+def fill(template: str, values: dict[str, str]) -> str:
+    """Fill the template's placeholders in one pass: braces inside the values (responses) are never
+    read as placeholders."""
+    pattern = re.compile(r"\{(" + "|".join(map(re.escape, values)) + r")\}")
+    return pattern.sub(lambda m: values[m.group(1)], template)
+
+
 def render_template(template: str, instruction: str, a: str, b: str, criterion: str) -> str:
-    """Fill {instruction} {output_a} {output_b} {criterion} in one pass (braces inside responses
-    are never treated as placeholders)."""
-    values = {"instruction": instruction, "output_a": a, "output_b": b, "criterion": criterion}
-    return _PLACEHOLDER.sub(lambda m: values[m.group(1)], template)
+    """Fill {instruction} {output_a} {output_b} {criterion} in one pass."""
+    return fill(template, {"instruction": instruction, "output_a": a, "output_b": b, "criterion": criterion})
 
 
-def check_template(text: str, path: Path) -> None:
+def check_template(text: str, path: Path, use: str = "evaluate") -> None:
     """Raise InputError, naming the file, for a template that cannot work: a misspelt placeholder
     (it would reach the judge verbatim) or a missing response."""
+    allowed, required = TEMPLATE_KINDS[use]
     for name in _ANY_PLACEHOLDER.findall(text):
-        if name not in PLACEHOLDERS:
-            raise InputError(f"{path}: unknown placeholder {{{name}}}{did_you_mean(name, PLACEHOLDERS)}")
-    for name in REQUIRED_PLACEHOLDERS:
+        if name not in allowed:
+            raise InputError(f"{path}: unknown placeholder {{{name}}}{did_you_mean(name, allowed)}")
+    for name in required:
         if f"{{{name}}}" not in text:
             raise InputError(f"{path}: the template has no {{{name}}}: the judge would never see it")
 
@@ -151,7 +165,7 @@ class TemplateSet:
                 raise InputError(f"the judge was not set up with a template for {pref.id} ({use})")
             path = template_path(pref, use, self.folder)
             text = files.read_text(path, "judge template")
-            check_template(text, path)
+            check_template(text, path, use)
             self._texts[key] = text
         return self._texts[key]
 
@@ -185,15 +199,19 @@ class BaseJudge(abc.ABC):
     `_judge_uncached(items, deliver)` calling `deliver(index, judgment)` as each result arrives."""
 
     name = "base"
+    price = None  # USD per million tokens (a recipe PriceSection) where requests are paid
 
     def __init__(self, spec, cache_path: str | Path | None = None):
         from rlphf_cli.judges.cache import JudgeCache
+        from rlphf_cli.judges.cost import Budget, Spend
 
         self.spec = spec  # a specs.JudgeSpec
         self.settings = spec.settings
         self.templates = TemplateSet(texts={(pref_id, use): text for pref_id, use, text in spec.templates})
         self.stats = JudgeStats()
         self.cache = JudgeCache(cache_path) if cache_path else None
+        self.budget = Budget(spec.max_cost)  # a command's judges may share one (rlphf_cli.judges.get_judge)
+        self.spend = Spend()  # what this judge paid in this process
 
     # What a backend describes itself by; part of every cache key.
     def model_id(self) -> str:
@@ -219,12 +237,40 @@ class BaseJudge(abc.ABC):
         from rlphf_cli.judges.cache import cache_key
 
         # a and b are in presentation order, so the order is part of the key.
-        return cache_key(self.name, self.model_id(), self.templates.text(request.pref, request.use),
-                         request.pref.criterion, request.instruction, request.a, request.b, "a-b")
+        return cache_key(self.name, self.model_id(), self.framing(request), request.pref.criterion,
+                         request.instruction, request.a, request.b, "a-b")
+
+    def framing(self, request: JudgeRequest) -> str:
+        """The template text(s) a request is asked with: what its verdict depends on besides the pair."""
+        return self.templates.text(request.pref, request.use)
 
     def from_cache(self, record: dict) -> Judgment:
-        """A cached record back into a judgment; backends re-parse the raw output here."""
-        return Judgment(verdict=record["verdict"], raw=record.get("raw", ""), confidence=record.get("confidence"))
+        """A cached record back into a judgment; backends re-parse the raw output here. The tokens it
+        cost when it was asked stay with it: an output's cost counts every verdict behind it."""
+        return Judgment(verdict=record["verdict"], raw=record.get("raw", ""), confidence=record.get("confidence"),
+                        prompt_tokens=record.get("prompt_tokens", 0), completion_tokens=record.get("completion_tokens", 0))
+
+    def _split(self, requests: Sequence[JudgeRequest]) -> tuple[dict[int, dict], dict[str, list[int]]]:
+        """({index: cache record} of the requests the cache answers, {key: indices} of the others);
+        identical requests (same key) are judged once and shared."""
+        cached: dict[int, dict] = {}
+        pending: dict[str, list[int]] = {}
+        for index, request in enumerate(requests):
+            key = self.cache_key(request) if self.cache is not None else str(index)
+            record = self.cache.get(key) if self.cache is not None else None
+            if record is not None:
+                cached[index] = record
+            else:
+                pending.setdefault(key, []).append(index)
+        return cached, pending
+
+    def plan(self, requests: Sequence[JudgeRequest]):
+        """The requests `judge_many(requests)` would send, and their expected tokens and cost
+        (a cost.RequestPlan); nothing is sent. Judges that send no paid request plan none."""
+        from rlphf_cli.judges.cost import RequestPlan
+
+        cached, _ = self._split(requests)
+        return RequestPlan(judgments=len(requests), cached=len(cached), backend=self.name)
 
     def judge_many(self, requests: Sequence[JudgeRequest], progress: ProgressFn | None = None) -> list[Judgment]:
         total = len(requests)
@@ -238,18 +284,12 @@ class BaseJudge(abc.ABC):
             if progress is not None:
                 progress(done, total)
 
-        # Identical requests (same key) are judged once and shared.
-        pending: dict[str, list[int]] = {}
-        for index, request in enumerate(requests):
-            key = self.cache_key(request) if self.cache is not None else str(index)
-            record = self.cache.get(key) if self.cache is not None else None
-            if record is not None:
-                judgment = self.from_cache(record)
-                judgment.cached = True
-                self.stats.cached += 1
-                advance(index, judgment)
-            else:
-                pending.setdefault(key, []).append(index)
+        cached, pending = self._split(requests)
+        for index, record in cached.items():
+            judgment = self.from_cache(record)
+            judgment.cached = True
+            self.stats.cached += 1
+            advance(index, judgment)
 
         keys = list(pending)
         items = [(n, requests[pending[key][0]]) for n, key in enumerate(keys)]

@@ -51,6 +51,9 @@ class JudgeCache:
     def get(self, key: str) -> dict | None:
         return self._records.get(key)
 
+    def records(self) -> list[dict]:
+        return list(self._records.values())
+
     def put(self, key: str, record: dict) -> None:
         record = {"key": key, **record}
         self._records[key] = record
