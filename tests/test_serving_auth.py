@@ -202,7 +202,7 @@ def test_prompt_tokens_are_bounded(serve_recipe):
     with running_server(serve_recipe, ServeLimits(max_prompt_tokens=20)) as server:
         client = client_of(server.url)
         with pytest.raises(openai.BadRequestError) as caught:
-            ask(client, model="base")
+            client.chat.completions.create(model="base", messages=[{"role": "user", "content": "volcano " * 30}])
         assert caught.value.body["code"] == "context_length_exceeded"
         assert "at most 20 (--max-prompt-tokens)" in caught.value.body["message"]
         reply = client.chat.completions.create(model="base", messages=[{"role": "user", "content": "Hi"}],

@@ -220,8 +220,8 @@ class TransformersBackend(Backend):
         with self._cond:
             waiting = sum(len(t.rows) for t in self._pending)
         return {**super().status(), "active": len(self._rows), "waiting": waiting, "soups_cached": len(self.soups),
-                "merging": len(self._merges), "peak_batch": self.peak_batch, "max_batch": self.max_batch,
-                "max_soups": self.max_soups}
+                "adapter_slots": len(self.soups) + len(self._free), "merging": len(self._merges),
+                "peak_batch": self.peak_batch, "max_batch": self.max_batch, "max_soups": self.max_soups}
 
     def _check_cache_layout(self) -> None:
         """Joining and dropping rows edits the KV cache by hand: only plain per-layer key/value
@@ -533,6 +533,7 @@ class TransformersBackend(Backend):
             if row.cancelled and not row.done:
                 row.done = True
                 self.counters.cancelled += 1
+                self.metrics.cancelled.inc()
         if len(keep) == len(self._rows):
             return
         if not keep:
