@@ -52,11 +52,6 @@ def random_model(out: Path, hidden: int, intermediate: int, layers: int) -> Path
     return out
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
-
-
 def get_json(url: str) -> dict:
     with urllib.request.urlopen(url, timeout=30) as response:
         return json.loads(response.read())
@@ -77,6 +72,7 @@ def main() -> None:
     from safetensors.torch import load_file
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from serve_soak import percentile
     from serve_throughput import random_policies
 
     from rlphf_cli.merging import merge_in_memory

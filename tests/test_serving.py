@@ -31,14 +31,7 @@ PROMPTS = ["What is a volcano?", "Explain photosynthesis.", "Help me understand 
 SOUPS = ["concise=0.7,friendly=0.3", "P1A+P2A+P3A", "informative", "base"]
 
 
-@pytest.fixture(autouse=True)
-def single_torch_thread():
-    """In-process commands (rlphf generate, merge) on one thread, like the server's decode thread:
-    on a shared CI machine two threads stall each other on the tiny model's small matrices."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 @pytest.fixture(scope="module")

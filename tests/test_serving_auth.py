@@ -13,7 +13,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
-import torch
 from helpers import one_error_line, running_server, sse_lines
 from openai import OpenAI
 from typer.testing import CliRunner
@@ -25,12 +24,7 @@ KEYS = ("sk-first-0123456789", "sk-second-9876543210")
 PROMPT = "What is a volcano?"
 
 
-@pytest.fixture(autouse=True)
-def single_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -24,12 +24,7 @@ PROMPTS = ["What is a volcano?", "Explain photosynthesis.", "Help me understand 
 SOUPS = ["concise=0.7,friendly=0.3", "P1A+P2A+P3A", "informative", "base"]
 
 
-@pytest.fixture(autouse=True)
-def single_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def client_of(url: str) -> OpenAI:

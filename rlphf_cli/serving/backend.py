@@ -102,6 +102,11 @@ class Backend(abc.ABC):
         """Why the backend cannot serve any more (None while it can)."""
         return None
 
+    def count_cancelled(self, choices: int) -> None:
+        """Choices dropped because their client went away (for /health and /metrics)."""
+        self.counters.cancelled += choices
+        self.metrics.cancelled.inc(choices)
+
     def running_rows(self) -> int:
         """Rows (choices) decoding now, for /metrics."""
         return 0

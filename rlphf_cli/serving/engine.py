@@ -343,8 +343,7 @@ class TransformersBackend(Backend):
         for ticket in list(self._pending):
             if ticket.cancelled:
                 self._pending.remove(ticket)
-                self.counters.cancelled += len(ticket.rows)
-                self.metrics.cancelled.inc(len(ticket.rows))
+                self.count_cancelled(len(ticket.rows))
                 continue
             adapter = self._adapter_for(ticket)
             if adapter is None:  # its soup is being merged: the requests behind it go on
@@ -532,8 +531,7 @@ class TransformersBackend(Backend):
         for row in self._rows:
             if row.cancelled and not row.done:
                 row.done = True
-                self.counters.cancelled += 1
-                self.metrics.cancelled.inc()
+                self.count_cancelled(1)
         if len(keep) == len(self._rows):
             return
         if not keep:

@@ -286,6 +286,5 @@ class VLLMBackend(Backend):
             if folder is not None:
                 self.folders.release(folder)
             if len(finished) < job.sampling.n:  # the client went away: vLLM frees the sequences
-                self.counters.cancelled += job.sampling.n - len(finished)
-                self.metrics.cancelled.inc(job.sampling.n - len(finished))
+                self.count_cancelled(job.sampling.n - len(finished))
                 await self.engine.abort(job.id)
