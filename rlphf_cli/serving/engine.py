@@ -80,19 +80,22 @@ class _Row:
 
     def record(self, tokens: list[int]) -> None:
         """Note tokens of the sequence for the repetition constraints."""
-        sampling, sequence = self.job.sampling, self.sequence
+        sampling = self.job.sampling
         if sampling.repetition_penalty != 1.0:
             self.seen.update(dict.fromkeys(tokens))
         n = sampling.no_repeat_ngram_size
         if n:
+            sequence = self.sequence
             for end in range(len(sequence) - len(tokens), len(sequence)):
                 if end >= n - 1:
                     self.ngrams.setdefault(tuple(sequence[end - n + 1:end]), set()).add(sequence[end])
 
     def banned(self) -> set:
         n = self.job.sampling.no_repeat_ngram_size
+        if not n:
+            return set()
         sequence = self.sequence
-        if not n or len(sequence) + 1 < n:
+        if len(sequence) + 1 < n:
             return set()
         return self.ngrams.get(tuple(sequence[len(sequence) - n + 1:]), set())
 
@@ -130,6 +133,8 @@ class TransformersBackend(Backend):
         for policy in rest:
             peft_model.load_adapter(str(policy.path), adapter_name=self.policy_adapters[policy.name])
         peft_model.eval()
+        self._batch_adapters: list[str] = []  # each row's adapter in the forward being run
+        _route_adapters(peft_model, self._batch_adapters)
         context = getattr(model.config, "max_position_embeddings", None) or tokenizer.model_max_length
         super().__init__(policies, tokenizer, int(context), model_name)
         self.model = peft_model
@@ -417,11 +422,12 @@ class TransformersBackend(Backend):
 
         torch = self._torch
         cache = cache if cache is not None else DynamicCache()
+        self._batch_adapters[:] = adapters
         with torch.inference_mode():
             out = self.model(input_ids=torch.as_tensor(ids, device=self.device),
                              attention_mask=torch.as_tensor(mask, device=self.device),
                              position_ids=torch.as_tensor(positions, device=self.device), use_cache=True,
-                             adapter_names=list(adapters), logits_to_keep=1, **{self._cache_arg: cache})
+                             logits_to_keep=1, **{self._cache_arg: cache})
         return out.logits[:, -1, :].float(), cache  # the cache grew in place
 
     def _step(self) -> None:
@@ -441,11 +447,16 @@ class TransformersBackend(Backend):
         min_tokens), then greedy, or the row's warpers and a seeded draw. A row whose processing
         fails gets the error (None here); the others are unaffected."""
         torch = self._torch
+        greedy = logits.argmax(dim=-1).tolist()  # what a row without constraints or sampling takes
         tokens: list[int | None] = []
         for i, row in enumerate(rows):
+            sampling = row.job.sampling
+            if row.uniforms is None and not row.seen and not sampling.no_repeat_ngram_size and (
+                    len(row.tokens) >= sampling.min_tokens):
+                tokens.append(greedy[i])
+                continue
             try:
                 scores = logits[i:i + 1]
-                sampling = row.job.sampling
                 if row.seen:
                     seen = torch.tensor(list(row.seen), device=scores.device).unsqueeze(0)
                     picked = scores.gather(1, seen)
@@ -671,6 +682,25 @@ class TransformersBackend(Backend):
         """Bytes of parameters held by each cached soup's adapter (for the benchmark)."""
         return {slot.name: sum(p.numel() * p.element_size() for p in slot.params.values())
                 for slot in self.soups.values()}
+
+
+def _route_adapters(model, names: list[str]) -> None:
+    """Give every LoRA layer (and modules_to_save wrapper) `names`, the adapter of each row, at each
+    forward: PEFT's mixed-adapter batches. Passing `adapter_names=` to the model does the same, but
+    PEFT then walks every module twice per forward to check the names and add hooks, and each
+    adapter adds three modules per layer: with 32 soups cached that walk cost more than the tiny
+    model's whole decoding step. The layers are fixed once the policies are loaded (soups target
+    the same modules), so the hooks are added here, once."""
+    from peft.tuners.lora import LoraLayer
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    def inject(module, args, kwargs):
+        kwargs["adapter_names"] = names
+        return args, kwargs
+
+    for module in model.modules():
+        if isinstance(module, (LoraLayer, AuxiliaryTrainingWrapper)):
+            module.register_forward_pre_hook(inject, with_kwargs=True)
 
 
 def _signature(state: dict, config: dict) -> tuple:
