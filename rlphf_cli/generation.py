@@ -11,7 +11,6 @@ interrupted run resumes (`resume=True`) without duplicate ids and with the same 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -27,6 +26,7 @@ from rlphf_cli.errors import InputError, Interrupted
 from rlphf_cli.preferences import PreferenceSet, combination_name
 from rlphf_cli.prompting import instruction_with_preferences, render_prompt, text_ids
 from rlphf_cli.runs import JsonlAppender, atomic_write_text, file_sha256, read_jsonl
+from rlphf_cli.sampling import draw, row_seed, uniforms, warpers
 from rlphf_cli.specs import GenerateJob, ModelSpec, PromptedPreference, Sampling, Weights
 
 # progress(label, prompts done, prompts total, tokens generated so far): called after each batch.
@@ -244,8 +244,7 @@ class Generator:
     def row_seed(self, text: str, sample: int, attempt: int = 0) -> int:
         """The seed of one response: the sampling seed, the prompt text, the sample index (and the
         resampling attempt), never the batch it is decoded in."""
-        key = f"{self.sampling.seed}\0{sample}\0{attempt}\0{text}".encode()
-        return int.from_bytes(hashlib.sha256(key).digest()[:8], "little") >> 1
+        return row_seed(self.sampling.seed, sample, text, attempt)
 
     def _decode(self, batch_ids: list[list[int]], seeds: list[int]) -> tuple[list, int]:
         import torch
@@ -422,37 +421,23 @@ def _record_settings(record: dict) -> dict:
 
 
 def seeded_sampler(sampling: Sampling, seeds: list[int], prompt_length: int):
-    """A logits processor that samples each row from its own random stream, and leaves only the drawn
-    token finite so `generate`'s greedy step takes it. transformers draws every row of a batch from
-    one global generator, so a row's tokens would depend on the rows beside it (and a resumed file
-    would differ from an uninterrupted one). Temperature, top-k and top-p are applied as
-    transformers does; the draw is inverse-CDF sampling with one uniform per row and step."""
+    """A logits processor that samples each row from its own random stream (rlphf_cli.sampling), and
+    leaves only the drawn token finite so `generate`'s greedy step takes it. transformers draws every
+    row of a batch from one global generator, so a row's tokens would depend on the rows beside it
+    (and a resumed file would differ from an uninterrupted one)."""
     import torch
     from transformers import LogitsProcessor
-    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-    warpers = []
-    if sampling.temperature != 1.0:
-        warpers.append(TemperatureLogitsWarper(sampling.temperature))
-    if sampling.top_k:
-        warpers.append(TopKLogitsWarper(sampling.top_k))
-    if sampling.top_p < 1.0:
-        warpers.append(TopPLogitsWarper(sampling.top_p))
-    uniforms = torch.stack([torch.rand(sampling.max_new_tokens, dtype=torch.float64,
-                                       generator=torch.Generator().manual_seed(seed)) for seed in seeds])
+    warp = warpers(sampling.temperature, sampling.top_k, sampling.top_p)
+    rows = torch.stack([uniforms(seed, sampling.max_new_tokens) for seed in seeds])
 
     class SeededSampler(LogitsProcessor):
         def __call__(self, input_ids, scores):
-            nonlocal uniforms
-            uniforms = uniforms.to(scores.device)
-            for warper in warpers:
+            nonlocal rows
+            rows = rows.to(scores.device)
+            for warper in warp:
                 scores = warper(input_ids, scores)
-            cdf = torch.softmax(scores.double(), dim=-1).cumsum(-1)
-            u = uniforms[:, input_ids.shape[1] - prompt_length] * cdf[:, -1]
-            tokens = torch.searchsorted(cdf, u.unsqueeze(1), right=True).squeeze(1)
-            # Rounding can put u at the very top: take the last token with any probability.
-            last = (cdf < cdf[:, -1:]).sum(-1)
-            tokens = torch.minimum(tokens, last)
+            tokens = draw(scores, rows[:, input_ids.shape[1] - prompt_length])
             chosen = torch.full_like(scores, float("-inf"))
             return chosen.scatter_(1, tokens.unsqueeze(1), 0.0)
 

@@ -39,6 +39,7 @@ from rlphf_cli.specs import (
     RewardModelJob,
     RunRecord,
     Sampling,
+    ServeLimits,
     ServeSpec,
     TrainerSpec,
     Weights,
@@ -584,10 +585,10 @@ def merge_job(recipe: Recipe, *, adapters: Sequence[str | Path] = (), soup: Sequ
 # Serving
 
 
-def serve_spec(recipe: Recipe, extra: Sequence[str] = ()) -> ServeSpec:
+def serve_spec(recipe: Recipe, extra: Sequence[str] = (), limits: ServeLimits = ServeLimits()) -> ServeSpec:
     """The run directory's policy/<id>/ folders (every preference of the recipe that has one), then
     `extra` 'NAME=PATH' policies; NAME may be a preference id or alias (its prompt is then known),
-    or any other name."""
+    or any other name. `limits`: what one request may ask (the --max-... options)."""
     import re
 
     from rlphf_cli.serving.policies import BASE, SOUP
@@ -611,4 +612,13 @@ def serve_spec(recipe: Recipe, extra: Sequence[str] = ()) -> ServeSpec:
                                    "rlphf train-policy --prefs all (or give --policy NAME=PATH)")
     ordered = prefs.in_order(found.items(), key=lambda item: item[0])
     return ServeSpec(model=model_spec(recipe), policies=tuple(ordered), preferences=tuple(prefs),
-                     merge=merge_spec(recipe), sampling=sampling(recipe))
+                     merge=merge_spec(recipe), sampling=sampling(recipe), limits=check_limits(limits))
+
+
+def check_limits(limits: ServeLimits) -> ServeLimits:
+    """Every limit is at least 1 (--max-requests-per-key: 0 turns it off); named as its option."""
+    for name, value in dataclasses.asdict(limits).items():
+        least = 0 if name == "max_requests_per_key" else 1
+        if value is not None and value < least:
+            raise InputError(f"--{name.replace('_', '-')} must be at least {least} (got {value})")
+    return limits

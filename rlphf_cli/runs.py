@@ -20,7 +20,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -299,9 +299,12 @@ def register_secrets(names: Sequence[str]) -> None:
     """Remember the values of the environment variables a recipe names in `*_env` keys (API keys):
     `scrub` keeps them out of everything written into a run directory. Secrets are known by what
     they are (values read from the environment), not guessed from key names."""
-    for name in names:
-        if len(os.environ.get(name, "")) >= 4:
-            _SECRETS.add(os.environ[name])
+    register_secret_values(os.environ.get(name, "") for name in names)
+
+
+def register_secret_values(values: Iterable[str]) -> None:
+    """Remember secret values given to a command directly (`rlphf serve --api-key`)."""
+    _SECRETS.update(value for value in values if len(value) >= 4)
 
 
 def scrub(obj: Any) -> Any:

@@ -492,16 +492,34 @@ class PolicyJob:
 
 
 @dataclass(frozen=True)
+class ServeLimits:
+    """What one request may ask of `rlphf serve` (each a --max-... option): a request beyond one is
+    an OpenAI-shaped 4xx naming the limit, before any work is queued."""
+
+    max_body_bytes: int = 2 * 2**20  # a request body (TGI's --payload-limit is 2 MB)
+    max_prompt_tokens: int | None = None  # None: the model's context minus the answer's max_tokens
+    max_tokens_limit: int = 2048  # the most tokens one choice may ask for (max_tokens)
+    max_n: int = 8  # choices per request (also at most --max-batch)
+    max_stop: int = 4  # stop sequences per request, as OpenAI
+    max_stop_chars: int = 64  # characters of one stop sequence
+    max_soup_members: int = 8  # policies in one soup
+    max_queue: int = 64  # requests waiting for a batch slot; beyond: 429 with Retry-After
+    max_requests_per_key: int = 0  # requests in flight per API key (0: no limit)
+    soup_cache_bytes: int = 4 * 2**30  # --backend vllm: disk budget of merged soup folders
+
+
+@dataclass(frozen=True)
 class ServeSpec:
     """What `rlphf serve` serves: the base model, the policies (a preference id or a --policy name,
-    and its adapter folder), the preferences soups are named by, the merge method, and the sampling
-    settings of the recipe (what a request does not set)."""
+    and its adapter folder), the preferences soups are named by, the merge method, the sampling
+    settings of the recipe (what a request does not set) and the limits of one request."""
 
     model: ModelSpec
     policies: tuple[tuple[str, Path], ...]
     preferences: tuple[Preference, ...]
     merge: MergeSpec = MergeSpec()
     sampling: Sampling = Sampling()
+    limits: ServeLimits = ServeLimits()
 
 
 # --------------------------------------------------------------------------------------------

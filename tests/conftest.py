@@ -19,6 +19,18 @@ FIXTURE_TEXTS = [
 ] * 20
 
 
+@pytest.fixture
+def single_torch_thread():
+    """One torch thread in this process (in-process commands, merges), like the server's decode
+    thread: tiny tensors gain nothing from threads, and on a shared machine threads stall each other."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_random_model(tmp_path_factory):
     """A random LlamaForCausalLM (hidden 32, 2 layers) + an offline BPE tokenizer, saved to a folder."""

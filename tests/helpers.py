@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -121,3 +122,36 @@ def write_recipe(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "x.yaml"
     path.write_text(text)
     return path
+
+
+@contextlib.contextmanager
+def running_server(recipe: Recipe, limits=None, extra: Sequence[str] = (), **options):
+    """`rlphf serve` of `recipe`'s run directory in this process on a free port (decode thread on one
+    torch thread): .url, .server, .backend. `limits`: a ServeLimits; `options`: build_server's."""
+    from types import SimpleNamespace
+
+    from rlphf_cli.jobs import serve_spec
+    from rlphf_cli.serving.server import ServerThread, build_server
+    from rlphf_cli.specs import ServeLimits
+
+    server = build_server(serve_spec(recipe, extra, limits or ServeLimits()), threads=1, **options)
+    with ServerThread(server) as url:
+        yield SimpleNamespace(url=url, server=server, backend=server.backend)
+
+
+def sse_lines(url: str, body: dict, headers: dict | None = None, timeout: float = 60) -> tuple[int, list[str]]:
+    """POST a streamed chat completion with the standard library and return (status, every `data:`
+    payload as sent), for what the openai client hides (null fields, the error event, [DONE])."""
+    import http.client
+    from urllib.parse import urlparse
+
+    where = urlparse(url)
+    connection = http.client.HTTPConnection(where.hostname, where.port, timeout=timeout)
+    try:
+        connection.request("POST", "/v1/chat/completions", json.dumps({**body, "stream": True}),
+                           {"Content-Type": "application/json", **(headers or {})})
+        response = connection.getresponse()
+        text = response.read().decode()
+    finally:
+        connection.close()
+    return response.status, [line[6:] for line in text.splitlines() if line.startswith("data: ")]

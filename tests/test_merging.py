@@ -23,13 +23,7 @@ from rlphf_cli.runs import file_sha256
 runner = CliRunner()
 
 
-@pytest.fixture(autouse=True)
-def single_torch_thread():
-    """Tiny tensors: one thread is faster, and on a shared CI machine threads stall each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 @pytest.fixture(scope="module")

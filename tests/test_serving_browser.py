@@ -107,3 +107,36 @@ def test_playground_streams_the_answer_of_the_soup_its_sliders_make(browser, ser
     find(By.ID, "send").click()
     wait_for(browser, lambda d: output.get_attribute("data-state") == "error")
     assert "400" in find(By.ID, "status").text and "context" in find(By.ID, "status").text
+
+
+def test_playground_asks_for_the_key_once_and_keeps_it_in_the_tab(browser, serve_recipe):
+    from helpers import running_server
+    from selenium.webdriver.common.by import By
+
+    key = "sk-playground-123456"
+    with running_server(serve_recipe, api_keys=(key,)) as server:
+        browser.get(f"{server.url}/")
+        find = browser.find_element
+        output = find(By.ID, "output")
+        assert find(By.ID, "key-box").is_displayed() and not find(By.ID, "key-set").is_displayed()
+        find(By.ID, "prompt").send_keys("What is a volcano?")
+        find(By.ID, "send").click()  # no key yet: the page says so, nothing is sent
+        assert output.get_attribute("data-state") == "error" and "API key" in find(By.ID, "status").text
+
+        find(By.ID, "api-key").send_keys("sk-wrong")
+        find(By.ID, "key-save").click()
+        find(By.ID, "send").click()
+        wait_for(browser, lambda d: output.get_attribute("data-state") == "error")
+        assert "401" in find(By.ID, "status").text and find(By.ID, "key-box").is_displayed()  # asked again
+
+        find(By.ID, "api-key").send_keys(key)
+        find(By.ID, "key-save").click()
+        assert find(By.ID, "key-set").is_displayed() and not find(By.ID, "key-box").is_displayed()
+        for _ in range(2):  # asked once: every later request carries it
+            find(By.ID, "send").click()
+            wait_for(browser, lambda d: output.get_attribute("data-state") == "streaming")
+            wait_for(browser, lambda d: output.get_attribute("data-state") in ("done", "error"))
+            assert output.get_attribute("data-state") == "done", find(By.ID, "status").text
+        stored = browser.execute_script("return [sessionStorage.getItem('rlphf-api-key'), localStorage.length, "
+                                        "document.cookie]")
+        assert stored == [key, 0, ""]  # this tab's session only

@@ -140,7 +140,8 @@ def test_requests_reach_vllm_with_the_prompt_ids_sampling_and_lora(vllm_modules,
         tokenizer = server.backend.tokenizer
         expected = text_ids(tokenizer, render_prompt(tokenizer, instruction_with_preferences(messages[0]["content"], prefs)))
         assert call["prompt"] == {"prompt_token_ids": expected}
-        assert call["params"].kw == {"n": 2, "temperature": 0.0, "top_p": 1.0, "max_tokens": 40, "min_tokens": 0,
+        assert call["params"].kw == {"n": 2, "temperature": 0.0, "top_p": 1.0, "top_k": -1, "repetition_penalty": 1.0,
+                                     "max_tokens": 40, "min_tokens": 0,
                                      "stop": ["zzz"], "seed": 3, "skip_special_tokens": True}
         assert call["lora"].lora_name == "P2A=0.7,P3A=0.3"
         texts = [c.message.content for c in reply.choices]
@@ -170,3 +171,54 @@ def test_exact_soups_need_a_larger_lora_rank(vllm_modules, serve_run):
     recipe = load_recipe(None, ["merge.method=exact"], {"run_dir": str(serve_run)})
     backend = build_server(serve_spec(recipe), backend="vllm").backend
     assert backend.engine.args.kw["max_lora_rank"] == 16  # four rank-4 policies concatenated
+
+
+def test_soup_folders_are_an_lru_within_a_byte_budget(tmp_path):
+    import os
+
+    from rlphf_cli.serving.vllm_backend import SoupFolders
+
+    root = tmp_path / "soups"
+    for i, name in enumerate(("old", "mid", "new")):
+        (root / name).mkdir(parents=True)
+        (root / name / "soup.json").write_text("{}")
+        (root / name / "adapter_model.safetensors").write_bytes(b"0" * 998)
+        os.utime(root / name, (1000 + i, 1000 + i))
+    (root / "unfinished").mkdir()  # no soup.json: a folder nothing can use
+    (root / ".new.tmp-999999999-1").mkdir()  # left by a writer that was killed
+    folders = SoupFolders(root, budget=10**6)
+    assert sorted(p.name for p in root.iterdir()) == ["mid", "new", "old"]  # cleaned at start
+    folders.budget = 2100  # two folders of 1,000 bytes
+    folders.use(root / "old")  # in use, and now the most recently used
+    assert folders.trim() == [root / "mid"]
+    folders.release(root / "old")
+    assert not folders.in_use  # no entry left behind
+    folders.budget = 1000
+    assert folders.trim() == [root / "new"]
+
+
+def test_folder_names_and_lora_ids_stay_bounded(vllm_modules, serve_recipe, monkeypatch):
+    from rlphf_cli.serving import vllm_backend
+    from rlphf_cli.serving.server import build_server
+
+    backend = build_server(serve_spec(serve_recipe), backend="vllm", max_soups=2).backend
+    policies = backend.policies
+    soup = policies.resolve("concise=0.7,friendly=0.3")
+    assert backend.soup_folder(policies.resolve("concise=7,friendly=3")) == backend.soup_folder(soup)
+    with monkeypatch.context() as patch:  # other merge code: another folder, never the old one
+        patch.setattr(vllm_backend, "merge_code_version", lambda: "other merge code")
+        other = backend.soup_folder(soup)
+    assert other != backend.soup_folder(soup)
+
+    async def ask_many():
+        ids = []
+        for k in range(12):
+            request = await backend.lora_request(policies.resolve(f"concise={k + 1},friendly=1"))
+            backend.folders.release(Path(request.lora_path))
+            ids.append(request.lora_int_id)
+        return ids
+
+    ids = asyncio.run(ask_many())
+    assert len(set(ids)) == 12  # an id never names two soups
+    assert len(backend._ids) <= 2 + len(policies.policies) and not backend._writing and not backend.folders.in_use
+    assert len(backend.written) <= 2

@@ -9,7 +9,7 @@ went away) cancels the job and frees its batch slots.
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 from rlphf_cli.serving.policies import PolicySet, Soup
@@ -17,8 +17,14 @@ from rlphf_cli.serving.policies import PolicySet, Soup
 
 @dataclass(frozen=True)
 class Sampling:
+    """How one request samples: the recipe's `generate` settings, with what the request may set
+    (temperature, top_p, max_tokens, min_tokens, stop, seed, n) overridden."""
+
     temperature: float = 1.0  # 0: greedy
     top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
     max_tokens: int = 64
     min_tokens: int = 0
     stop: tuple[str, ...] = ()
@@ -26,12 +32,19 @@ class Sampling:
     n: int = 1
 
 
-@dataclass
+@dataclass(eq=False)
 class Job:
     id: str
     prompt_ids: list[int]
     soup: Soup
     sampling: Sampling
+    prompt_text: str = ""  # the rendered prompt: seeded rows draw from a stream keyed by it (rlphf_cli.sampling)
+    on_leave: Callable[[], None] | None = None  # called when the job leaves the waiting queue
+
+    def left_queue(self) -> None:
+        """The job began decoding, or ended before (from any thread; the callback is idempotent)."""
+        if self.on_leave is not None:
+            self.on_leave()
 
 
 @dataclass(frozen=True)
@@ -50,6 +63,16 @@ class Finish:
 
 class BackendError(Exception):
     """Decoding failed for a reason that is not the request's fault (HTTP 500)."""
+
+    status = 500
+    code: str | None = None
+
+
+class BackendUnavailable(BackendError):
+    """The backend cannot decode any more (its decode thread died): HTTP 503 at once, never a hang."""
+
+    status = 503
+    code = "service_unavailable"
 
 
 @dataclass
@@ -70,6 +93,23 @@ class Backend(abc.ABC):
         self.context_length = context_length
         self.model_name = model_name
         self.counters = Counters()
+        from rlphf_cli.serving.metrics import ServeMetrics
+
+        self.metrics = ServeMetrics()
+
+    @property
+    def dead(self) -> str | None:
+        """Why the backend cannot serve any more (None while it can)."""
+        return None
+
+    def count_cancelled(self, choices: int) -> None:
+        """Choices dropped because their client went away (for /health and /metrics)."""
+        self.counters.cancelled += choices
+        self.metrics.cancelled.inc(choices)
+
+    def running_rows(self) -> int:
+        """Rows (choices) decoding now, for /metrics."""
+        return 0
 
     def start(self) -> None:  # noqa: B027 (an optional hook)
         """Called when the server starts serving (in its event loop)."""

@@ -7,12 +7,22 @@ running batch (left padding); a finished or cancelled row leaves at once. One fo
 serves every row with its own adapter through PEFT's mixed-adapter batches (`adapter_names`,
 "__base__" for the base model), so concurrent users of different soups share the work.
 
-A new soup is merged from the policies' tensors, loaded once at start-up, by the code `rlphf merge`
-uses (rlphf_cli.merging.merge_in_memory) and added as an adapter; an LRU keeps --max-soups of them.
-Adapters stay unmerged (LoRA layers), which is what lets rows of different soups share a batch.
+A new soup is merged by a worker thread from the policies' tensors, loaded once at start-up, by
+the code `rlphf merge` uses (rlphf_cli.merging.merge_in_memory): its requests wait while running
+streams keep decoding, and requests for the same new soup share one merge. The decode thread then
+copies the merged tensors into a free adapter slot (made ahead while idle, up to --max-soups); an
+LRU keeps --max-soups soups. Adapters stay unmerged (LoRA layers), which is what lets rows of
+different soups share a batch. Soups are keyed by the weights the merge method uses, so
+'concise=7,friendly=3' and 'concise=0.7,friendly=0.3' are one soup.
 
-Each row samples with its own torch.Generator (seeded from the request's `seed`), so a seeded
-answer does not depend on what else is in the batch.
+Failures stay with their request: when a prefill or a step fails, the KV cache is put back as it
+was, each row is tried alone to find the one at fault, that row gets the error and the others go
+on with their cache and their tokens. If the decode thread dies anyway, every waiting and running
+request gets a 503 and so does every new one (the `dead` property says why).
+
+Each row samples from its own seeded random stream (rlphf_cli.sampling), with the recipe's
+generate settings, so a seeded answer does not depend on what else is in the batch and equals
+`rlphf generate`'s.
 """
 
 from __future__ import annotations
@@ -25,21 +35,21 @@ import logging
 import secrets
 import threading
 import time
-import zlib
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from rlphf_cli.errors import InputError
-from rlphf_cli.serving.backend import Backend, BackendError, Delta, Finish, Job, TextStream
+from rlphf_cli.sampling import draw, row_seed, uniforms, warpers
+from rlphf_cli.serving.backend import Backend, BackendError, BackendUnavailable, Delta, Finish, Job, TextStream
 from rlphf_cli.serving.policies import PolicySet, Soup
 from rlphf_cli.specs import ModelSpec
 
 log = logging.getLogger("rlphf.serve")
 BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed batch
-# Adapters made ahead while idle (within --max-soups): a new soup then costs only its merge (~2 ms on
-# the tiny model) instead of peft's add_adapter, which walks the whole model (~50-100 ms).
-SPARE_ADAPTERS = 2
+# How often a waiting request checks that the decode thread is still alive (seconds).
+WATCHDOG_SECONDS = 0.5
 
 
 @dataclass(eq=False)
@@ -48,11 +58,14 @@ class _Row:
 
     job: Job
     index: int
-    send: object  # callable(event), thread-safe
-    generator: object = None  # torch.Generator for sampling
+    send: object  # callable(event), thread-safe, never raises
+    uniforms: object = None  # float64 tensor, one per step (None: greedy)
+    warpers: list = field(default_factory=list)
     adapter: str = BASE_ADAPTER
     tokens: list[int] = field(default_factory=list)
     text: TextStream = None  # type: ignore[assignment]
+    seen: dict = field(default_factory=dict)  # token ids of prompt and answer (repetition penalty), in order
+    ngrams: dict = field(default_factory=dict)  # (n-1 tokens) -> tokens that followed them (no_repeat_ngram_size)
     cancelled: bool = False
     done: bool = False
 
@@ -61,6 +74,31 @@ class _Row:
         """Position id of the last token (the one fed at the next step)."""
         return len(self.job.prompt_ids) + len(self.tokens) - 1
 
+    @property
+    def sequence(self) -> list[int]:
+        return self.job.prompt_ids + self.tokens
+
+    def record(self, tokens: list[int]) -> None:
+        """Note tokens of the sequence for the repetition constraints."""
+        sampling = self.job.sampling
+        if sampling.repetition_penalty != 1.0:
+            self.seen.update(dict.fromkeys(tokens))
+        n = sampling.no_repeat_ngram_size
+        if n:
+            sequence = self.sequence
+            for end in range(len(sequence) - len(tokens), len(sequence)):
+                if end >= n - 1:
+                    self.ngrams.setdefault(tuple(sequence[end - n + 1:end]), set()).add(sequence[end])
+
+    def banned(self) -> set:
+        n = self.job.sampling.no_repeat_ngram_size
+        if not n:
+            return set()
+        sequence = self.sequence
+        if len(sequence) + 1 < n:
+            return set()
+        return self.ngrams.get(tuple(sequence[len(sequence) - n + 1:]), set())
+
 
 @dataclass(eq=False)
 class _Ticket:
@@ -68,6 +106,11 @@ class _Ticket:
 
     rows: list[_Row]
     soup: Soup
+    looked_up: bool = False  # counted as a soup cache hit or miss
+
+    @property
+    def cancelled(self) -> bool:
+        return all(row.cancelled for row in self.rows)
 
 
 class TransformersBackend(Backend):
@@ -90,6 +133,8 @@ class TransformersBackend(Backend):
         for policy in rest:
             peft_model.load_adapter(str(policy.path), adapter_name=self.policy_adapters[policy.name])
         peft_model.eval()
+        self._batch_adapters: list[str] = []  # each row's adapter in the forward being run
+        _route_adapters(peft_model, self._batch_adapters)
         context = getattr(model.config, "max_position_embeddings", None) or tokenizer.model_max_length
         super().__init__(policies, tokenizer, int(context), model_name)
         self.model = peft_model
@@ -104,8 +149,11 @@ class TransformersBackend(Backend):
         # The policies' tensors as saved, for merging (PEFT may have cast its own copies).
         self.tensors = {name: load_file(str(policies.inputs[name].weights_file)) for name in policies.policies}
         self.soups: OrderedDict[str, _Slot] = OrderedDict()  # soup key -> its adapter, least recently used first
-        self._free: list[_Slot] = []  # adapters of evicted soups, reused by the next soup of their shapes
+        self._free: list[_Slot] = []  # adapters holding no soup, reused by the next soup of their shapes
         self._adapter_ids = itertools.count()
+        self._merges: dict[str, Future] = {}  # soup key -> its merge on the worker (one per soup at a time)
+        self._merged: deque[tuple[str, Future]] = deque()  # finished merges for the decode thread to place
+        self._merger: ThreadPoolExecutor | None = None
         eos = model.generation_config.eos_token_id
         eos = [eos] if isinstance(eos, int) else list(eos or [])
         self.stop_ids = sorted({*eos, tokenizer.eos_token_id, tokenizer.pad_token_id} - {None})
@@ -119,16 +167,19 @@ class TransformersBackend(Backend):
         self._cache = None
         self._mask = None
         self._stopping = False
+        self._dead: str | None = None
         self._thread: threading.Thread | None = None
-        self.merge_seconds: list[float] = []  # time to merge + add each new soup
+        self.merges = 0  # soups merged so far
+        self.merge_seconds: deque[float] = deque(maxlen=256)  # the latest merges' times (merge + load)
         self.peak_batch = 0  # the most rows decoded together so far
         self._check_cache_layout()
-        self._spare_signature = self._predictable_signature()
+        self._pool_signature = self._predictable_signature()
 
     def _predictable_signature(self) -> tuple[tuple, dict] | None:
         """The shapes and scaling every soup of these policies has, when the method fixes them (all
-        but 'exact', whose rank grows with the number of members): spare adapters of that signature
-        are made while the server is idle, so a new soup costs its merge, not peft's add_adapter."""
+        but 'exact', whose rank grows with the number of members): adapter slots of that signature
+        are made while the server is idle, up to --max-soups, so a new soup costs its merge (on the
+        worker) and a copy, never peft's add_adapter on the decode thread."""
         from rlphf_cli.merging import merge_in_memory
 
         policies = self.policies
@@ -142,7 +193,8 @@ class TransformersBackend(Backend):
 
     def start(self) -> None:
         if self._thread is None:
-            self._stopping = False
+            self._stopping, self._dead = False, None
+            self._merger = ThreadPoolExecutor(1, thread_name_prefix="rlphf-merge", initializer=self._one_thread)
             self._thread = threading.Thread(target=self._loop, name="rlphf-decode", daemon=True)
             self._thread.start()
 
@@ -153,11 +205,27 @@ class TransformersBackend(Backend):
         if self._thread is not None:
             self._thread.join(timeout=10)
             self._thread = None
+        if self._merger is not None:
+            self._merger.shutdown(wait=False, cancel_futures=True)
+            self._merger = None
+
+    def _one_thread(self) -> None:
+        self._torch.set_num_threads(1)  # merging is memory-bound; leave the cores to decoding
+
+    @property
+    def dead(self) -> str | None:
+        if self._dead is None and self._thread is not None and not self._thread.is_alive() and not self._stopping:
+            self._dead = "the decode thread stopped"
+        return self._dead
+
+    def running_rows(self) -> int:
+        return len(self._rows)
 
     def status(self) -> dict:
         with self._cond:
             waiting = sum(len(t.rows) for t in self._pending)
         return {**super().status(), "active": len(self._rows), "waiting": waiting, "soups_cached": len(self.soups),
+                "adapter_slots": len(self.soups) + len(self._free), "merging": len(self._merges),
                 "peak_batch": self.peak_batch, "max_batch": self.max_batch, "max_soups": self.max_soups}
 
     def _check_cache_layout(self) -> None:
@@ -174,21 +242,30 @@ class TransformersBackend(Backend):
     # -- the event-loop side ------------------------------------------------------------------
 
     async def stream(self, job: Job) -> AsyncIterator[Delta | Finish]:
+        if self.dead:
+            raise BackendUnavailable(f"the server cannot decode: {self.dead}")
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
 
         def send(event) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, event)
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, event)
+            except RuntimeError:  # the event loop is closed: nobody is listening any more
+                pass
 
-        rows = [_Row(job, i, send, generator=self._generator(job, i), text=TextStream(job.sampling.stop))
-                for i in range(job.sampling.n)]
+        rows = [self._row(job, i, send) for i in range(job.sampling.n)]
         with self._cond:
             self._pending.append(_Ticket(rows, job.soup))
             self._cond.notify()
         remaining = len(rows)
         try:
             while remaining:
-                event = await queue.get()
+                try:
+                    event = await asyncio.wait_for(queue.get(), WATCHDOG_SECONDS)
+                except asyncio.TimeoutError:
+                    if self.dead:
+                        raise BackendUnavailable(f"the server cannot decode: {self.dead}") from None
+                    continue
                 if isinstance(event, Exception):
                     raise event
                 if isinstance(event, Finish):
@@ -201,88 +278,143 @@ class TransformersBackend(Backend):
                 with self._cond:
                     self._cond.notify()
 
-    def _generator(self, job: Job, index: int):
-        seed = job.sampling.seed
-        value = zlib.crc32(f"{seed}:{index}".encode()) if seed is not None else secrets.randbits(63)
-        return self._torch.Generator().manual_seed(value)
+    def _row(self, job: Job, index: int, send) -> _Row:
+        sampling = job.sampling
+        row = _Row(job, index, send, text=TextStream(sampling.stop))
+        if sampling.temperature > 0:
+            seed = sampling.seed if sampling.seed is not None else secrets.randbits(63)
+            row.uniforms = uniforms(row_seed(seed, index, job.prompt_text), sampling.max_tokens)
+            row.warpers = warpers(sampling.temperature, sampling.top_k, sampling.top_p)
+        row.record(job.prompt_ids)
+        return row
 
     # -- the decode thread ----------------------------------------------------------------------
 
     def _loop(self) -> None:
+        try:
+            self._serve()
+        except BaseException as exc:  # a bug outside any one request: nothing can decode any more
+            log.exception("the decode thread died")
+            self._die(f"{type(exc).__name__}: {exc}")
+
+    def _serve(self) -> None:
         torch = self._torch
         if self.threads:
             torch.set_num_threads(self.threads)
         while True:
             with self._cond:
-                while not self._stopping and not self._rows and not self._pending:
-                    if self._wants_spare():
+                while True:
+                    if self._stopping:
+                        return
+                    merged, admitted = list(self._merged), []
+                    self._merged.clear()
+                    if merged:
+                        break
+                    admitted = self._take_pending()
+                    if admitted or self._rows or self._wants_slot():
                         break
                     self._cond.wait()
-                if self._stopping:
-                    return
-                admitted = self._take_pending()
-            try:
-                if not admitted and not self._rows:  # idle: prepare an adapter for the next new soup
-                    self._add_spare()
-                    continue
-                if admitted:
-                    self._admit(admitted)
+            if merged:  # placed out of the lock: the event loop never waits for a copy or add_adapter
+                self._place_merged(merged)
+                continue
+            if not admitted and not self._rows:  # idle: prepare an adapter slot for a new soup
+                self._add_spare()
+                continue
+            if admitted:
+                self._admit(admitted)
+            self._drop(lambda row: row.done or row.cancelled)
+            if self._rows:
+                self._decode_step()
                 self._drop(lambda row: row.done or row.cancelled)
-                if self._rows:
-                    with torch.inference_mode():
-                        self._step()
-                    self._drop(lambda row: row.done or row.cancelled)
-            except Exception as exc:  # a bug or out of memory: fail the running requests, keep serving
-                log.exception("decoding failed")
-                failed = BackendError(f"decoding failed: {type(exc).__name__}: {exc}")
-                for row in self._rows + [r for t in admitted for r in t.rows]:
-                    if not row.done:
-                        row.done = True
-                        row.send(failed)
-                self._rows, self._cache, self._mask = [], None, None
+
+    def _die(self, reason: str) -> None:
+        with self._cond:
+            self._dead = reason
+            rows = self._rows + [row for ticket in self._pending for row in ticket.rows]
+            self._rows, self._cache, self._mask = [], None, None
+            self._pending.clear()
+        for row in rows:
+            self._fail(row, BackendUnavailable(f"the server cannot decode: {reason}"))
+
+    def _fail(self, row: _Row, error: Exception) -> None:
+        if not row.done:
+            row.done = True
+            row.send(error)
 
     def _take_pending(self) -> list[_Ticket]:
+        """(Under the lock.) The waiting requests that join the batch now, in order: those whose
+        soup is ready, while rows are free. Starts the merges of new soups."""
         taken, free = [], self.max_batch - len(self._rows)
-        while self._pending:
-            ticket = self._pending[0]
-            if all(row.cancelled for row in ticket.rows):
-                self._pending.popleft()
-                self.counters.cancelled += len(ticket.rows)
+        for ticket in list(self._pending):
+            if ticket.cancelled:
+                self._pending.remove(ticket)
+                self.count_cancelled(len(ticket.rows))
+                continue
+            adapter = self._adapter_for(ticket)
+            if adapter is None:  # its soup is being merged: the requests behind it go on
                 continue
             if len(ticket.rows) > free:
                 break
-            self._pending.popleft()
+            self._pending.remove(ticket)
+            for row in ticket.rows:
+                row.adapter = adapter
+                row.job.left_queue()
             taken.append(ticket)
             free -= len(ticket.rows)
         return taken
 
     def _admit(self, tickets: list[_Ticket]) -> None:
-        torch = self._torch
-        rows = []
-        in_use = {row.adapter for row in self._rows}
-        for ticket in tickets:
+        rows = [row for ticket in tickets for row in ticket.rows]
+        while rows:
             try:
-                adapter = self._adapter_for(ticket.soup, in_use)
-                in_use.add(adapter)
+                self._prefill(rows)
+                return
             except Exception as exc:
-                log.exception("soup %s failed", ticket.soup.key)
-                for row in ticket.rows:
-                    row.done = True
-                    row.send(BackendError(f"cannot prepare soup {ticket.soup.key}: {exc}"))
-                continue
-            for row in ticket.rows:
-                row.adapter = adapter
-                rows.append(row)
-        if not rows:
-            return
+                rows = self._isolate(rows, exc)
+
+    def _prefill(self, rows: list[_Row]) -> None:
+        torch = self._torch
         width = max(len(r.job.prompt_ids) for r in rows)
         ids = [[self.pad_id] * (width - len(r.job.prompt_ids)) + r.job.prompt_ids for r in rows]
         mask = [[0] * (width - len(r.job.prompt_ids)) + [1] * len(r.job.prompt_ids) for r in rows]
         positions = [[max(0, i - (width - len(r.job.prompt_ids))) for i in range(width)] for r in rows]
-        with torch.inference_mode():
-            logits, cache = self._forward(ids, mask, positions, [r.adapter for r in rows], None)
-            self._sample_and_emit(rows, logits)
-            self._join(rows, cache, torch.tensor(mask, device=self.device))
+        logits, cache = self._forward(ids, mask, positions, [r.adapter for r in rows], None)
+        tokens = self._next_tokens(rows, logits)
+        self._join(rows, cache, torch.tensor(mask, device=self.device))
+        self._emit_all(rows, tokens)
+
+    def _decode_step(self) -> None:
+        """One step of the running batch; a failure is rolled back and isolated, then the step is
+        taken again without the rows at fault."""
+        while self._rows:
+            saved = self._mask, [(layer.keys, layer.values) for layer in self._cache.layers]
+            try:
+                self._step()
+                return
+            except Exception as exc:
+                self._mask = saved[0]
+                for layer, (keys, values) in zip(self._cache.layers, saved[1], strict=True):
+                    layer.keys, layer.values = keys, values
+                self._isolate(list(self._rows), exc)
+                self._drop(lambda row: row.done or row.cancelled)
+
+    def _isolate(self, rows: list[_Row], error: Exception) -> list[_Row]:
+        """After a failed batch: fail the rows that fail alone (each row's whole sequence forwarded
+        on its own), return the others. When no row fails alone, the batch as a whole failed (say,
+        out of memory): every row gets the error."""
+        log.error("decoding a batch of %d rows failed: %s: %s", len(rows), type(error).__name__, error)
+        culprits = [row for row in rows if self._fails_alone(row)] if len(rows) > 1 else rows
+        for row in culprits or rows:
+            self._fail(row, BackendError(f"decoding failed: {type(error).__name__}: {error}"))
+        return [row for row in rows if not row.done]
+
+    def _fails_alone(self, row: _Row) -> bool:
+        sequence = row.sequence
+        try:
+            self._forward([sequence], [[1] * len(sequence)], [list(range(len(sequence)))], [row.adapter], None)
+        except Exception:
+            return True
+        return False
 
     def _forward(self, ids, mask, positions, adapters, cache):
         """One forward of the batch: (last-position logits in float32, cache)."""
@@ -290,11 +422,12 @@ class TransformersBackend(Backend):
 
         torch = self._torch
         cache = cache if cache is not None else DynamicCache()
+        self._batch_adapters[:] = adapters
         with torch.inference_mode():
             out = self.model(input_ids=torch.as_tensor(ids, device=self.device),
                              attention_mask=torch.as_tensor(mask, device=self.device),
                              position_ids=torch.as_tensor(positions, device=self.device), use_cache=True,
-                             adapter_names=list(adapters), logits_to_keep=1, **{self._cache_arg: cache})
+                             logits_to_keep=1, **{self._cache_arg: cache})
         return out.logits[:, -1, :].float(), cache  # the cache grew in place
 
     def _step(self) -> None:
@@ -302,28 +435,61 @@ class TransformersBackend(Backend):
         rows = self._rows
         ids = torch.tensor([[row.tokens[-1]] for row in rows], device=self.device)
         positions = torch.tensor([[row.position] for row in rows], device=self.device)
-        self._mask = torch.cat([self._mask, self._mask.new_ones(len(rows), 1)], dim=1)
-        logits, self._cache = self._forward(ids, self._mask, positions, [row.adapter for row in rows], self._cache)
-        self._sample_and_emit(rows, logits)
+        mask = torch.cat([self._mask, self._mask.new_ones(len(rows), 1)], dim=1)
+        logits, self._cache = self._forward(ids, mask, positions, [row.adapter for row in rows], self._cache)
+        tokens = self._next_tokens(rows, logits)
+        self._mask = mask
+        self._emit_all(rows, tokens)
 
-    def _sample_and_emit(self, rows: list[_Row], logits) -> None:
+    def _next_tokens(self, rows: list[_Row], logits) -> list[int | None]:
+        """Every row's next token from its logits: the one place where per-row logits are processed.
+        The recipe's constraints in `generate`'s order (repetition penalty, no-repeat n-grams,
+        min_tokens), then greedy, or the row's warpers and a seeded draw. A row whose processing
+        fails gets the error (None here); the others are unaffected."""
         torch = self._torch
-        for i, row in enumerate(rows):
-            if len(row.tokens) < row.job.sampling.min_tokens:
-                logits[i, self.stop_ids] = float("-inf")
-        greedy = logits.argmax(dim=-1).tolist()
+        greedy = logits.argmax(dim=-1).tolist()  # what a row without constraints or sampling takes
+        tokens: list[int | None] = []
         for i, row in enumerate(rows):
             sampling = row.job.sampling
-            token = greedy[i]
-            if sampling.temperature > 0:
-                probs = torch.softmax(logits[i] / sampling.temperature, dim=-1)
-                if sampling.top_p < 1:
-                    sorted_probs, order = probs.sort(descending=True)
-                    outside = sorted_probs.cumsum(0) - sorted_probs >= sampling.top_p  # keeps at least one
-                    probs = probs.scatter(0, order[outside], 0.0)
-                token = int(torch.multinomial(probs.cpu(), 1, generator=row.generator))
+            if row.uniforms is None and not row.seen and not sampling.no_repeat_ngram_size and (
+                    len(row.tokens) >= sampling.min_tokens):
+                tokens.append(greedy[i])
+                continue
+            try:
+                scores = logits[i:i + 1]
+                if row.seen:
+                    seen = torch.tensor(list(row.seen), device=scores.device).unsqueeze(0)
+                    picked = scores.gather(1, seen)
+                    penalty = sampling.repetition_penalty
+                    scores = scores.scatter(1, seen, torch.where(picked < 0, picked * penalty, picked / penalty))
+                banned = row.banned()
+                if banned:
+                    scores = scores.index_fill(1, torch.tensor(sorted(banned), device=scores.device), float("-inf"))
+                if len(row.tokens) < sampling.min_tokens:
+                    scores = scores.index_fill(1, torch.tensor(self.stop_ids, device=scores.device), float("-inf"))
+                if row.uniforms is None:
+                    tokens.append(int(scores.argmax(dim=-1)))
+                    continue
+                for warper in row.warpers:
+                    scores = warper(None, scores)
+                tokens.append(int(draw(scores, row.uniforms[len(row.tokens):len(row.tokens) + 1].to(scores.device))))
+            except Exception as exc:
+                log.exception("sampling failed for %s", row.job.id)
+                self._fail(row, BackendError(f"sampling failed: {type(exc).__name__}: {exc}"))
+                tokens.append(None)
+        return tokens
+
+    def _emit_all(self, rows: list[_Row], tokens: list[int | None]) -> None:
+        for row, token in zip(rows, tokens, strict=True):
+            if token is None or row.done:
+                continue
             row.tokens.append(token)
-            self._emit(row)
+            row.record([token])
+            try:
+                self._emit(row)
+            except Exception as exc:  # e.g. the tokenizer cannot decode: this row only
+                log.exception("emitting failed for %s", row.job.id)
+                self._fail(row, BackendError(f"decoding text failed: {type(exc).__name__}: {exc}"))
 
     def _emit(self, row: _Row) -> None:
         if row.cancelled:
@@ -376,7 +542,7 @@ class TransformersBackend(Backend):
         for row in self._rows:
             if row.cancelled and not row.done:
                 row.done = True
-                self.counters.cancelled += 1
+                self.count_cancelled(1)
         if len(keep) == len(self._rows):
             return
         if not keep:
@@ -394,40 +560,83 @@ class TransformersBackend(Backend):
 
     # -- adapters -------------------------------------------------------------------------------
 
-    def _adapter_for(self, soup: Soup, in_use: set[str]) -> str:
-        """The adapter name of the soup, merging it when not cached; `in_use`: adapters that rows
-        in (or entering) the batch decode with, which must not be taken for another soup."""
+    def _adapter_for(self, ticket: _Ticket) -> str | None:
+        """(Under the lock.) The adapter name of the ticket's soup, or None while it is merged (the
+        merge is started here when it is not running yet)."""
+        soup = ticket.soup
         if not soup.members:
             return BASE_ADAPTER
         if not soup.merged:
             return self.policy_adapters[soup.names[0]]
-        if soup.key in self.soups:
+        slot = self.soups.get(soup.key)
+        if not ticket.looked_up:
+            ticket.looked_up = True
+            (self.metrics.soup_hits if slot is not None else self.metrics.soup_misses).inc()
+        if slot is not None:
             self.soups.move_to_end(soup.key)
-            return self.soups[soup.key].name
-        return self._add_soup(soup, in_use)
+            return slot.name
+        if soup.key not in self._merges:
+            future = self._merger.submit(self._merge, soup)
+            self._merges[soup.key] = future
+            future.add_done_callback(lambda done, key=soup.key: self._merge_done(key, done))
+        return None
 
-    def _add_soup(self, soup: Soup, in_use: set[str]) -> str:
-        """Merge the soup and put it in an adapter slot: a free slot of the same shapes when there
-        is one (its tensors are overwritten: ~1 ms), else a new PEFT adapter (peft's add_adapter
-        walks the whole model: ~20-100 ms on the tiny model)."""
+    def _merge(self, soup: Soup) -> tuple[dict, dict, float]:
+        """(On the merge worker.) The soup's tensors and adapter config, by `rlphf merge`'s code."""
         from rlphf_cli.merging import merge_in_memory
 
         start = time.perf_counter()
-        policies = self.policies
-        state, config = merge_in_memory([policies.inputs[n] for n in soup.names], [self.tensors[n] for n in soup.names],
-                                        soup.weights, policies.merge)
-        signature = _signature(state, config)
-        self._evict(in_use, room=1)
+        names = soup.names
+        state, config = merge_in_memory([self.policies.inputs[n] for n in names], [self.tensors[n] for n in names],
+                                        soup.weights, self.policies.merge)
+        return state, config, time.perf_counter() - start
+
+    def _merge_done(self, key: str, future: Future) -> None:
+        with self._cond:
+            self._merged.append((key, future))
+            self._cond.notify()
+
+    def _place_merged(self, merged: list[tuple[str, Future]]) -> None:
+        """(On the decode thread.) Copy finished merges into adapter slots: a free slot of the same
+        shapes when there is one (~1 ms), else a new PEFT adapter (peft's add_adapter walks the whole
+        model: ~20-100 ms on the tiny model). A failed merge fails the requests waiting for it."""
+        for key, future in merged:
+            try:
+                state, config, seconds = future.result()
+                start = time.perf_counter()
+                slot = self._slot_for(_signature(state, config), config)
+                slot.fill(self.model, state)
+            except Exception as exc:
+                log.exception("soup %s failed", key)
+                with self._cond:
+                    self._merges.pop(key, None)
+                    waiting = [t for t in self._pending if t.soup.key == key]
+                    for ticket in waiting:
+                        self._pending.remove(ticket)
+                for row in (row for ticket in waiting for row in ticket.rows):
+                    self._fail(row, BackendError(f"cannot prepare soup {key}: {type(exc).__name__}: {exc}"))
+                continue
+            with self._cond:
+                self._merges.pop(key, None)
+                self.soups[key] = slot
+            self._trim()
+            self.merges += 1
+            self.merge_seconds.append(seconds + time.perf_counter() - start)
+            self.metrics.merge_seconds.observe(self.merge_seconds[-1])
+
+    def _slot_for(self, signature: tuple, config: dict) -> _Slot:
+        """A slot for a new soup, after making room in --max-soups: never one that a running row
+        or a waiting request uses (the cache then holds more for a while)."""
+        with self._cond:
+            pending = list(self._pending)
+        keep = {row.adapter for row in self._rows}
+        keep |= {self.soups[t.soup.key].name for t in pending if t.soup.key in self.soups}
+        self._evict(keep, room=1)
         slot = next((s for s in self._free if s.signature == signature), None)
         if slot is not None:
             self._free.remove(slot)
-        else:
-            slot = self._new_slot(signature, config)
-        slot.fill(self.model, state)
-        self.soups[soup.key] = slot
-        self._trim()
-        self.merge_seconds.append(time.perf_counter() - start)
-        return slot.name
+            return slot
+        return self._new_slot(signature, config)
 
     def _new_slot(self, signature: tuple, config: dict) -> _Slot:
         from peft import PeftConfig
@@ -442,19 +651,17 @@ class TransformersBackend(Backend):
                   if f"{marker}." in key}
         return _Slot(name, signature, params)
 
-    def _wants_spare(self) -> bool:
-        if self._spare_signature is None:
-            return False
-        spares = sum(1 for slot in self._free if slot.signature == self._spare_signature[0])
-        return spares < SPARE_ADAPTERS and len(self.soups) + len(self._free) < self.max_soups
+    def _wants_slot(self) -> bool:
+        """(Under the lock.) Whether an idle moment should make one more adapter slot."""
+        return self._pool_signature is not None and len(self.soups) + len(self._free) < self.max_soups
 
     def _add_spare(self) -> None:
-        signature, config = self._spare_signature
+        signature, config = self._pool_signature
         try:
             self._free.append(self._new_slot(signature, config))
-        except Exception:  # spares are an optimization: without them soups still work, slower
-            log.exception("cannot prepare a spare adapter; new soups will each add one")
-            self._spare_signature = None
+        except Exception:  # slots made ahead are an optimization: without them soups still work, slower
+            log.exception("cannot prepare an adapter slot; new soups will each add one")
+            self._pool_signature = None
 
     def _evict(self, in_use: set[str], room: int = 0) -> None:
         """Free least recently used soups until `room` more fit in --max-soups (never one in use:
@@ -475,6 +682,25 @@ class TransformersBackend(Backend):
         """Bytes of parameters held by each cached soup's adapter (for the benchmark)."""
         return {slot.name: sum(p.numel() * p.element_size() for p in slot.params.values())
                 for slot in self.soups.values()}
+
+
+def _route_adapters(model, names: list[str]) -> None:
+    """Give every LoRA layer (and modules_to_save wrapper) `names`, the adapter of each row, at each
+    forward: PEFT's mixed-adapter batches. Passing `adapter_names=` to the model does the same, but
+    PEFT then walks every module twice per forward to check the names and add hooks, and each
+    adapter adds three modules per layer: with 32 soups cached that walk cost more than the tiny
+    model's whole decoding step. The layers are fixed once the policies are loaded (soups target
+    the same modules), so the hooks are added here, once."""
+    from peft.tuners.lora import LoraLayer
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    def inject(module, args, kwargs):
+        kwargs["adapter_names"] = names
+        return args, kwargs
+
+    for module in model.modules():
+        if isinstance(module, (LoraLayer, AuxiliaryTrainingWrapper)):
+            module.register_forward_pre_hook(inject, with_kwargs=True)
 
 
 def _signature(state: dict, config: dict) -> tuple:

@@ -3,8 +3,9 @@
 A request's `model` is `base`, one policy (`concise`, `P2A`, or a `--policy NAME=PATH` name), a
 weighted soup (`concise=0.7,friendly=0.3`) or a combination (`P1A+P2A+P3A`): the syntax of
 rlphf_cli.generation.parse_soup, shared with `rlphf generate --soup`. A soup's members are put in
-catalog order (then --policy order), as `rlphf merge --prefs` does, so 'friendly=0.3,concise=0.7'
-and 'concise=0.7,friendly=0.3' are one soup, merged once. No torch here.
+catalog order (then --policy order), as `rlphf merge --prefs` does, and its weights are those the
+merge method uses, so 'friendly=0.3,concise=0.7', 'concise=0.7,friendly=0.3' and
+'concise=7,friendly=3' (average) are one soup, merged once. No torch here.
 """
 
 from __future__ import annotations
@@ -35,6 +36,10 @@ class UnknownModel(InputError):
     def __init__(self, message: str, param: str = "model"):
         super().__init__(message)
         self.param = param
+
+
+class TooManyMembers(InputError):
+    """A soup names more policies than the server merges (HTTP 400, naming the limit)."""
 
 
 @dataclass(frozen=True)
@@ -109,12 +114,18 @@ class PolicySet:
 
     # -- resolving a request ----------------------------------------------------------------------
 
-    def resolve(self, spec: str | Mapping[str, float], where: str = "model", prompts: bool = True) -> Soup:
-        """A `model` string or a {name: weight} mapping -> Soup. InputError (HTTP 400) for bad syntax
-        or weights the merge method refuses; UnknownModel (HTTP 404) for a name not served."""
+    def resolve(self, spec: str | Mapping[str, float], where: str = "model", prompts: bool = True,
+                max_members: int | None = None) -> Soup:
+        """A `model` string or a {name: weight} mapping -> Soup, its weights those the merge method
+        uses (normalized by average, ties and dare), so equal soups have one key. InputError (HTTP
+        400) for bad syntax, more than `max_members` policies or weights the merge method refuses;
+        UnknownModel (HTTP 404) for a name not served."""
         if isinstance(spec, str) and spec.strip().lower() == BASE:
             return Soup()
         members = parse_soup(spec, self.preferences, where=where)
+        if max_members is not None and len(members) > max_members:
+            raise TooManyMembers(f"{where}: a soup of {len(members)} policies; this server merges at most "
+                                 f"{max_members} (--max-soup-members)")
         for name, _ in members:
             if name not in self.policies:
                 raise UnknownModel(f"{where} '{spec if isinstance(spec, str) else name}': no policy '{name}'"
@@ -122,11 +133,11 @@ class PolicySet:
         members.sort(key=lambda m: self._order[m[0]])
         single = isinstance(spec, str) and not re.search(r"[=,+]", spec)
         positive = [self.policies[n].preference for n, w in members if w > 0 and self.policies[n].preference]
-        soup = Soup(tuple(members), merged=not single, preferences=tuple(positive) if prompts else ())
-        if soup.merged:
+        if not single:
             # The merge method's own checks (negative weights, ...) before any request is queued.
-            plan_merge([self.inputs[n] for n in soup.names], soup.weights, self.merge)
-        return soup
+            used = plan_merge([self.inputs[n] for n, _ in members], [w for _, w in members], self.merge).used
+            members = [(name, weight) for (name, _), weight in zip(members, used, strict=True)]
+        return Soup(tuple(members), merged=not single, preferences=tuple(positive) if prompts else ())
 
     def _names(self) -> list[str]:
         names = [BASE]

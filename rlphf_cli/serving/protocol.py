@@ -5,7 +5,7 @@ backends' answers."""
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -46,7 +46,7 @@ class ChatRequest(_Strict):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     n: int = Field(default=1, ge=1)
     seed: int | None = None
-    stop: str | Annotated[list[str], Field(max_length=4)] | None = None
+    stop: str | list[str] | None = None  # how many and how long: the server's limits
     user: str | None = None
     # OpenAI parameters accepted at their neutral values only
     presence_penalty: float = 0.0
@@ -55,7 +55,7 @@ class ChatRequest(_Strict):
     # rlphf's own (extra_body): the soup as weights, and whether its preference prompts are appended
     preferences: dict[str, float] | None = None
     preference_prompts: bool = True
-    min_tokens: int = Field(default=0, ge=0)  # as vLLM's OpenAI server
+    min_tokens: int | None = Field(default=None, ge=0)  # as vLLM's OpenAI server; None: the recipe's
 
 
 # --------------------------------------------------------------------------------------------

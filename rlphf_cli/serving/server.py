@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +27,8 @@ def _transformers(spec: ServeSpec, policies, **options):
 def _vllm(spec: ServeSpec, policies, **options):
     from rlphf_cli.serving.vllm_backend import VLLMBackend
 
-    return VLLMBackend(spec.model, policies, seed=spec.sampling.seed, **options)
+    return VLLMBackend(spec.model, policies, sampling=spec.sampling, cache_bytes=spec.limits.soup_cache_bytes,
+                       **options)
 
 
 @dataclass
@@ -45,13 +46,18 @@ class Server:
 
 
 def build_server(spec: ServeSpec, *, max_soups: int = 32, max_batch: int = 16, backend: str = "transformers",
-                 profiles: str | Path | None = None, threads: int | None = None) -> Server:
+                 profiles: str | Path | None = None, threads: int | None = None, api_keys: Sequence[str] = (),
+                 log_requests: bool = False, log_prompts: bool = False) -> Server:
     """Load the model and the policies of `spec` (rlphf_cli.jobs.serve_spec) and build the app.
-    Every input is checked here, before anything listens."""
+    Every input is checked here, before anything listens. `api_keys`: the keys a /v1 request must
+    bring (none: open); `log_requests`: one access-log line per /v1 request ('rlphf.serve.access'),
+    with the last user message only when `log_prompts`."""
     if max_batch < 1 or max_soups < 1:
         raise InputError(f"--max-batch and --max-soups must be >= 1 (got {max_batch}, {max_soups})")
     if threads and backend != "transformers":
         raise InputError("--threads is for --backend transformers (CPU decoding)")
+    if log_prompts and not log_requests:
+        raise InputError("--log-prompts adds the prompt to --log-requests' lines: give both")
     factory = BACKENDS.get(backend)
     if backend == "vllm":
         from rlphf_cli.serving.vllm_backend import import_vllm
@@ -63,13 +69,15 @@ def build_server(spec: ServeSpec, *, max_soups: int = 32, max_batch: int = 16, b
     loaded = factory(spec, served, max_batch=max_batch, max_soups=max_soups, **options)
 
     from rlphf_cli.serving.api import Service, create_app
+    from rlphf_cli.serving.auth import KeyChecker
 
-    max_tokens = spec.sampling.max_new_tokens
-    service = Service(loaded, served, prompt_format=spec.model.prompt_format, default_max_tokens=max_tokens,
-                      max_batch=max_batch, profiles=user_soups)
+    service = Service(loaded, served, prompt_format=spec.model.prompt_format, sampling=spec.sampling,
+                      limits=spec.limits, max_batch=max_batch, profiles=user_soups)
+    max_tokens = min(spec.sampling.max_new_tokens, spec.limits.max_tokens_limit)
     config = {"dimensions": served.dimensions(), "others": served.others(), "models": served.model_ids(),
               "max_tokens": max_tokens, "backend": backend, "model": spec.model.name, "users": sorted(user_soups)}
-    return Server(create_app(service, config), loaded, served, user_soups)
+    app = create_app(service, config, keys=KeyChecker(api_keys), log_requests=log_requests, log_prompts=log_prompts)
+    return Server(app, loaded, served, user_soups)
 
 
 def bind(host: str, port: int) -> socket.socket:
