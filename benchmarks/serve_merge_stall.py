@@ -1,7 +1,7 @@
 """Do new soups stall running streams? The gap between tokens of a running stream while 10 new
 soups arrive, against the same traffic on soups already merged.
 
-    python benchmarks/serve_merge_stall.py [--hidden 768] [--layers 6] [--tokens 60] [--repeats 3]
+    python benchmarks/serve_merge_stall.py [--hidden 1024] [--layers 8] [--tokens 60] [--repeats 3]
 
 A random Llama made here from a config (the embedded tokenizer; hidden/intermediate/layers as
 given), four random LoRA policies (r=16, every linear layer), and `rlphf serve --merge-method svd
@@ -47,7 +47,13 @@ def random_model(out: Path, hidden: int, intermediate: int, layers: int) -> Path
                          max_position_embeddings=1024, pad_token_id=tokenizer.pad_token_id,
                          eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
     torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(out)
+    model = LlamaForCausalLM(config)
+    # A random model left alone picks byte tokens that make no whole character: the server holds
+    # those back, the stream then sends no chunk per token and there are no gaps to measure.
+    partial = [i for i in range(len(tokenizer)) if "\ufffd" in tokenizer.decode([i])]
+    with torch.no_grad():
+        model.lm_head.weight[partial] = 0
+    model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
 
@@ -59,9 +65,9 @@ def get_json(url: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--hidden", type=int, default=768)
-    parser.add_argument("--intermediate", type=int, default=2048)
-    parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--intermediate", type=int, default=2816)
+    parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=60, help="tokens of the running stream")
     parser.add_argument("--new-soups", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
@@ -138,6 +144,8 @@ def main() -> None:
                         fifth.wait(300)
                         list(pool.map(ask, names))
                         running.result()
+                        if len(arrivals) < args.tokens // 2:
+                            sys.exit(f"the stream sent {len(arrivals)} chunks for {args.tokens} tokens: no gaps to measure")
                         gaps[condition] += [b - a for a, b in zip(arrivals[4:], arrivals[5:], strict=False)]
             with urllib.request.urlopen(f"{url}/metrics", timeout=30) as response:
                 metrics = response.read().decode()
