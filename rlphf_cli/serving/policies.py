@@ -134,6 +134,8 @@ class PolicySet:
         single = isinstance(spec, str) and not re.search(r"[=,+]", spec)
         positive = [self.policies[n].preference for n, w in members if w > 0 and self.policies[n].preference]
         if not single:
+            # Weight-0 members are dropped (as `rlphf merge` drops them), so (1, 0) is the first policy's soup.
+            members = [(name, weight) for name, weight in members if weight != 0]
             # The merge method's own checks (negative weights, ...) before any request is queued.
             used = plan_merge([self.inputs[n] for n, _ in members], [w for _, w in members], self.merge).used
             members = [(name, weight) for (name, _), weight in zip(members, used, strict=True)]
