@@ -82,6 +82,9 @@ class GenerateSection(Strict):
     repetition_penalty: float = Field(default=1.0, gt=0)
     num_samples: int = Field(default=1, ge=1)
     batch_size: int = Field(default=32, ge=1)
+    # How a soup's experts are composed: "params" merges their LoRA weights (the paper's soups),
+    # "logits" mixes their next-token log-probabilities at every step (sum_i w_i log p_i).
+    compose: Literal["params", "logits"] = "params"
 
 
 class AnnotateSection(Strict):
@@ -116,6 +119,9 @@ class TrainPolicySection(Strict):
     dpo: dict[str, Any] = Field(default_factory=dict)  # trl.DPOConfig fields
     sft: dict[str, Any] = Field(default_factory=dict)  # trl.SFTConfig fields (mode multitask)
     save_steps: int | None = Field(default=None, ge=1)  # checkpoint every N steps (resume)
+    # mode morl: standardize each reward model's scores (running mean / std) before their mean, so
+    # separately trained reward models weigh alike whatever their scales.
+    standardize_rewards: bool = True
 
 
 class MergeSection(Strict):
