@@ -236,6 +236,10 @@ class Recipe(Strict):
         from rlphf_cli.merging.methods import merge_spec
 
         name = self.merge.method
+        if name == "logits":
+            from rlphf_cli.merging.methods import LOGITS_NOT_A_MERGE
+
+            raise _FieldError("merge.method", LOGITS_NOT_A_MERGE)
         if name not in METHODS:
             raise _FieldError("merge.method", f"unknown merge method '{name}'{did_you_mean(name, METHODS.names())}")
         try:  # the parameters the method declares, e.g. ties without a density
