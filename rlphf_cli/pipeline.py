@@ -41,7 +41,17 @@ from rlphf_cli.specs import (
     Weights,
 )
 from rlphf_cli.specs import record as spec_record
-from rlphf_cli.systems import BASE, BASE_PLAIN, EXPERTS, ORDER, PROMPTED, PSOUPS, SWEEP, TRAINED_BASELINES
+from rlphf_cli.systems import (
+    BASE,
+    BASE_PLAIN,
+    EXPERTS,
+    ORDER,
+    PROMPTED,
+    PSOUPS,
+    PSOUPS_DECODING,
+    SWEEP,
+    TRAINED_BASELINES,
+)
 from rlphf_cli.training import is_main_process, world_size
 
 STAGE_NAMES = ("tiny-model", "rollouts", "annotate", "train-rm", "train-policy", "baselines", "merge",
@@ -264,6 +274,14 @@ class Pipeline:
         for combo in self.combos:
             name = combination_name(combo)
             add(PSOUPS, name, list(combo), self.run.soup(name), f"merge/{name}")
+            if PSOUPS_DECODING in recipe.evaluation.baselines:
+                # The combination's experts, not merged: mixed at every step (equal weights, as the soup).
+                members = tuple(Member(self.run.policy(p.id), p.id, 1 / len(combo)) for p in combo)
+                weights = Weights(members, jobs.merge_spec(recipe), "logits")
+                job = jobs.generate_job(recipe, self.run.generations(PSOUPS_DECODING, name), prompts=prompts,
+                                        weights_=weights, prefs=list(combo), system=f"{PSOUPS_DECODING}:{name}")
+                units.append(Unit(f"evaluate/{PSOUPS_DECODING}/{name}", f"{PSOUPS_DECODING} {name}", job,
+                                  [f"train-policy/{p.id}" for p in combo], self._generate(job), [job.out]))
             if PROMPTED in recipe.evaluation.baselines:
                 add(PROMPTED, name, list(combo), None, None)
             for mode in (b for b in recipe.evaluation.baselines if b in TRAINED_BASELINES):

@@ -186,8 +186,9 @@ class SweepSection(Strict):
 
 
 class EvaluationSection(Strict):
-    # Systems compared against each baseline: 'psoups' plus any of base, prompted, multitask, morl, rlhf.
-    baselines: list[Literal["base", "prompted", "multitask", "morl", "rlhf"]] = Field(
+    # Systems compared against each baseline: 'psoups' plus any of base, prompted, multitask, morl, rlhf,
+    # and psoups-decoding (the same experts mixed at decoding time instead of merged).
+    baselines: list[Literal["base", "prompted", "multitask", "morl", "rlhf", "psoups-decoding"]] = Field(
         default_factory=lambda: ["base", "prompted"]
     )
     sweep: SweepSection | None = Field(default_factory=SweepSection)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from rlphf_cli.runs import atomic_write_json, atomic_write_text, read_jsonl
-from rlphf_cli.systems import BASE, EXPERTS, PROMPTED, PSOUPS, SWEEP, label
+from rlphf_cli.systems import BASE, EXPERTS, PROMPTED, PSOUPS, PSOUPS_DECODING, SWEEP, label
 
 EXPERT_BAR = 0.6  # an expert must beat the base model given its preference prompt at least this often
 
@@ -351,6 +351,8 @@ def system_costs(pipeline) -> list[str]:
     rows = {
         PSOUPS: (len(prefs), len(prefs), rm_seconds(prefs) + sum(expert_s) + merge_s,
                  f"{len(prefs)} experts, {len(pipeline.combos)} soups merged in {merge_s:.2f} s"),
+        PSOUPS_DECODING: (len(prefs), len(prefs), rm_seconds(prefs) + sum(expert_s),
+                          "P-Soups' experts, nothing merged: every expert decodes each token"),
         "morl": (len(prefs), 1, rm_seconds(prefs) + policy_seconds("morl"), "one policy, reward models shared with P-Soups"),
         "rlhf": (1, 1, rm_seconds(["general"]) + policy_seconds("rlhf"), "one policy, not personalized"),
         "multitask": (0, 1, policy_seconds("multitask"), "one policy, SFT on the annotations"),
@@ -371,6 +373,32 @@ def system_costs(pipeline) -> list[str]:
                   f"{n * mean:.1f} s of RL (the mean expert's time), and twice as many each time a dimension is "
                   f"added; P-Soups adds two experts per dimension."]
     return lines
+
+
+def decoding_costs(pipeline) -> tuple[list[str], dict]:
+    """P-Soups merged against mixed at decoding time: forwards and tokens/s per generated token, from
+    this run's own evaluation units (the generation summaries their markers keep)."""
+    from rlphf_cli.preferences import combination_name
+
+    if PSOUPS_DECODING not in pipeline.systems():
+        return [], {}
+    out = {}
+    for system, forwards in ((PSOUPS, 1), (PSOUPS_DECODING, len(pipeline.combos[0]) if pipeline.combos else 0)):
+        tokens = seconds = 0.0
+        for combo in pipeline.combos:
+            result = (pipeline.run.marker(f"evaluate/{system}/{combination_name(combo)}") or {}).get("result") or {}
+            tokens += result.get("tokens", 0)
+            seconds += result.get("seconds", 0.0)
+        out[system] = {"forwards_per_token": forwards, "tokens": int(tokens), "seconds": round(seconds, 2),
+                       "tokens_per_s": round(tokens / seconds, 1) if seconds else None}
+    lines = ["Per generated token, measured in this run's evaluation (every combination's answers): a soup is "
+             "merged into the weights and decodes as one model; the decoding-time mix runs every expert "
+             "(one row each) at every step.", "",
+             "| system | forwards per token | tokens | seconds | tokens/s |", "|---|---:|---:|---:|---:|"]
+    for system, row in out.items():
+        lines.append(f"| {label(system)} | {row['forwards_per_token']} | {row['tokens']} | {row['seconds']:.1f} | "
+                     f"{_num(row['tokens_per_s'], 1) if row['tokens_per_s'] else '-'} |")
+    return lines, out
 
 
 def stage_costs(pipeline) -> list[str]:
@@ -443,7 +471,12 @@ def write_report(pipeline) -> dict[str, Any]:
         summary["sweep"] = points
         summary["sweep_monotone"] = monotone
 
-    lines += ["## Cost", "", *system_costs(pipeline), "", *stage_costs(pipeline), ""]
+    lines += ["## Cost", "", *system_costs(pipeline), ""]
+    table, decoding = decoding_costs(pipeline)
+    if table:
+        lines += [*table, ""]
+        summary["decoding_cost"] = decoding
+    lines += [*stage_costs(pipeline), ""]
 
     warnings = meaningless_reasons(recipe)
     bars = [] if warnings else demo_bars(summary)  # checks on meaningless numbers would mislead
