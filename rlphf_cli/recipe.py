@@ -185,6 +185,14 @@ class SweepSection(Strict):
     weights: list[float] = Field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
 
 
+class ParetoSection(Strict):
+    """Stage pareto: soups, decoding-time mixes and prompting alone between two preferences of two
+    dimensions, each answer scored on both preferences' rubric measures."""
+
+    prefs: list[str] = Field(default_factory=lambda: ["P2B", "P3A"], min_length=2, max_length=2)
+    weights: list[float] = Field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0], min_length=2)
+
+
 class EvaluationSection(Strict):
     # Systems compared against each baseline: 'psoups' plus any of base, prompted, multitask, morl, rlhf,
     # and psoups-decoding (the same experts mixed at decoding time instead of merged).
@@ -192,6 +200,7 @@ class EvaluationSection(Strict):
         default_factory=lambda: ["base", "prompted"]
     )
     sweep: SweepSection | None = Field(default_factory=SweepSection)
+    pareto: ParetoSection | None = None  # the pareto stage (off unless given)
 
 
 class Recipe(Strict):

@@ -12,6 +12,9 @@ PSOUPS_DECODING = "psoups-decoding"
 TRAINED_BASELINES = ("multitask", "morl", "rlhf")  # one policy each: MT, P-MORL, RLHF
 EXPERTS = "experts"  # each single-preference policy with its own preference prompt
 SWEEP = "sweep"  # soups of two preferences at a series of weights
+# The pareto stage's three ways between two preferences: merged soups, decoding-time mixes, prompts alone
+PARETO_METHODS = {"pareto-params": "parameter soups", "pareto-logits": "decoding-time mixes",
+                  "pareto-prompted": "prompting alone"}
 BASE_PLAIN = "plain"  # generations/base/plain.jsonl: the base model's answers, shared by every combination
 
 # The paper's order (its main figure): single-objective baselines first, then the multi-objective ones.
