@@ -418,9 +418,9 @@ def test_policies_that_cannot_be_merged_are_refused_per_request(serve_run, tiny_
         policies.resolve("concise=0.5,wide=0.5")
     with pytest.raises(UnknownModel, match="no policy 'P3B'"):
         policies.resolve("unfriendly")
-    # Catalog order; zero weights kept (no prompt); the weights the average uses (normalized).
+    # Catalog order; zero weights dropped (as rlphf merge drops them; no prompt); the weights the average uses.
     soup = policies.resolve("friendly=1,elementary=2,concise=0")
-    assert soup.members == (("P1A", 2 / 3), ("P2A", 0.0), ("P3A", 1 / 3))
+    assert soup.members == (("P1A", 2 / 3), ("P3A", 1 / 3))
     assert policies.resolve("concise=7,friendly=3").key == policies.resolve("concise=0.7,friendly=0.3").key
     assert [p.id for p in soup.preferences] == ["P1A", "P3A"]
 
