@@ -4,14 +4,14 @@ into the weights: the base model's cost) and the base model, for 2 and 3 experts
 
 - `tiny`: the built-in tiny model;
 - `7b-shaped`: a random Llama with Llama-2-7B layer shapes (hidden 4096, intermediate 11008, 32
-  heads, vocabulary 32000) cut to --layers layers (default 2), float32 on CPU, bfloat16 on a GPU.
+  heads, vocabulary 32000) cut to --layers layers (default 1), float32 on CPU, bfloat16 on a GPU.
 
     python benchmarks/compose_cost.py [--models tiny,7b-shaped] [--prompts 8] [--new-tokens 16]
 
 Random LoRA adapters (r=16, all linear layers). Greedy decoding with min_new_tokens = max_new_tokens,
-so every system generates the same number of tokens. Every system runs in this one process, one
-after the other (a 7B-shaped model per system does not fit alongside the others on a small
-machine); the fastest of --repeats counts. Peak memory is the extra memory while decoding, above
+so every system generates the same number of tokens. Every system is loaded in this one process
+(one model copy each: about 1.9 GB per system for the 1-layer 7B shape in float32) and their repeats
+are interleaved; the fastest of --repeats counts. Peak memory is the extra memory while decoding, above
 what the loaded model holds: torch.cuda.max_memory_allocated on a GPU, else the process's resident
 set sampled every millisecond. Prints each system's figures and its ratios to the soup.
 """
@@ -31,7 +31,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from generate_throughput import random_adapters  # noqa: E402
+from generate_throughput import random_adapters, tokens_per_second  # noqa: E402
 
 
 def seven_b_shaped(out: Path, layers: int) -> Path:
@@ -95,27 +95,10 @@ class PeakMemory:
             self._thread.join()
 
 
-def measure(load, texts, args, cuda: bool) -> tuple[float, float]:
-    """(tokens/s, peak extra MiB) of the generator `load()` returns, then released."""
-    import torch
-
-    gen = load()
-    gen.generate(texts[:2])  # warm-up
-    best = float("inf")
-    for _ in range(args.repeats):
-        start = time.perf_counter()
-        results = gen.generate(texts)[0]
-        if cuda:
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-        assert sum(n for group in results for _, n in group) == len(texts) * args.new_tokens
+def peak_mib(gen, texts, cuda: bool) -> float:
     with PeakMemory(cuda) as peak:
         gen.generate(texts)
-    del gen
-    gc.collect()
-    if cuda:
-        torch.cuda.empty_cache()
-    return len(texts) * args.new_tokens / best, peak.peak / 2**20
+    return peak.peak / 2**20
 
 
 def run_model(name: str, model_dir: str, args, work: Path, cuda: bool) -> None:
@@ -138,14 +121,21 @@ def run_model(name: str, model_dir: str, args, work: Path, cuda: bool) -> None:
         return lambda: Generator.load(jobs.model_spec(recipe), jobs.weights(recipe, None, soup),
                                       sampling=jobs.sampling(recipe), batch_size=recipe.generate.batch_size)
 
-    base = loader("params")()
-    texts = [base.prompt_text(p["instruction"]) for p in prompts]
-    rows = {"base": measure(lambda: base, texts, args, cuda)}
-    del base
+    # Every system loaded at once and their repeats interleaved, so a change of load on a shared
+    # machine hits them alike (generate_throughput.tokens_per_second: the fastest repeat counts).
+    systems = {"base": loader("params")()}
     for k in (2, 3):
         soup = [(str(a), 1 / k) for a in adapters[:k]]
-        rows[f"soup, {k} experts (params)"] = measure(loader("params", soup), texts, args, cuda)
-        rows[f"mix, {k} experts (logits)"] = measure(loader("logits", soup), texts, args, cuda)
+        systems[f"soup, {k} experts (params)"] = loader("params", soup)()
+        systems[f"mix, {k} experts (logits)"] = loader("logits", soup)()
+    texts = [systems["base"].prompt_text(p["instruction"]) for p in prompts]
+    for gen in systems.values():  # warm-up
+        gen.generate(texts[:2])
+    runs = {label: lambda gen=gen: gen.generate(texts)[0] for label, gen in systems.items()}
+    rates = tokens_per_second(runs, args.repeats, len(texts) * args.new_tokens)
+    rows = {label: (rates[label], peak_mib(gen, texts, cuda)) for label, gen in systems.items()}
+    del systems
+    gc.collect()
     print(f"\n{name} ({model_dir}): {len(texts)} prompts x {args.new_tokens} new tokens, batch {args.batch_size}, "
           f"{'cuda' if cuda else f'{args.threads} CPU thread(s)'}, best of {args.repeats}")
     print(f"{'':<28}{'tokens/s':>10}{'peak MiB':>10}{'speed/soup':>12}{'speed/base':>12}{'memory/soup':>13}")
@@ -161,7 +151,7 @@ def run_model(name: str, model_dir: str, args, work: Path, cuda: bool) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="tiny,7b-shaped")
-    parser.add_argument("--layers", type=int, default=2, help="layers of the 7B-shaped model")
+    parser.add_argument("--layers", type=int, default=1, help="layers of the 7B-shaped model (each system holds one copy)")
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=24, help="rows decoded together (a k-mix: k per answer)")
