@@ -398,10 +398,10 @@ def pareto(pipeline, out: Path) -> tuple[list[str], dict]:
     mix_wins = [p["weight"] for p in soups if p["weight"] in by_weight and _dominates(by_weight[p["weight"]], p, prefs, want)]
 
     def where(ws):
-        return ", ".join(f"{w:g}" for w in ws) or "no weight"
+        return f"at w = {', '.join(f'{w:g}' for w in ws)}" if ws else "at no weight"
 
-    sentence = (f"From the intervals, at equal weights the parameter soup dominates the decoding-time mix at w = "
-                f"{where(soup_wins)} and the mix dominates the soup at w = {where(mix_wins)}; elsewhere their "
+    sentence = (f"From the intervals, at equal weights the parameter soup dominates the decoding-time mix "
+                f"{where(soup_wins)} and the mix dominates the soup {where(mix_wins)}; elsewhere their "
                 "intervals overlap on a measure and neither front dominates.")
     lines += ["", sentence, "", f"![pareto front]({out.name})"]
     return lines, {"fronts": fronts, "soup_dominates_at": soup_wins, "mix_dominates_at": mix_wins}
