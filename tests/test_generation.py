@@ -497,6 +497,9 @@ def test_cli_compose_logits_writes_a_mix_and_merge_refuses_it(tiny_random_model,
                                  "--adapters", f"{a},{b}", "--weights", "0.7,-0.3", "--compose", "logits",
                                  "--out", str(tmp_path / "neg.jsonl")])
     one_error_line(result, "negative weight -0.3", "compose 'logits'")
+    result = runner.invoke(app, ["generate", "--model", str(tiny_random_model), "--run-dir", str(tmp_path / "run"),
+                                 "--adapter", str(a), "--compose", "logits", "--out", str(tmp_path / "one.jsonl")])
+    one_error_line(result, "--compose logits mixes the experts of a soup")
     result = runner.invoke(app, ["merge", str(a), str(b), "--compose", "logits", "--out", str(tmp_path / "soup")])
     one_error_line(result, "compose 'logits'", "no adapter to merge")
     assert not (tmp_path / "soup").exists()

@@ -99,6 +99,8 @@ def generate_command(
     given = [name for name, value in (("--adapter", adapter), ("--soup", soup), ("--adapters", adapters)) if value]
     if len(given) > 1:
         raise InputError(f"{' and '.join(given)}: give one of --adapter, --soup, --adapters")
+    if compose == "logits" and not (soup or adapters):
+        raise InputError("--compose logits mixes the experts of a soup: give --soup or --adapters")
     if weights and not adapters:
         raise InputError("--weights goes with --adapters (for --soup write name=weight)")
     if resume and force:
