@@ -1,7 +1,9 @@
 """Batched decoding with the base model, one LoRA adapter or a soup of adapters.
 
 An adapter or soup is merged into the weights before decoding (peft's merge_and_unload), so a soup
-decodes as fast as the base model. Prompts are sorted by length and left-padded in batches.
+decodes as fast as the base model. A soup composed "logits" (Weights.compose) is not merged: every
+expert decodes each row (the rows repeated, one per expert, through PEFT's mixed-adapter batches, so
+each expert keeps its own KV cache) and the next token is drawn from sum_i w_i log p_i. Prompts are sorted by length and left-padded in batches.
 Sampling is seeded per prompt and sample: each row of a batch draws its tokens from its own random
 stream (a seed from the sampling seed, the prompt text and the sample index), so what a prompt gets
 does not depend on which prompts share its batch, on the batch size, or on a resume.
@@ -119,6 +121,20 @@ def soup_from_adapters(adapters: Sequence[str], weights: Sequence[float] | None)
     return list(zip(adapters, weights, strict=True))
 
 
+def mix_weights(weights: Sequence[float]) -> tuple[list[int], list[float]]:
+    """The members a decoding-time mix uses and their weights: weight-0 members dropped, the others
+    normalized to sum 1 (a mix of log-probabilities at weights summing to 2 would sharpen it like a
+    temperature of 0.5). Negative weights are refused."""
+    for w in weights:
+        if w < 0:
+            raise InputError(f"negative weight {w:g}: compose 'logits' mixes log-probabilities with weights >= 0")
+    kept = [i for i, w in enumerate(weights) if w != 0]
+    if not kept:
+        raise InputError("--weights: every weight is 0; give at least one member a non-zero weight")
+    total = sum(weights[i] for i in kept)
+    return kept, [weights[i] / total for i in kept]
+
+
 def check_adapter_fits(adapter_dir: Path, model, model_name: str) -> None:
     """Raise InputError when the adapter was made for another base model (or is not a causal LM
     adapter), before peft fails with a long size-mismatch traceback."""
@@ -166,7 +182,10 @@ def weights_record(model: str, weights: Weights) -> dict:
     """For each generated record: which weights made it (adapter files by content hash)."""
     adapters = [{"path": str(m.path), "weight": m.weight if weights.merge is not None else 1.0,
                  "sha256": _adapter_sha(m.path)} for m in weights.members]
-    return {"model": model, "adapters": adapters, "merge_method": weights.merge.method if weights.merge else None}
+    out = {"model": model, "adapters": adapters, "merge_method": weights.merge.method if weights.merge else None}
+    if weights.compose != "params":
+        out["compose"] = weights.compose
+    return out
 
 
 def _adapter_sha(folder: Path) -> str:
@@ -178,8 +197,10 @@ class Generator:
     """A model ready to decode (any adapter or soup already merged) with its tokenizer and settings."""
 
     def __init__(self, model, tokenizer, *, system: str, sampling: Sampling, prompt_format: str = "chat",
-                 batch_size: int = 32, model_name: str = "", weights: dict | None = None):
+                 batch_size: int = 32, model_name: str = "", weights: dict | None = None,
+                 mix: tuple[tuple[str, ...], tuple[float, ...]] | None = None):
         self.model = model
+        self.mix = mix  # (PEFT adapter names, weights) of a decoding-time mix, else None
         self.tokenizer = tokenizer
         self.system = system
         self.sampling = sampling
@@ -197,7 +218,15 @@ class Generator:
         loaded, tokenizer, model_name = load_base_model(model)
         for member in weights.members:
             check_adapter_fits(member.path, loaded, model_name)
-        if weights.merge is not None:
+        mix = None
+        if weights.merge is not None and weights.compose == "logits":
+            kept, used = mix_weights([m.weight for m in weights.members])
+            if len(kept) == 1:  # all weight on one expert: that expert's own tokens
+                loaded = _apply_adapter(loaded, weights.members[kept[0]].path, merge)
+            else:
+                loaded, names = _load_experts(loaded, [weights.members[i].path for i in kept])
+                mix = (tuple(names), tuple(used))
+        elif weights.merge is not None:
             with tempfile.TemporaryDirectory(prefix="rlphf-soup-") as tmp:
                 loaded = _apply_adapter(loaded, _merge_soup(weights, Path(tmp) / "soup"), merge)
         elif weights.adapter is not None:
@@ -205,7 +234,7 @@ class Generator:
         loaded.eval()
         return cls(loaded, tokenizer, system=system or weights.system(), sampling=sampling,
                    prompt_format=model.prompt_format, batch_size=batch_size, model_name=model_name,
-                   weights=weights_record(model.name, weights))
+                   weights=weights_record(model.name, weights), mix=mix)
 
     @classmethod
     def for_job(cls, job: GenerateJob) -> Generator:
@@ -228,7 +257,8 @@ class Generator:
         prompt_tokens = [len(ids) for ids in encoded]
         results: list[list[tuple[str, int]]] = [[] for _ in texts]
         order = sorted(range(len(texts)), key=lambda i: (-prompt_tokens[i], i))  # longest first: fail early
-        per_batch = max(1, self.batch_size // num_samples)
+        experts = len(self.mix[0]) if self.mix else 1  # a mix decodes each row once per expert
+        per_batch = max(1, self.batch_size // (num_samples * experts))
         for start in range(0, len(order), per_batch):
             indices = order[start:start + per_batch]
             rows = [(i, s) for i in indices for s in range(num_samples)]
@@ -254,12 +284,23 @@ class Generator:
         device = next(self.model.parameters()).device
         padded = {k: v.to(device) for k, v in padded.items()}
         kwargs = self.sampling.generate_kwargs()
-        if self.sampling.temperature > 0:
+        if self.mix is not None:
+            names, mix = self.mix
+            k = len(names)
+            # Row b decodes as rows b*k .. b*k+k-1, one per expert (each with its own KV cache); the
+            # mixing sampler gives all k the token drawn from the mix, so they stay one sequence.
+            padded = {key: value.repeat_interleave(k, dim=0) for key, value in padded.items()}
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None,
+                          adapter_names=[names[j % k] for j in range(padded["input_ids"].shape[0])],
+                          logits_processor=[mixing_sampler(self.sampling, seeds, padded["input_ids"].shape[1], mix)])
+        elif self.sampling.temperature > 0:
             # Greedy selection of the token a per-row seeded sampler picked (see seeded_sampler).
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None,
                           logits_processor=[seeded_sampler(self.sampling, seeds, padded["input_ids"].shape[1])])
         with torch.inference_mode():
             out = self.model.generate(**padded, pad_token_id=tok.pad_token_id, eos_token_id=self._eos_ids(), **kwargs)
+        if self.mix is not None:
+            out = out[::len(self.mix[0])]
         generated = out[:, padded["input_ids"].shape[1]:].tolist()
         stops = set(self._eos_ids()) | {tok.pad_token_id}
         results, total = [], 0
@@ -413,7 +454,8 @@ def _record_settings(record: dict) -> dict:
                 if isinstance(a, dict) and isinstance(a.get("weight"), (int, float))]
     settings = {"system": record.get("system"), "combination": record.get("combo", ""),
                 "model": weights.get("model"), "adapters": ", ".join(adapters) or "none",
-                "merge method": weights.get("merge_method"), "prompt format": record.get("prompt_format"),
+                "merge method": weights.get("merge_method"), "compose": weights.get("compose", "params"),
+                "prompt format": record.get("prompt_format"),
                 "samples per prompt": len(record.get("responses") or [])}
     for key, value in (record.get("sampling") or {}).items():
         settings[f"sampling.{key}"] = value
@@ -442,6 +484,37 @@ def seeded_sampler(sampling: Sampling, seeds: list[int], prompt_length: int):
             return chosen.scatter_(1, tokens.unsqueeze(1), 0.0)
 
     return SeededSampler()
+
+
+def mixing_sampler(sampling: Sampling, seeds: list[int], prompt_length: int, weights: Sequence[float]):
+    """The decoding-time mix (MOD, Shi et al. 2024): the scores arrive as k rows per sequence, one
+    per expert; each sequence's next token is drawn from sum_i w_i log softmax(scores_i), warped by
+    temperature / top_k / top_p and drawn from the row's own random stream as seeded_sampler does
+    (greedy: its argmax), and all k rows are given that token."""
+    import torch
+    from transformers import LogitsProcessor
+
+    sample = sampling.temperature > 0
+    warp = warpers(sampling.temperature, sampling.top_k, sampling.top_p) if sample else []
+    rows = torch.stack([uniforms(seed, sampling.max_new_tokens) for seed in seeds])
+    k = len(weights)
+    w = torch.tensor(list(weights), dtype=torch.float32).reshape(1, k, 1)
+
+    class MixingSampler(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            nonlocal rows, w
+            rows, w = rows.to(scores.device), w.to(scores.device)
+            logp = torch.log_softmax(scores.float(), dim=-1).reshape(-1, k, scores.shape[-1])
+            # A token an expert forbids (-inf: min_new_tokens, no_repeat_ngram) stays forbidden.
+            mixed = (logp * w).sum(dim=1)
+            ids = input_ids[::k]
+            for warper in warp:
+                mixed = warper(ids, mixed)
+            tokens = draw(mixed, rows[:, ids.shape[1] - prompt_length]) if sample else mixed.argmax(dim=-1)
+            chosen = torch.full_like(scores, float("-inf"))
+            return chosen.scatter_(1, tokens.repeat_interleave(k).unsqueeze(1), 0.0)
+
+    return MixingSampler()
 
 
 def resume_settings(system: str, combo: str, weights: dict, prompt_format: str, sampling: dict,
@@ -519,6 +592,18 @@ def _merge_soup(weights: Weights, out_dir: Path) -> Path:
 
     return Path(merge_adapters([m.path for m in weights.members], [m.weight for m in weights.members],
                                weights.merge, out_dir=out_dir))
+
+
+def _load_experts(model, adapter_dirs: Sequence[Path]):
+    """The base model with every expert loaded as a named PEFT adapter, unmerged (a mix decodes
+    rows with different adapters in one batch): (model, adapter names)."""
+    from peft import PeftModel
+
+    names = [f"expert{i}" for i in range(len(adapter_dirs))]
+    peft_model = PeftModel.from_pretrained(model, str(adapter_dirs[0]), adapter_name=names[0])
+    for name, folder in zip(names[1:], adapter_dirs[1:], strict=True):
+        peft_model.load_adapter(str(folder), adapter_name=name)
+    return peft_model, names
 
 
 def _apply_adapter(model, adapter_dir: Path, merge: bool):

@@ -280,8 +280,9 @@ def policy_jobs(recipe: Recipe, prefs: str | None = None, *, mode: str | None = 
         # The preference prompts the training prompts carry: sampled combinations (morl) or each
         # pair's own preference (multitask); the experts and rlhf train on plain instructions.
         carried = prompted(available) if mode in ("morl", "multitask") else ()
+        standardize = mode == "morl" and TRAINERS[algo].online and recipe.train_policy.standardize_rewards
         jobs.append(PolicyJob(name=name, mode=mode, out=targets[name], reward_models=rms, annotations=anns,
-                              prefs=carried, prompts=prompt_set, **common))
+                              prefs=carried, prompts=prompt_set, standardize_rewards=standardize, **common))
     return jobs
 
 
@@ -373,7 +374,12 @@ def weights(recipe: Recipe, adapter: str | os.PathLike | None = None,
         raise InputError("the soup has no members")
     members = [Member(*resolve_adapter(recipe, name), float(weight)) for name, weight in soup]
     ordered = recipe.preference_set().in_order(members, key=lambda m: m.label)
-    return Weights(tuple(ordered), merge_spec(recipe))
+    compose = recipe.generate.compose
+    if compose == "logits":
+        from rlphf_cli.generation import mix_weights
+
+        mix_weights([m.weight for m in ordered])  # refused now, before a model loads
+    return Weights(tuple(ordered), merge_spec(recipe), compose)
 
 
 def generate_job(recipe: Recipe, out: str | Path, *, prompts: PromptSet, weights_: Weights = Weights(),

@@ -41,11 +41,22 @@ from rlphf_cli.specs import (
     Weights,
 )
 from rlphf_cli.specs import record as spec_record
-from rlphf_cli.systems import BASE, BASE_PLAIN, EXPERTS, ORDER, PROMPTED, PSOUPS, SWEEP, TRAINED_BASELINES
+from rlphf_cli.systems import (
+    BASE,
+    BASE_PLAIN,
+    EXPERTS,
+    ORDER,
+    PARETO_METHODS,
+    PROMPTED,
+    PSOUPS,
+    PSOUPS_DECODING,
+    SWEEP,
+    TRAINED_BASELINES,
+)
 from rlphf_cli.training import is_main_process, world_size
 
 STAGE_NAMES = ("tiny-model", "rollouts", "annotate", "train-rm", "train-policy", "baselines", "merge",
-               "evaluate", "judge", "report")
+               "evaluate", "pareto", "judge", "report")
 # Stages whose units train with TRL: under torchrun / accelerate launch every process runs them together.
 TRAINING_STAGES = ("train-rm", "train-policy", "baselines")
 # Stages with one unit per preference (key '<stage>/<id>'), which --prefs can pick.
@@ -108,6 +119,12 @@ def plan(recipe: Recipe) -> list[Stage]:
               + ", ".join(combination_name(c) for c in combos) + sweep_text),
         Stage("evaluate", f"generate on the evaluation prompts: psoups, experts, {', '.join(baselines)} "
               f"x {len(combos)} combinations"),
+    ]
+    pareto = recipe.evaluation.pareto
+    if pareto:
+        stages.append(Stage("pareto", f"{'/'.join(pareto.prefs)} at weights {pareto.weights}: parameter soups, "
+                            "decoding-time mixes and prompting alone, scored on both rubric measures"))
+    stages += [
         Stage("judge", f"with the '{recipe.judge.backend}' judge: every system against base, P-Soups head to head "
               "against each other system, each expert against the base model given its preference prompt"),
         Stage("report", "report.md with win-rate tables, reward-model accuracies, curves, sweep and costs"),
@@ -264,6 +281,14 @@ class Pipeline:
         for combo in self.combos:
             name = combination_name(combo)
             add(PSOUPS, name, list(combo), self.run.soup(name), f"merge/{name}")
+            if PSOUPS_DECODING in recipe.evaluation.baselines:
+                # The combination's experts, not merged: mixed at every step (equal weights, as the soup).
+                members = tuple(Member(self.run.policy(p.id), p.id, 1 / len(combo)) for p in combo)
+                weights = Weights(members, jobs.merge_spec(recipe), "logits")
+                job = jobs.generate_job(recipe, self.run.generations(PSOUPS_DECODING, name), prompts=prompts,
+                                        weights_=weights, prefs=list(combo), system=f"{PSOUPS_DECODING}:{name}")
+                units.append(Unit(f"evaluate/{PSOUPS_DECODING}/{name}", f"{PSOUPS_DECODING} {name}", job,
+                                  [f"train-policy/{p.id}" for p in combo], self._generate(job), [job.out]))
             if PROMPTED in recipe.evaluation.baselines:
                 add(PROMPTED, name, list(combo), None, None)
             for mode in (b for b in recipe.evaluation.baselines if b in TRAINED_BASELINES):
@@ -276,6 +301,46 @@ class Pipeline:
             a, b = self.sweep_prefs()
             for weight in self.sweep_weights():
                 add(SWEEP, f"w{weight:g}", [], self.sweep_soup(weight), f"merge/sweep-{a.id}-{b.id}-w{weight:g}")
+        return units
+
+    def pareto_prefs(self) -> list[Preference]:
+        from rlphf_cli.judges.rubric import has_measure
+
+        chosen = self.prefs.resolve(self.recipe.evaluation.pareto.prefs)
+        if chosen[0].dimension == chosen[1].dimension:
+            raise InputError(f"evaluation.pareto.prefs: {chosen[0].id} and {chosen[1].id} are both of dimension "
+                             f"{chosen[0].dimension}; name one preference of each of two dimensions")
+        for pref in chosen:
+            if not has_measure(pref):
+                raise InputError(f"evaluation.pareto.prefs: {pref.id} has no rubric measure to score the front on")
+        return chosen
+
+    def pareto_outputs(self) -> dict[str, list[tuple[float, Path]]]:
+        """method -> [(weight on the first preference, generations file)]."""
+        weights = self.recipe.evaluation.pareto.weights if self.recipe.evaluation.pareto else []
+        return {method: [(w, self.run.generations(method, f"w{w:g}")) for w in weights] for method in PARETO_METHODS}
+
+    def _units_pareto(self) -> list[Unit]:
+        recipe = self.recipe
+        a, b = self.pareto_prefs()
+        prompts = PromptSet(recipe.data.eval_prompts, recipe.data.max_eval_prompts)
+        units = []
+        for method, points in self.pareto_outputs().items():
+            for weight, out in points:
+                if method == "pareto-prompted":
+                    # No weights in a prompt: the first preference's prompt, both, or the second's.
+                    prefs = [a] if weight >= 0.75 else [b] if weight <= 0.25 else [a, b]
+                    weights, upstream = Weights(), []
+                else:
+                    prefs = []  # like the sweep: what the weights do, without a preference prompt
+                    members = (Member(self.run.policy(a.id), a.id, weight), Member(self.run.policy(b.id), b.id, 1 - weight))
+                    compose = "logits" if method == "pareto-logits" else "params"
+                    weights = Weights(members, MergeSpec("average"), compose)
+                    upstream = [f"train-policy/{a.id}", f"train-policy/{b.id}"]
+                job = jobs.generate_job(recipe, out, prompts=prompts, weights_=weights, prefs=prefs,
+                                        system=f"{method}:w{weight:g}")
+                units.append(Unit(f"pareto/{method}/w{weight:g}", f"{method} w{weight:g}", job, upstream,
+                                  self._generate(job), [job.out]))
         return units
 
     def judged_pairs(self) -> list[tuple[str, str]]:
@@ -319,7 +384,8 @@ class Pipeline:
             return write_report(self)
 
         upstream = ([f"judge/{s}_vs_{b}" for s, b in self.judged_pairs()]
-                    + [f"evaluate/{SWEEP}/w{w:g}" for w in self.sweep_weights()])
+                    + [f"evaluate/{SWEEP}/w{w:g}" for w in self.sweep_weights()]
+                    + [f"pareto/{m}/w{w:g}" for m, points in self.pareto_outputs().items() for w, _ in points])
         return [Unit("report", "report", None, upstream, work, [self.run.report_dir() / "report.md"])]
 
     def judge_plans(self) -> dict[str, RequestPlan | str | None]:

@@ -82,6 +82,9 @@ class GenerateSection(Strict):
     repetition_penalty: float = Field(default=1.0, gt=0)
     num_samples: int = Field(default=1, ge=1)
     batch_size: int = Field(default=32, ge=1)
+    # How a soup's experts are composed: "params" merges their LoRA weights (the paper's soups),
+    # "logits" mixes their next-token log-probabilities at every step (sum_i w_i log p_i).
+    compose: Literal["params", "logits"] = "params"
 
 
 class AnnotateSection(Strict):
@@ -116,6 +119,9 @@ class TrainPolicySection(Strict):
     dpo: dict[str, Any] = Field(default_factory=dict)  # trl.DPOConfig fields
     sft: dict[str, Any] = Field(default_factory=dict)  # trl.SFTConfig fields (mode multitask)
     save_steps: int | None = Field(default=None, ge=1)  # checkpoint every N steps (resume)
+    # mode morl: standardize each reward model's scores (running mean / std) before their mean, so
+    # separately trained reward models weigh alike whatever their scales.
+    standardize_rewards: bool = True
 
 
 class MergeSection(Strict):
@@ -179,12 +185,22 @@ class SweepSection(Strict):
     weights: list[float] = Field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
 
 
+class ParetoSection(Strict):
+    """Stage pareto: soups, decoding-time mixes and prompting alone between two preferences of two
+    dimensions, each answer scored on both preferences' rubric measures."""
+
+    prefs: list[str] = Field(default_factory=lambda: ["P2B", "P3A"], min_length=2, max_length=2)
+    weights: list[float] = Field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0], min_length=2)
+
+
 class EvaluationSection(Strict):
-    # Systems compared against each baseline: 'psoups' plus any of base, prompted, multitask, morl, rlhf.
-    baselines: list[Literal["base", "prompted", "multitask", "morl", "rlhf"]] = Field(
+    # Systems compared against each baseline: 'psoups' plus any of base, prompted, multitask, morl, rlhf,
+    # and psoups-decoding (the same experts mixed at decoding time instead of merged).
+    baselines: list[Literal["base", "prompted", "multitask", "morl", "rlhf", "psoups-decoding"]] = Field(
         default_factory=lambda: ["base", "prompted"]
     )
     sweep: SweepSection | None = Field(default_factory=SweepSection)
+    pareto: ParetoSection | None = None  # the pareto stage (off unless given)
 
 
 class Recipe(Strict):
@@ -230,6 +246,10 @@ class Recipe(Strict):
         from rlphf_cli.merging.methods import merge_spec
 
         name = self.merge.method
+        if name == "logits":
+            from rlphf_cli.merging.methods import LOGITS_NOT_A_MERGE
+
+            raise _FieldError("merge.method", LOGITS_NOT_A_MERGE)
         if name not in METHODS:
             raise _FieldError("merge.method", f"unknown merge method '{name}'{did_you_mean(name, METHODS.names())}")
         try:  # the parameters the method declares, e.g. ties without a density

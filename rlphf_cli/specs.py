@@ -24,6 +24,9 @@ from rlphf_cli.errors import InputError
 from rlphf_cli.preferences import Preference
 
 RECORD_ONLY = {"fingerprint": False}
+# A field added later: recorded only when it differs from its default, so what was made before it
+# existed keeps its fingerprint (and its cached outputs).
+NEW_FIELD = {"omit_default": True}
 
 
 def record(spec: Any) -> Any:
@@ -31,7 +34,8 @@ def record(spec: Any) -> Any:
     what an output's record says it was made with."""
     if dataclasses.is_dataclass(spec) and not isinstance(spec, type):
         return {f.name: record(getattr(spec, f.name)) for f in dataclasses.fields(spec)
-                if f.metadata.get("fingerprint", True)}
+                if f.metadata.get("fingerprint", True)
+                and not (f.metadata.get("omit_default") and getattr(spec, f.name) == f.default)}
     if hasattr(spec, "model_dump"):  # a recipe section (a frozen pydantic model), e.g. a judge's settings
         return spec.model_dump(mode="json", exclude={name for name, info in type(spec).model_fields.items()
                                                      if (info.json_schema_extra or {}).get("fingerprint") is False})
@@ -333,11 +337,13 @@ class Member:
 
 @dataclass(frozen=True)
 class Weights:
-    """The base model alone, one adapter (one member, `merge` None), or a soup of adapters merged
-    with `merge`."""
+    """The base model alone, one adapter (one member, `merge` None), or a soup of adapters: merged
+    with `merge` (compose "params"), or mixed at decoding time, sum_i w_i log p_i of the experts'
+    next-token distributions (compose "logits")."""
 
     members: tuple[Member, ...] = ()
     merge: MergeSpec | None = None
+    compose: str = field(default="params", metadata=NEW_FIELD)  # params | logits (COMPOSE)
 
     @property
     def adapter(self) -> Member | None:
@@ -347,7 +353,8 @@ class Weights:
         from rlphf_cli.preferences import soup_name
 
         if self.merge is not None:
-            return "soup:" + soup_name([m.label for m in self.members], [m.weight for m in self.members])
+            prefix = "mix:" if self.compose == "logits" else "soup:"
+            return prefix + soup_name([m.label for m in self.members], [m.weight for m in self.members])
         if self.members:
             return f"adapter:{self.members[0].label}"
         return "base"
@@ -473,6 +480,7 @@ class PolicyJob:
     prompts: PromptSet | None = None
     seed: int = 0
     save_steps: int | None = None
+    standardize_rewards: bool = field(default=False, metadata=NEW_FIELD)  # morl: scores standardized per RM
     record: RunRecord | None = field(default=None, metadata=RECORD_ONLY)
 
     @property

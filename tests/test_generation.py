@@ -415,3 +415,93 @@ def test_a_real_sigint_then_the_printed_resume_command_equals_an_uninterrupted_r
     resumed = runner.invoke(app, shlex.split(command.removeprefix("resume with: rlphf ")))
     assert resumed.exit_code == 0, resumed.output
     assert read_jsonl(cut) == read_jsonl(whole)  # record for record
+
+
+# --------------------------------------------------------------------------------------------
+# Decoding-time mixing (--compose logits)
+
+
+@pytest.fixture(scope="module")
+def experts(tiny_random_model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("experts")
+    return make_adapter(tiny_random_model, root / "a", seed=11), make_adapter(tiny_random_model, root / "b", seed=12)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_a_mix_with_all_weight_on_one_expert_or_two_copies_of_it_is_that_expert(tiny_random_model, tmp_path, experts,
+                                                                               temperature):
+    import shutil
+
+    a, b = experts
+    copy = tmp_path / "a-copy"
+    shutil.copytree(a, copy)
+    recipe = recipe_for(tiny_random_model, tmp_path, **{"generate.temperature": temperature, "generate.top_k": 20})
+    logits = recipe_for(tiny_random_model, tmp_path, **{"generate.temperature": temperature, "generate.top_k": 20,
+                                                         "generate.compose": "logits"})
+    expert = generator_for(recipe, adapter=a, merge=False)
+    texts = [expert.prompt_text(p["instruction"]) for p in PROMPTS]
+    want = expert.generate(texts)[0]
+    one = generator_for(logits, soup=[(str(a), 1.0), (str(b), 0.0)])
+    assert one.mix is None and one.generate(texts)[0] == want  # weight 0 dropped: the expert itself
+    twice = generator_for(logits, soup=[(str(a), 0.5), (str(copy), 0.5)])
+    assert twice.mix is not None and len(twice.mix[0]) == 2  # decodes through the mixing sampler
+    assert twice.generate(texts)[0] == want  # 0.5 log p + 0.5 log p = log p, drawn from the same stream
+
+
+def test_a_greedy_mix_takes_the_argmax_of_the_weighted_log_probabilities(tiny_random_model, tmp_path, experts):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    a, b = experts
+    recipe = recipe_for(tiny_random_model, tmp_path, **{"generate.temperature": 0, "generate.max_new_tokens": 1,
+                                                        "generate.compose": "logits"})
+    mix = generator_for(recipe, soup=[(str(a), 0.7), (str(b), 0.3)])
+    assert mix.system == "mix:a=0.7+b=0.3"
+    texts = [mix.prompt_text(p["instruction"]) for p in PROMPTS]
+    firsts = mix.generate(texts)[0]
+    for text, [(response, _)] in zip(texts, firsts, strict=True):
+        ids = torch.tensor([mix.prompt_ids(text)])
+        mixed = 0
+        for folder, w in ((a, 0.7), (b, 0.3)):
+            model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_random_model), str(folder))
+            with torch.no_grad():
+                mixed = mixed + w * torch.log_softmax(model.eval()(ids).logits[0, -1].float(), dim=-1)
+        token = int(mixed.argmax())
+        assert response == mix.tokenizer.decode([token], skip_special_tokens=True).strip()
+
+
+def test_a_sampled_mix_is_seeded_per_row_and_differs_from_the_soup(tiny_random_model, tmp_path, experts):
+    a, b = experts
+    soup = [(str(a), 0.5), (str(b), 0.5)]
+    logits = recipe_for(tiny_random_model, tmp_path, **{"generate.compose": "logits"})
+    params = recipe_for(tiny_random_model, tmp_path)
+    mix = generator_for(logits, soup=soup)
+    texts = [mix.prompt_text(p["instruction"]) for p in PROMPTS]
+    together = mix.generate(texts)[0]
+    alone = [mix.generate([t])[0][0] for t in texts[:2]]
+    assert together[:2] == alone  # a row's tokens do not depend on the rows beside it
+    assert together != generator_for(params, soup=soup).generate(texts)[0]
+
+
+def test_cli_compose_logits_writes_a_mix_and_merge_refuses_it(tiny_random_model, tmp_path, experts):
+    a, b = experts
+    out = tmp_path / "mix.jsonl"
+    result = runner.invoke(app, ["generate", "--model", str(tiny_random_model), "--run-dir", str(tmp_path / "run"),
+                                 "--adapters", f"{a},{b}", "--weights", "0.7,0.3", "--compose", "logits",
+                                 "--limit", "2", "--max-new-tokens", "4", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    record = read_jsonl(out)[0]
+    assert record["system"] == "mix:a=0.7+b=0.3" and record["weights"]["compose"] == "logits"
+    result = runner.invoke(app, ["generate", "--model", str(tiny_random_model), "--run-dir", str(tmp_path / "run"),
+                                 "--adapters", f"{a},{b}", "--weights", "0.7,-0.3", "--compose", "logits",
+                                 "--out", str(tmp_path / "neg.jsonl")])
+    one_error_line(result, "negative weight -0.3", "compose 'logits'")
+    result = runner.invoke(app, ["generate", "--model", str(tiny_random_model), "--run-dir", str(tmp_path / "run"),
+                                 "--adapter", str(a), "--compose", "logits", "--out", str(tmp_path / "one.jsonl")])
+    one_error_line(result, "--compose logits mixes the experts of a soup")
+    result = runner.invoke(app, ["merge", str(a), str(b), "--compose", "logits", "--out", str(tmp_path / "soup")])
+    one_error_line(result, "compose 'logits'", "no adapter to merge")
+    assert not (tmp_path / "soup").exists()
+    result = runner.invoke(app, ["merge", str(a), str(b), "--merge-method", "logits", "--out", str(tmp_path / "soup")])
+    one_error_line(result, "no adapter to merge")

@@ -101,6 +101,7 @@ CHANGES = [
     ("generate.no_repeat_ngram_size", 3, sampling),
     ("generate.repetition_penalty", 1.1, sampling),
     ("generate.batch_size", 4, sampling),
+    ("generate.compose", "logits", nothing),  # rlphf run's psoups are merged soup folders
     ("generate.num_samples", 3, nothing),  # rollouts take annotate.num_samples, evaluations one answer
     ("annotate.judge", "hf", lambda k: k.startswith("annotate/")),
     ("annotate.prefs", ["P1A"], nothing),  # rlphf run annotates every preference it trains
@@ -126,6 +127,7 @@ CHANGES = [
     ("train_policy.dpo.max_steps", 2, nothing),
     ("train_policy.sft.max_steps", 2, lambda k: k == "baselines/multitask"),
     ("train_policy.save_steps", 5, lora),
+    ("train_policy.standardize_rewards", False, lambda k: k == "baselines/morl"),
     ("merge.method", "exact", lambda k: k.startswith("merge/P")),  # the sweep's soups are averages
     ("merge.rank", 4, nothing),  # average declares no parameter
     ("merge.density", 0.5, nothing),

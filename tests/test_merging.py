@@ -214,7 +214,7 @@ def test_ties_is_a_weighted_disjoint_mean(adapters, tmp_path):
         x, y = a0[key] * root, a1[key] * root
         agree = x.sign() == y.sign()
         assert torch.allclose(value[agree], (0.75 * x + 0.25 * y)[agree], atol=1e-6)
-        elected = torch.where(x + y >= 0, 1.0, -1.0)
+        elected = torch.where(0.75 * x + 0.25 * y >= 0, 1.0, -1.0)  # the weighted vote
         lone = ~agree & (x.sign() == elected)  # only a0 has the elected sign: a0's value alone
         assert torch.allclose(value[lone], x[lone], atol=1e-6)
 
@@ -598,3 +598,45 @@ def test_output_folder_guards(adapters, tmp_path):
     soup = merge_adapters([adapters["a0"], adapters["a1"]], None, "average", tmp_path / "soup")
     merge_adapters([adapters["a0"], adapters["a1"]], None, "exact", soup)  # an earlier soup is replaced
     assert json.loads((soup / "soup.json").read_text())["method"] == "exact"
+
+
+# --------------------------------------------------------------------------------------------
+# Weight-0 members and the weighted TIES vote
+
+
+@pytest.mark.parametrize("method", ["average", "exact", "svd", "ties", "dare"])
+def test_weight_zero_member_is_dropped_so_one_zero_gives_input_one_back(adapters, tmp_path, method):
+    out = merge_adapters([adapters["a1"], adapters["a2"]], [1.0, 0.0], method, tmp_path / "soup", rank=4, density=1.0)
+    expected = updates(adapters["a1"])
+    for module, update in updates(out).items():
+        assert rel(update, expected[module]) < 1e-12 if method == "average" else 1e-6, (method, module)
+    card = json.loads((out / "soup.json").read_text())
+    assert [i["path"] for i in card["inputs"]] == [str(adapters["a1"])]
+    assert card["dropped_weight_0"] == [str(adapters["a2"])]
+    if method == "average":  # one input at weight 1: the paper's (A_1)/1, the tensors themselves
+        source = load(adapters["a1"])
+        assert all(torch.equal(t, source[k]) for k, t in load(out).items())
+
+
+def test_every_weight_zero_is_refused(adapters, tmp_path):
+    with pytest.raises(InputError, match="every weight is 0"):
+        merge_adapters([adapters["a1"], adapters["a2"]], [0.0, 0.0], "ties", tmp_path / "soup", density=1.0)
+    assert not (tmp_path / "soup").exists()
+
+
+def test_ties_elects_the_sign_of_the_weighted_sum(adapters, tmp_path):
+    """Where the inputs disagree in sign, the sign of 0.9 x + 0.1 y wins and the merged entry is the
+    winner's value: the 0.9 member's wherever 0.9 |x| > 0.1 |y|, including entries where y is larger
+    (there the plain sum of TIES' paper would elect y's sign and keep the 10% member's value whole)."""
+    merged = load(merge_adapters([adapters["a0"], adapters["a1"]], [0.9, 0.1], "ties", tmp_path / "soup", density=1))
+    a0, a1, root = load(adapters["a0"]), load(adapters["a1"]), (8 / 4) ** 0.5
+    overturned = 0
+    for key, value in merged.items():
+        x, y = a0[key] * root, a1[key] * root
+        opposite = (x.sign() * y.sign()) < 0
+        heavy = opposite & (0.9 * x.abs() > 0.1 * y.abs())
+        assert torch.allclose(value[heavy], x[heavy], atol=1e-6), key
+        light = opposite & ~heavy
+        assert torch.allclose(value[light], y[light], atol=1e-6), key
+        overturned += int((heavy & (y.abs() > x.abs())).sum())
+    assert overturned > 0  # the case the plain sum gets wrong does occur in these inputs

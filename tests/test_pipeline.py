@@ -41,7 +41,9 @@ def pipeline_recipe(tmp_path, tiny_random_model):
                                   "max_completion_length": 8},
                          "sft": {"max_steps": 2, "per_device_train_batch_size": 4, "max_length": 160}},
         "judge": {"bootstrap_samples": 50},
-        "evaluation": {"baselines": ["base", "prompted", "multitask"], "sweep": {"prefs": ["P1A", "P2A"], "weights": [0, 0.5, 1]}},
+        "evaluation": {"baselines": ["base", "prompted", "multitask", "psoups-decoding"],
+                       "sweep": {"prefs": ["P1A", "P2A"], "weights": [0, 0.5, 1]},
+                       "pareto": {"prefs": ["P1A", "P2A"], "weights": [0, 0.5, 1]}},
     }
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
@@ -72,6 +74,9 @@ def test_run_pipeline_end_to_end_then_resume(pipeline_recipe):
         "judgments/psoups_vs_multitask.json", "report/systems_vs_base.png",
         "judgments/experts_vs_base.json", "judgments/experts_vs_prompted.json", "generations/prompted/P1A.jsonl",
         "report/report.md", "report/summary.json", "report/training_curves.png", "report/sweep.png",
+        f"generations/psoups-decoding/{combo}.jsonl", "judgments/psoups-decoding_vs_base.json",
+        "judgments/psoups_vs_psoups-decoding.json", "report/pareto.png",
+        *[f"generations/pareto-{m}/w{w}.jsonl" for m in ("params", "logits", "prompted") for w in ("0", "0.5", "1")],
     ]
     missing = [name for name in expected if not (run / name).exists()]
     assert not missing, missing
@@ -82,6 +87,24 @@ def test_run_pipeline_end_to_end_then_resume(pipeline_recipe):
     assert "the same preference prompt" in report and "clipped" in report
     summary = json.loads((run / "report" / "summary.json").read_text())
     assert set(summary["experts_vs_prompted"]) == {"P1A", "P2A"}
+    # The seventh system: the same experts mixed at decoding time, two forwards per token, timed in this run.
+    assert "P-Soups (decoding)" in report and "forwards per token" in report
+    cost = summary["decoding_cost"]
+    assert cost["psoups-decoding"]["forwards_per_token"] == 2 and cost["psoups"]["forwards_per_token"] == 1
+    assert all(row["tokens"] > 0 and row["tokens_per_s"] > 0 for row in cost.values())
+    mixed = [json.loads(line) for line in (run / f"generations/psoups-decoding/{combo}.jsonl").read_text().splitlines()]
+    assert all(r["weights"]["compose"] == "logits" and r["preferences"] == ["P1A", "P2A"] for r in mixed)
+    assert "psoups-decoding" in summary["psoups_head_to_head"]
+    # The pareto stage: three fronts of three points, both measures with intervals, and the sentence.
+    fronts = summary["pareto"]["fronts"]
+    assert {m: [p["weight"] for p in f] for m, f in fronts.items()} == {
+        m: [0, 0.5, 1] for m in ("pareto-params", "pareto-logits", "pareto-prompted")}
+    assert all(p[q]["ci_low"] <= p[q]["mean"] <= p[q]["ci_high"] for f in fronts.values() for p in f for q in ("P1A", "P2A"))
+    # All weight on one expert: the soup and the mix are that expert, the same answers.
+    for w in ("0", "1"):
+        soup, mix = ((run / f"generations/pareto-{m}/w{w}.jsonl").read_text().splitlines() for m in ("params", "logits"))
+        assert [json.loads(x)["response"] for x in soup] == [json.loads(x)["response"] for x in mix]
+    assert "## Pareto front" in report and "neither front dominates" in report
     assert [c["check"] for c in summary["checks"]][:2] == [
         "expert P1A beats the base model prompted with P1A, on P1A",
         "expert P2A beats the base model prompted with P2A, on P2A"]

@@ -418,9 +418,9 @@ def test_policies_that_cannot_be_merged_are_refused_per_request(serve_run, tiny_
         policies.resolve("concise=0.5,wide=0.5")
     with pytest.raises(UnknownModel, match="no policy 'P3B'"):
         policies.resolve("unfriendly")
-    # Catalog order; zero weights kept (no prompt); the weights the average uses (normalized).
+    # Catalog order; zero weights dropped (as rlphf merge drops them; no prompt); the weights the average uses.
     soup = policies.resolve("friendly=1,elementary=2,concise=0")
-    assert soup.members == (("P1A", 2 / 3), ("P2A", 0.0), ("P3A", 1 / 3))
+    assert soup.members == (("P1A", 2 / 3), ("P3A", 1 / 3))
     assert policies.resolve("concise=7,friendly=3").key == policies.resolve("concise=0.7,friendly=0.3").key
     assert [p.id for p in soup.preferences] == ["P1A", "P3A"]
 
@@ -509,3 +509,53 @@ def test_a_mix_of_one_dimensions_preferences_is_served(client):
     """Same-dimension mixes are allowed everywhere (a researcher sweeping concise/informative)."""
     assert answer(client, "concise+informative", "What is a volcano?", max_tokens=8)
     assert answer(client, "concise=0.25,informative=0.75", "What is a volcano?", max_tokens=8)
+
+
+# --------------------------------------------------------------------------------------------
+# Decoding-time mixing: extra_body={"compose": "logits"}
+
+
+def test_greedy_mixes_equal_rlphf_generate_compose_logits(client, served, tmp_path):
+    """The same mix (sum_i w_i log p_i of the policies' next-token distributions) served, in one
+    batch with merged soups' rows, and written by `rlphf generate --compose logits`."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"p{i}", "instruction": p}) + "\n" for i, p in enumerate(PROMPTS)))
+    policy = served.run / "policy"
+    out = tmp_path / "mix.jsonl"
+    result = runner.invoke(app, ["generate", "--run-dir", str(served.run), "--adapters", f"{policy}/P2A,{policy}/P3A",
+                                 "--weights", "0.7,0.3", "--prefs", "P2A,P3A", "--compose", "logits",
+                                 "--temperature", "0", "--max-new-tokens", "48", "--prompts", str(prompts),
+                                 "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    expected = [json.loads(line)["response"] for line in out.read_text().splitlines()]
+    mix = {"extra_body": {"compose": "logits"}}
+    jobs = [("concise=0.7,friendly=0.3", p, mix) for p in PROMPTS] + [("concise=0.7,friendly=0.3", p, {})
+                                                                     for p in PROMPTS]
+    with ThreadPoolExecutor(len(jobs)) as pool:  # mixes and soups decoded in one batch
+        got = list(pool.map(lambda job: answer(client, job[0], job[1], **job[2]), jobs))
+    assert got[:len(PROMPTS)] == expected
+    assert got[len(PROMPTS):] != expected  # the merged soup is another system
+    response = ask(client, "concise=0.7,friendly=0.3", PROMPTS[0], **mix)
+    assert response.model_extra["rlphf"]["soup"] == "mix:P2A=0.7,P3A=0.3"
+
+
+def test_a_mix_with_all_weight_on_one_policy_is_that_policy(client):
+    mix = {"extra_body": {"compose": "logits"}}
+    assert answer(client, "concise=1,friendly=0", PROMPTS[1], **mix) == answer(client, "concise", PROMPTS[1])
+
+
+def test_sampled_mixes_are_seeded_per_request_whatever_the_batch(client):
+    kw = {"temperature": 1.0, "seed": 7, "max_tokens": 12, "extra_body": {"compose": "logits"}}
+    alone = answer(client, "P1A+P2A+P3A", PROMPTS[2], **kw)
+    with ThreadPoolExecutor(6) as pool:
+        together = list(pool.map(lambda m: answer(client, m, PROMPTS[2], **kw),
+                                 ["P1A+P2A+P3A", "concise=0.7,friendly=0.3"] * 3))
+    assert together[0::2] == [alone] * 3
+
+
+def test_compose_errors_name_the_field(client):
+    status, body = error_of(lambda: ask(client, "base", PROMPTS[0], extra_body={"compose": "logits"}))
+    assert status == 400 and body["param"] == "compose" and "nothing to mix" in body["message"]
+    status, body = error_of(lambda: ask(client, "concise=0.7,friendly=0.3", PROMPTS[0],
+                                        extra_body={"compose": "tokens"}))
+    assert status == 400 and "compose" in body["message"]

@@ -189,6 +189,57 @@ def test_morl_reward_routes_each_sample_to_its_preferences():
     assert RMReward(fake, "P2A")(prompts=["a"], completions=["y"], instruction=["i"], prefs=[[]]) == [2.0]
 
 
+def test_running_stats_match_the_whole_sample_and_standardize():
+    import torch
+
+    from rlphf_cli.training.policy import RunningStats
+
+    values = torch.randn(50, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 7 + 3
+    stats = RunningStats()
+    for chunk in values.split(6):
+        stats.update(chunk.tolist())
+    assert stats.count == 50
+    assert stats.mean == pytest.approx(float(values.mean()), rel=1e-9)
+    assert stats.std == pytest.approx(float(values.std(unbiased=False)), rel=1e-9)
+    assert stats.standardize(stats.mean + stats.std) == pytest.approx(1.0)
+    assert RunningStats().std == 1.0  # nothing seen yet: no scaling
+
+
+def test_morl_standardizes_each_reward_model_so_the_widest_does_not_decide():
+    """Two reward models that rank the same answers oppositely, one on a 100x wider scale: the raw mean
+    follows the wide one; standardized, each contributes alike and the mean is flat."""
+    from rlphf_cli.training.policy import RMReward
+
+    class Scaled:
+        def __init__(self, scale):
+            self.scale = scale
+
+        def score(self, instructions, responses):
+            return [self.scale * len(r) for r in responses]
+
+    completions = ["a", "bb", "ccc", "dddd"]
+    kwargs = {"prompts": ["p"] * 4, "completions": completions, "instruction": ["i"] * 4, "prefs": [["X", "Y"]] * 4}
+
+    def mean_reward(standardize):
+        wide = RMReward(Scaled(100.0), "X", route=True, standardize=standardize)
+        narrow = RMReward(Scaled(-1.0), "Y", route=True, standardize=standardize)
+        return [(x + y) / 2 for x, y in zip(wide(**kwargs), narrow(**kwargs), strict=True)], wide
+
+    raw, _ = mean_reward(False)
+    assert raw == sorted(raw) and raw[-1] - raw[0] > 100  # the wide model decides
+    fair, wide = mean_reward(True)
+    assert max(abs(v) for v in fair) < 1e-9
+    assert wide.stats.count == 4 and wide.stats.mean == pytest.approx(250.0)
+
+
+def test_morl_jobs_standardize_by_default_and_the_recipe_switches_it_off(setup, tiny_random_model):
+    recipe = load(setup, f"model.name={tiny_random_model}")
+    assert policy_jobs(recipe, mode="morl")[0].standardize_rewards is True
+    assert policy_jobs(recipe, "concise")[0].standardize_rewards is False  # the experts each have one RM
+    off = load(setup, f"model.name={tiny_random_model}", "train_policy.standardize_rewards=false")
+    assert policy_jobs(off, mode="morl")[0].standardize_rewards is False
+
+
 # --------------------------------------------------------------------------------------------
 # train-rm
 
@@ -339,6 +390,10 @@ def test_dpo_and_morl_run(with_rm, tiny_random_model):
     assert morl["name"] == "morl" and morl["preferences"] == ["P2A", "P2B"]
     lines = [json.loads(line) for line in (with_rm["run"] / "policy" / "morl" / "metrics.jsonl").read_text().splitlines()]
     assert set(lines[0]["rewards"]) == {"P2A", "P2B"}
+    stats = json.loads((with_rm["run"] / "policy" / "morl" / "training.json").read_text())["reward_standardization"]
+    # One dimension: each sample carries P2A or P2B, so each is scored by exactly one reward model.
+    assert set(stats) == {"P2A", "P2B"} and sum(s["count"] for s in stats.values()) > 0, stats
+    assert all(s["std"] > 0 for s in stats.values() if s["count"] > 1), stats
 
 
 def test_multitask_fine_tunes_one_policy_on_every_preferences_chosen_responses(setup, tiny_random_model):

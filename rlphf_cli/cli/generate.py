@@ -37,6 +37,9 @@ def generate_command(
     weights: Annotated[Optional[str], _opt("--weights", help="Weights for --adapters, e.g. 0.7,0.3 (default: equal).")] = None,
     merge_method: Annotated[Optional[str], _opt("--merge-method", help="How a soup is merged (merge.method): "
                                                 "average (the paper's), exact, svd, ties, dare.")] = None,
+    compose: Annotated[Optional[str], _opt("--compose", help="How a soup's experts are composed (generate.compose): "
+                                           "params (merge their weights, default) or logits (mix their next-token "
+                                           "log-probabilities at every step; each expert runs).")] = None,
     prefs: Annotated[Optional[str], _opt("--prefs", help="The preferences the answers are for: their prompts are "
                                          "appended to each instruction, e.g. P1A,concise (default with --soup or "
                                          "--adapter: its preferences; 'none' for no prompt).")] = None,
@@ -91,10 +94,13 @@ def generate_command(
         generate__top_k=top_k, generate__max_new_tokens=max_new_tokens, generate__min_new_tokens=min_new_tokens,
         generate__no_repeat_ngram_size=no_repeat_ngram_size, generate__repetition_penalty=repetition_penalty,
         generate__batch_size=batch_size, generate__num_samples=num_samples, seed=seed, merge__method=merge_method,
+        generate__compose=compose,
     )
     given = [name for name, value in (("--adapter", adapter), ("--soup", soup), ("--adapters", adapters)) if value]
     if len(given) > 1:
         raise InputError(f"{' and '.join(given)}: give one of --adapter, --soup, --adapters")
+    if compose == "logits" and not (soup or adapters):
+        raise InputError("--compose logits mixes the experts of a soup: give --soup or --adapters")
     if weights and not adapters:
         raise InputError("--weights goes with --adapters (for --soup write name=weight)")
     if resume and force:

@@ -51,6 +51,9 @@ def merge_command(
     model: Annotated[Optional[str], typer.Option(
         "--model", help="Base model for --into-base (default: the adapters' base_model_name_or_path).",
         show_default=False)] = None,
+    compose: Annotated[Optional[str], typer.Option(
+        "--compose", help="params (a soup: the only way merge composes); logits mixes at decoding time, in "
+        "rlphf generate and serve.", show_default=False)] = None,
     recipe: RecipeOption = None,
     run_dir: RunDirOption = None,
     set_: SetOption = None,
@@ -61,7 +64,12 @@ def merge_command(
 
     Example: [bold]rlphf merge a/ b/ --weights 0.7,0.3 --out soup/[/]
     """
+    from rlphf_cli.errors import InputError
     from rlphf_cli.jobs import merge_request
+    from rlphf_cli.merging.methods import LOGITS_NOT_A_MERGE
+
+    if compose is not None and compose != "params":
+        raise InputError(LOGITS_NOT_A_MERGE if compose == "logits" else f"--compose: '{compose}' is not params or logits")
     from rlphf_cli.merging import run_merge
 
     resolved = resolve_recipe(recipe, set_, run_dir, merge__method=method, merge__rank=rank,

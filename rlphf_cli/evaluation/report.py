@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from rlphf_cli.runs import atomic_write_json, atomic_write_text, read_jsonl
-from rlphf_cli.systems import BASE, EXPERTS, PROMPTED, PSOUPS, SWEEP, label
+from rlphf_cli.systems import BASE, EXPERTS, PARETO_METHODS, PROMPTED, PSOUPS, PSOUPS_DECODING, SWEEP, label
 
 EXPERT_BAR = 0.6  # an expert must beat the base model given its preference prompt at least this often
 
@@ -327,6 +327,86 @@ def _sweep(pipeline, out: Path) -> tuple[list[str], bool | None, list[dict]]:
     return lines, monotone, points
 
 
+def _scored(pipeline, path: Path, prefs) -> dict[str, Any]:
+    """Mean and 95% bootstrap interval of each preference's rubric measure (as named) over a file's answers."""
+    from rlphf_cli.evaluation.winrate import bootstrap_ci
+    from rlphf_cli.judges.rubric import measure
+
+    texts = [r["response"] for r in read_jsonl(path)]
+    point: dict[str, Any] = {"n": len(texts)}
+    for pref in prefs:
+        sign = _display_measure(pref)[1]
+        values = [sign * measure(pref, t) for t in texts]
+        low, high = bootstrap_ci([[v] for v in values], 1000, pipeline.recipe.seed)
+        point[pref.id] = {"mean": sum(values) / len(values), "ci_low": low, "ci_high": high}
+    return point
+
+
+def _dominates(x: dict, y: dict, prefs, signs) -> bool:
+    """x's interval beyond y's on one measure (in the direction the preference wants) and not behind on
+    the other."""
+    ahead = behind = False
+    for pref, sign in zip(prefs, signs, strict=True):
+        lo_x, hi_x = sorted((sign * x[pref.id]["ci_low"], sign * x[pref.id]["ci_high"]))
+        lo_y, hi_y = sorted((sign * y[pref.id]["ci_low"], sign * y[pref.id]["ci_high"]))
+        ahead |= lo_x > hi_y
+        behind |= hi_x < lo_y
+    return ahead and not behind
+
+
+def pareto(pipeline, out: Path) -> tuple[list[str], dict]:
+    """The pareto stage's fronts on one figure, a table, and which front dominates where."""
+    if not pipeline.recipe.evaluation.pareto:
+        return [], {}
+    prefs = pipeline.pareto_prefs()
+    fronts = {method: [{"weight": w, **_scored(pipeline, path, prefs)} for w, path in points if path.exists()]
+              for method, points in pipeline.pareto_outputs().items()}
+    if not all(fronts.values()):
+        return [], {}
+    a, b = prefs
+    (name_a, sign_a), (name_b, sign_b) = _display_measure(a), _display_measure(b)
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.8))
+    for method, points in fronts.items():
+        xs, ys = [p[a.id]["mean"] for p in points], [p[b.id]["mean"] for p in points]
+        ax.errorbar(xs, ys, xerr=[[x - p[a.id]["ci_low"] for x, p in zip(xs, points, strict=True)],
+                                  [p[a.id]["ci_high"] - x for x, p in zip(xs, points, strict=True)]],
+                    yerr=[[y - p[b.id]["ci_low"] for y, p in zip(ys, points, strict=True)],
+                          [p[b.id]["ci_high"] - y for y, p in zip(ys, points, strict=True)]],
+                    fmt="o-", capsize=2, label=PARETO_METHODS[method])
+        for x, y, p in zip(xs, ys, points, strict=True):
+            ax.annotate(f"{p['weight']:g}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set(xlabel=f"{name_a} ({a.id} {a.alias})", ylabel=f"{name_b} ({b.id} {b.alias})",
+           title=f"weight w on {a.id}, 1 - w on {b.id}; mean and 95% interval, n = {fronts['pareto-params'][0]['n']}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    lines = [f"Between `{a.id}` ({a.alias}) at weight w and `{b.id}` ({b.alias}) at 1 - w, on the evaluation "
+             "prompts: parameter soups (`average`), decoding-time mixes (Σ w_i log p_i), and the base model "
+             f"prompted alone (w >= 0.75: {a.id}'s prompt; w <= 0.25: {b.id}'s; between: both). Rubric measures, "
+             "mean [95% bootstrap interval].", "",
+             f"| method | w | {name_a} ({a.id}) | {name_b} ({b.id}) |", "|---|---:|---:|---:|"]
+    for method, points in fronts.items():
+        lines += [f"| {PARETO_METHODS[method]} | {p['weight']:g} | {_measure_ci(p[a.id])} | {_measure_ci(p[b.id])} |"
+                  for p in points]
+    soups, mixes = fronts["pareto-params"], fronts["pareto-logits"]
+    # Displayed measures grow with the preference, except the "minus" ones shown flipped (word count).
+    want = (sign_a, sign_b)
+    by_weight = {p["weight"]: p for p in mixes}
+    soup_wins = [p["weight"] for p in soups if p["weight"] in by_weight and _dominates(p, by_weight[p["weight"]], prefs, want)]
+    mix_wins = [p["weight"] for p in soups if p["weight"] in by_weight and _dominates(by_weight[p["weight"]], p, prefs, want)]
+
+    def where(ws):
+        return f"at w = {', '.join(f'{w:g}' for w in ws)}" if ws else "at no weight"
+
+    sentence = (f"From the intervals, at equal weights the parameter soup dominates the decoding-time mix "
+                f"{where(soup_wins)} and the mix dominates the soup {where(mix_wins)}; elsewhere their "
+                "intervals overlap on a measure and neither front dominates.")
+    lines += ["", sentence, "", f"![pareto front]({out.name})"]
+    return lines, {"fronts": fronts, "soup_dominates_at": soup_wins, "mix_dominates_at": mix_wins}
+
+
 def _measure_ci(value: dict) -> str:
     return f"{value['mean']:.1f} [{value['ci_low']:.1f}, {value['ci_high']:.1f}]"
 
@@ -351,6 +431,8 @@ def system_costs(pipeline) -> list[str]:
     rows = {
         PSOUPS: (len(prefs), len(prefs), rm_seconds(prefs) + sum(expert_s) + merge_s,
                  f"{len(prefs)} experts, {len(pipeline.combos)} soups merged in {merge_s:.2f} s"),
+        PSOUPS_DECODING: (len(prefs), len(prefs), rm_seconds(prefs) + sum(expert_s),
+                          "P-Soups' experts, nothing merged: every expert decodes each token"),
         "morl": (len(prefs), 1, rm_seconds(prefs) + policy_seconds("morl"), "one policy, reward models shared with P-Soups"),
         "rlhf": (1, 1, rm_seconds(["general"]) + policy_seconds("rlhf"), "one policy, not personalized"),
         "multitask": (0, 1, policy_seconds("multitask"), "one policy, SFT on the annotations"),
@@ -371,6 +453,32 @@ def system_costs(pipeline) -> list[str]:
                   f"{n * mean:.1f} s of RL (the mean expert's time), and twice as many each time a dimension is "
                   f"added; P-Soups adds two experts per dimension."]
     return lines
+
+
+def decoding_costs(pipeline) -> tuple[list[str], dict]:
+    """P-Soups merged against mixed at decoding time: forwards and tokens/s per generated token, from
+    this run's own evaluation units (the generation summaries their markers keep)."""
+    from rlphf_cli.preferences import combination_name
+
+    if PSOUPS_DECODING not in pipeline.systems():
+        return [], {}
+    out = {}
+    for system, forwards in ((PSOUPS, 1), (PSOUPS_DECODING, len(pipeline.combos[0]) if pipeline.combos else 0)):
+        tokens = seconds = 0.0
+        for combo in pipeline.combos:
+            result = (pipeline.run.marker(f"evaluate/{system}/{combination_name(combo)}") or {}).get("result") or {}
+            tokens += result.get("tokens", 0)
+            seconds += result.get("seconds", 0.0)
+        out[system] = {"forwards_per_token": forwards, "tokens": int(tokens), "seconds": round(seconds, 2),
+                       "tokens_per_s": round(tokens / seconds, 1) if seconds else None}
+    lines = ["Per generated token, measured in this run's evaluation (every combination's answers): a soup is "
+             "merged into the weights and decodes as one model; the decoding-time mix runs every expert "
+             "(one row each) at every step.", "",
+             "| system | forwards per token | tokens | seconds | tokens/s |", "|---|---:|---:|---:|---:|"]
+    for system, row in out.items():
+        lines.append(f"| {label(system)} | {row['forwards_per_token']} | {row['tokens']} | {row['seconds']:.1f} | "
+                     f"{_num(row['tokens_per_s'], 1) if row['tokens_per_s'] else '-'} |")
+    return lines, out
 
 
 def stage_costs(pipeline) -> list[str]:
@@ -443,7 +551,17 @@ def write_report(pipeline) -> dict[str, Any]:
         summary["sweep"] = points
         summary["sweep_monotone"] = monotone
 
-    lines += ["## Cost", "", *system_costs(pipeline), "", *stage_costs(pipeline), ""]
+    table, front = pareto(pipeline, out_dir / "pareto.png")
+    if table:
+        lines += ["## Pareto front", "", *table, ""]
+        summary["pareto"] = front
+
+    lines += ["## Cost", "", *system_costs(pipeline), ""]
+    table, decoding = decoding_costs(pipeline)
+    if table:
+        lines += [*table, ""]
+        summary["decoding_cost"] = decoding
+    lines += [*stage_costs(pipeline), ""]
 
     warnings = meaningless_reasons(recipe)
     bars = [] if warnings else demo_bars(summary)  # checks on meaningless numbers would mislead

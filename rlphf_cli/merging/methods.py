@@ -5,6 +5,9 @@ s_i = alpha_i / r_i (alpha_i / sqrt(r_i) with rsLoRA), so its update is s_i B_i 
 the user's weights. Every method returns the merged (A, B); methods other than `average` fold
 the scaling into the factors and the output config sets lora_alpha = r (scaling 1).
 
+Members whose weight is 0 are dropped before any method runs (rlphf_cli.merging.soup.plan_merge),
+so weights (1, 0) give input 1 back under every method.
+
 Weights: `average`, `ties` and `dare` normalize the weights to sum to 1 (a weighted mean), so n
 identical inputs give the input back at any weights; `exact` and `svd` use them as given (the
 update is sum_i w_i s_i B_i A_i, so weights may be negative or sum to more than 1).
@@ -36,11 +39,16 @@ METHODS: Registry[type[MergeMethod]] = Registry("merge method")
 # method keeps the ones it uses.
 PARAMETERS = ("rank", "density", "seed")
 
+LOGITS_NOT_A_MERGE = ("compose 'logits' mixes the experts' next-token predictions while decoding: there is no "
+                      "adapter to merge; use it with rlphf generate or rlphf serve (--compose logits)")
+
 
 def merge_spec(method: str, values: Mapping[str, Any] | None = None) -> MergeSpec:
     """The method and the parameters it declares, taken from `values` (unset ones and those of other
     methods left out), checked now by building the method: the one reader of merge settings."""
     values = values or {}
+    if method == "logits":
+        raise InputError(LOGITS_NOT_A_MERGE)
     unknown = sorted(set(values) - set(PARAMETERS))
     if unknown:
         raise InputError(f"unknown merge parameter '{unknown[0]}' (parameters: {', '.join(PARAMETERS)})")
@@ -300,7 +308,8 @@ class Ties(MergeMethod):
 
         weights normalized to sum 1; for X in (A, B), with the scaling folded in, sqrt(s_i) X_i:
           trim:  T_i = sqrt(s_i) X_i keeping its top `density` fraction of entries by magnitude
-          elect: g = sign(sum_i T_i)  (+1 where the sum is 0)
+          elect: g = sign(sum_i w_i T_i)  (+1 where the sum is 0): the weights vote, so a member
+                 at weight 0.1 cannot overturn one at 0.9 (the plain sum of TIES' paper would)
           merge: X = sum_i [sign(T_i) == g] w_i T_i / sum_i [sign(T_i) == g] w_i
         lora_alpha = r
 
@@ -311,7 +320,7 @@ class Ties(MergeMethod):
 
     name = "ties"
     formula = ("w normalized to sum 1; per factor X in {A, B}: T_i = top-density(|sqrt(s_i) X_i|) of sqrt(s_i) X_i; "
-               "g = sign(sum_i T_i); X = sum_i [sign T_i = g] w_i T_i / sum_i [sign T_i = g] w_i; alpha = r")
+               "g = sign(sum_i w_i T_i); X = sum_i [sign T_i = g] w_i T_i / sum_i [sign T_i = g] w_i; alpha = r")
     params = ("density",)
     same_rank = True
 
@@ -336,9 +345,9 @@ class Ties(MergeMethod):
                 t = t * mask.reshape(t.shape)
             trimmed.append(t)
         stacked = torch.stack(trimmed)
-        elected = torch.where(stacked.sum(dim=0) >= 0, 1, -1)
-        agree = (stacked.sign() == elected).to(stacked.dtype)
         w = torch.tensor(weights, dtype=stacked.dtype).reshape(-1, *([1] * (stacked.dim() - 1)))
+        elected = torch.where((stacked * w).sum(dim=0) >= 0, 1, -1)
+        agree = (stacked.sign() == elected).to(stacked.dtype)
         total = (agree * w).sum(dim=0)
         merged = (stacked * agree * w).sum(dim=0) / torch.where(total > 0, total, torch.ones_like(total))
         return merged.to(dtype)

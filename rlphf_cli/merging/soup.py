@@ -94,6 +94,7 @@ class MergePlan:
     given: list[float]  # the user's weights
     used: list[float]  # the weights the formula uses (e.g. normalized)
     ranks: dict[str, int]  # module -> output rank
+    kept: list[int]  # indices of the inputs given that went in (those of weight 0 are dropped)
 
     @property
     def modules(self) -> list[str]:
@@ -138,13 +139,24 @@ def plan_merge(adapters: Sequence[AdapterInput | str | Path], weights: str | Seq
     method = spec.method
     merger = new_merger(spec)
     given = parse_weights(weights, len(adapters))
+    kept = nonzero(given)
+    given = [given[i] for i in kept]
     used = merger.check_weights(given)
-    inputs = [a if isinstance(a, AdapterInput) else read_adapter(a) for a in adapters]
+    inputs = [a if isinstance(a, AdapterInput) else read_adapter(a) for a in (adapters[i] for i in kept)]
     check_compatible(inputs, same_rank=merger.same_rank, same_scale=merger.same_scale,
                      factor_methods=method != "average", method=method, force=force)
     merger.prepare(inputs)
     ranks = {name: merger.output_rank([a.modules[name].rank for a in inputs]) for name in sorted(inputs[0].modules)}
-    return MergePlan(merger, inputs, given, used, ranks)
+    return MergePlan(merger, inputs, given, used, ranks, kept)
+
+
+def nonzero(weights: Sequence[float]) -> list[int]:
+    """The indices of the members that go into a soup: a member at weight 0 is dropped before any
+    method sees it (it would still vote on TIES' signs, add rank to `exact`, or draw DARE masks)."""
+    kept = [i for i, w in enumerate(weights) if w != 0]
+    if not kept:
+        raise InputError("--weights: every weight is 0; give at least one member a non-zero weight")
+    return kept
 
 
 def merged_tensors(plan: MergePlan, read: TensorReader, progress: Progress | None = None) -> Iterator[tuple[str, Any]]:
@@ -184,7 +196,7 @@ def merge_in_memory(adapters: Sequence[AdapterInput], tensors: Sequence[Mapping[
     plan = plan_merge(adapters, weights, method, force=force, **params)
 
     def read(index: int, key: str):
-        return tensors[index][key]
+        return tensors[plan.kept[index]][key]
 
     with _single_thread():
         return dict(merged_tensors(plan, read)), plan.config()
@@ -235,8 +247,9 @@ def merge_adapters(
         writer.close()
         hashing.result()
         config = plan.config()
+        dropped = [str(dirs[i]) for i in range(len(dirs)) if i not in plan.kept]
         card = build_card(plan.merger, inputs, plan.given, plan.used, config, len(plan.full_keys),
-                          time.perf_counter() - start, card_extra)
+                          time.perf_counter() - start, {**(card_extra or {}), **({"dropped_weight_0": dropped} if dropped else {})})
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         copy_tokenizer(inputs[0].path, tmp)
         (tmp / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")

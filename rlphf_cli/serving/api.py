@@ -206,6 +206,14 @@ class Service:
         runs on a worker thread, not on the event loop)."""
         stop = self.check(req)
         soup = self.soup(req)
+        if req.compose == "logits":
+            if not self.backend.mixes_logits:
+                raise RequestError(f"compose: the {self.backend.name} backend does not mix at decoding time; "
+                                   "serve with --backend transformers", param="compose")
+            try:
+                soup = soup.as_mix()
+            except InputError as exc:
+                raise RequestError(str(exc), param="compose") from None
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
         messages = messages_with_preferences(messages, soup.preferences)
         tokenizer = self.backend.tokenizer

@@ -86,6 +86,7 @@ class Backend(abc.ABC):
     """A loaded model that decodes jobs; see the module docstring."""
 
     name = ""
+    mixes_logits = False  # can it decode a Soup with `mixed` (compose "logits")?
 
     def __init__(self, policies: PolicySet, tokenizer, context_length: int, model_name: str):
         self.policies = policies

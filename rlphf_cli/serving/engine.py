@@ -23,6 +23,11 @@ request gets a 503 and so does every new one (the `dead` property says why).
 Each row samples from its own seeded random stream (rlphf_cli.sampling), with the recipe's
 generate settings, so a seeded answer does not depend on what else is in the batch and equals
 `rlphf generate`'s.
+
+A mixed soup (compose "logits") needs no merge: each of its choices is decoded by k rows, one per
+policy with that policy's adapter and its own KV cache, beside every other row of the batch; the
+first (the leader) holds the choice, the others follow it. The leader's next token is drawn from
+sum_i w_i log softmax(logits of row i), and every follower is given the same token.
 """
 
 from __future__ import annotations
@@ -68,6 +73,9 @@ class _Row:
     ngrams: dict = field(default_factory=dict)  # (n-1 tokens) -> tokens that followed them (no_repeat_ngram_size)
     cancelled: bool = False
     done: bool = False
+    followers: list = field(default_factory=list)  # a mix's leader: the rows of its other policies
+    mix: object = None  # a mix's leader: the policies' weights (float32 tensor, one per row, leader first)
+    leader: _Row | None = None  # a mix's follower: the row whose token it takes
 
     @property
     def position(self) -> int:
@@ -115,6 +123,7 @@ class _Ticket:
 
 class TransformersBackend(Backend):
     name = "transformers"
+    mixes_logits = True
 
     def __init__(self, model: ModelSpec, policies: PolicySet, *, max_batch: int = 16, max_soups: int = 32,
                  threads: int | None = None):
@@ -350,6 +359,14 @@ class TransformersBackend(Backend):
                 self._pending.remove(ticket)
                 self.count_cancelled(len(ticket.rows))
                 continue
+            if ticket.soup.mixed:
+                if len(ticket.rows) * len(ticket.soup.members) > free:
+                    break
+                self._pending.remove(ticket)
+                self._expand_mix(ticket)
+                taken.append(ticket)
+                free -= len(ticket.rows)
+                continue
             adapter = self._adapter_for(ticket)
             if adapter is None:  # its soup is being merged: the requests behind it go on
                 continue
@@ -362,6 +379,23 @@ class TransformersBackend(Backend):
             taken.append(ticket)
             free -= len(ticket.rows)
         return taken
+
+    def _expand_mix(self, ticket: _Ticket) -> None:
+        """(Under the lock.) A mixed soup's rows: each choice gets a follower row per further policy."""
+        adapters = [self.policy_adapters[name] for name in ticket.soup.names]
+        weights = self._torch.tensor(ticket.soup.weights, dtype=self._torch.float32, device=self.device)
+        for leader in list(ticket.rows):
+            leader.adapter, leader.mix = adapters[0], weights
+            leader.job.left_queue()
+
+            def send(event, leader=leader) -> None:  # a follower's failure is its choice's
+                if isinstance(event, Exception):
+                    self._fail(leader, event)
+
+            for adapter in adapters[1:]:
+                follower = _Row(leader.job, leader.index, send, adapter=adapter, leader=leader)
+                leader.followers.append(follower)
+                ticket.rows.append(follower)
 
     def _admit(self, tickets: list[_Ticket]) -> None:
         rows = [row for ticket in tickets for row in ticket.rows]
@@ -448,15 +482,23 @@ class TransformersBackend(Backend):
         fails gets the error (None here); the others are unaffected."""
         torch = self._torch
         greedy = logits.argmax(dim=-1).tolist()  # what a row without constraints or sampling takes
+        place = {id(row): i for i, row in enumerate(rows)}
         tokens: list[int | None] = []
         for i, row in enumerate(rows):
             sampling = row.job.sampling
-            if row.uniforms is None and not row.seen and not sampling.no_repeat_ngram_size and (
+            if row.leader is not None:  # given its leader's token below
+                tokens.append(None)
+                continue
+            if row.mix is None and row.uniforms is None and not row.seen and not sampling.no_repeat_ngram_size and (
                     len(row.tokens) >= sampling.min_tokens):
                 tokens.append(greedy[i])
                 continue
             try:
                 scores = logits[i:i + 1]
+                if row.mix is not None:
+                    group = [i] + [place[id(f)] for f in row.followers]
+                    logp = torch.log_softmax(logits[group], dim=-1)
+                    scores = (logp * row.mix.unsqueeze(1)).sum(dim=0, keepdim=True)
                 if row.seen:
                     seen = torch.tensor(list(row.seen), device=scores.device).unsqueeze(0)
                     picked = scores.gather(1, seen)
@@ -477,11 +519,17 @@ class TransformersBackend(Backend):
                 log.exception("sampling failed for %s", row.job.id)
                 self._fail(row, BackendError(f"sampling failed: {type(exc).__name__}: {exc}"))
                 tokens.append(None)
+        for i, row in enumerate(rows):
+            if row.leader is not None and id(row.leader) in place:
+                tokens[i] = tokens[place[id(row.leader)]]
         return tokens
 
     def _emit_all(self, rows: list[_Row], tokens: list[int | None]) -> None:
         for row, token in zip(rows, tokens, strict=True):
             if token is None or row.done:
+                continue
+            if row.leader is not None:  # its leader speaks for the choice
+                row.tokens.append(token)
                 continue
             row.tokens.append(token)
             row.record([token])
@@ -538,8 +586,13 @@ class TransformersBackend(Backend):
 
     def _drop(self, leaving) -> None:
         """Remove rows from the batch (and their cache), then columns that are padding in every row."""
+        for row in self._rows:
+            if row.leader is not None:  # a follower leaves with its leader
+                row.done, row.cancelled = row.done or row.leader.done, row.cancelled or row.leader.cancelled
         keep = [i for i, row in enumerate(self._rows) if not leaving(row)]
         for row in self._rows:
+            if row.leader is not None:
+                continue
             if row.cancelled and not row.done:
                 row.done = True
                 self.count_cancelled(1)

@@ -60,15 +60,29 @@ class Soup:
     members: tuple[tuple[str, float], ...] = ()
     merged: bool = False  # False: `members` is one policy, used as is
     preferences: tuple[Preference, ...] = ()  # whose prompts are appended (members with weight > 0)
+    mixed: bool = False  # the members' next-token log-probabilities mixed at decoding time, not merged
 
     @property
     def key(self) -> str:
-        """The canonical name: 'base', 'P2A', 'P2A=0.7,P3A=0.3'."""
+        """The canonical name: 'base', 'P2A', 'P2A=0.7,P3A=0.3', 'mix:P2A=0.7,P3A=0.3'."""
         if not self.members:
             return BASE
-        if not self.merged:
+        if not (self.merged or self.mixed):
             return self.members[0][0]
-        return ",".join(f"{name}={weight!r}" for name, weight in self.members)
+        return ("mix:" if self.mixed else "") + ",".join(f"{name}={weight!r}" for name, weight in self.members)
+
+    def as_mix(self) -> Soup:
+        """This soup composed at decoding time (compose "logits"): weight-0 members dropped, the
+        others' weights normalized (rlphf_cli.generation.mix_weights); one member left is that policy."""
+        from rlphf_cli.generation import mix_weights
+
+        if not self.members:
+            raise InputError("compose 'logits' mixes policies; the base model alone has nothing to mix")
+        kept, used = mix_weights(self.weights)
+        members = tuple((self.members[i][0], w) for i, w in zip(kept, used, strict=True))
+        if len(members) == 1:
+            return Soup(members, preferences=self.preferences)
+        return Soup(members, preferences=self.preferences, mixed=True)
 
     @property
     def names(self) -> list[str]:
@@ -134,6 +148,8 @@ class PolicySet:
         single = isinstance(spec, str) and not re.search(r"[=,+]", spec)
         positive = [self.policies[n].preference for n, w in members if w > 0 and self.policies[n].preference]
         if not single:
+            # Weight-0 members are dropped (as `rlphf merge` drops them), so (1, 0) is the first policy's soup.
+            members = [(name, weight) for name, weight in members if weight != 0]
             # The merge method's own checks (negative weights, ...) before any request is queued.
             used = plan_merge([self.inputs[n] for n, _ in members], [w for _, w in members], self.merge).used
             members = [(name, weight) for (name, _), weight in zip(members, used, strict=True)]

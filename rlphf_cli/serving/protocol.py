@@ -55,6 +55,8 @@ class ChatRequest(_Strict):
     # rlphf's own (extra_body): the soup as weights, and whether its preference prompts are appended
     preferences: dict[str, float] | None = None
     preference_prompts: bool = True
+    # How the soup's policies are composed: merged ("params") or mixed at decoding time ("logits")
+    compose: Literal["params", "logits"] = "params"
     min_tokens: int | None = Field(default=None, ge=0)  # as vLLM's OpenAI server; None: the recipe's
 
 

@@ -4,7 +4,10 @@ Modes (DESIGN.md, "Training"):
 - soup: one policy per preference against that preference's reward model (the P-Soups experts);
   training prompts are the plain instructions, as in the paper.
 - morl: one policy; each prompt carries a seeded combination of preference prompts (one per
-  dimension) and its reward is the mean of the reward models of that combination.
+  dimension) and its reward is the mean of the reward models of that combination, each reward
+  model's scores standardized first by its running mean and standard deviation
+  (train_policy.standardize_rewards, on by default): reward models trained separately have
+  unrelated scales, and the widest would otherwise decide the mean.
 - rlhf: one policy against the general reward model (rm/general).
 - multitask: the paper's MT baseline, rejection-sampling distillation: one policy fine-tuned (TRL's
   SFTTrainer) on the judge-chosen response of every annotated pair of every preference, the
@@ -53,10 +56,11 @@ class RMReward:
     scores only samples whose `prefs` column holds its preference and returns None for the others
     (TRL's weighted nansum then averages the matching reward models)."""
 
-    def __init__(self, scorer: RewardScorer, pref_id: str, route: bool = False):
+    def __init__(self, scorer: RewardScorer, pref_id: str, route: bool = False, standardize: bool = False):
         self.scorer = scorer
         self.pref_id = pref_id
         self.route = route
+        self.stats = RunningStats() if standardize else None
         self.__name__ = f"rm_{pref_id}"  # the name TRL logs rewards under
 
     def __call__(self, prompts, completions, completion_ids=None, instruction=None, prefs=None, **_):
@@ -64,14 +68,52 @@ class RMReward:
         if instruction is None:
             raise InputError("the training dataset has no 'instruction' column")
         if not self.route:
-            return self.scorer.score(list(instruction), texts)
+            return self._standardized(self.scorer.score(list(instruction), texts))
         picked = [i for i, ids in enumerate(prefs) if self.pref_id in ids]
         out: list[float | None] = [None] * len(texts)
         if picked:
-            scores = self.scorer.score([instruction[i] for i in picked], [texts[i] for i in picked])
+            scores = self._standardized(self.scorer.score([instruction[i] for i in picked], [texts[i] for i in picked]))
             for i, score in zip(picked, scores, strict=True):
                 out[i] = score
         return out
+
+    def _standardized(self, scores: list[float]) -> list[float]:
+        if self.stats is None:
+            return scores
+        self.stats.update(scores)
+        return [self.stats.standardize(s) for s in scores]
+
+
+class RunningStats:
+    """Running mean and standard deviation of every score seen so far (Chan et al.'s parallel
+    update, as TRL's RunningMoments for PPO's score normalization). Scores are standardized with
+    the statistics that include their own batch, so the first batch is centred too."""
+
+    def __init__(self) -> None:
+        self.count, self.mean, self.m2 = 0, 0.0, 0.0
+
+    def update(self, values: Sequence[float]) -> None:
+        n = len(values)
+        if not n:
+            return
+        mean = sum(values) / n
+        m2 = sum((v - mean) ** 2 for v in values)
+        total = self.count + n
+        delta = mean - self.mean
+        self.m2 += m2 + delta * delta * self.count * n / total
+        self.mean += delta * n / total
+        self.count = total
+
+    @property
+    def std(self) -> float:
+        return (self.m2 / self.count) ** 0.5 if self.count > 1 else 1.0
+
+    def standardize(self, value: float) -> float:
+        # A reward model that scored everything alike so far: centred, not blown up.
+        return (value - self.mean) / max(self.std, 1e-6)
+
+    def to_record(self) -> dict:
+        return {"count": self.count, "mean": round(self.mean, 6), "std": round(self.std, 6)}
 
 
 def dimensions(prefs: tuple[PromptedPreference, ...]) -> dict[str, list[PromptedPreference]]:
@@ -170,13 +212,15 @@ def train_policy(job: PolicyJob, *, resume: bool = False, progress: ProgressFn |
             "rejected": [completion_example(tokenizer, p["rejected"], fmt) for p in pairs],
         })
         reward_kwargs: dict = {}
+        funcs: list[RMReward] = []
     elif job.algo == "sft":
         dataset = datasets.Dataset.from_dict(multitask_examples(job, tokenizer, data["pairs"]))
-        reward_kwargs = {}
+        reward_kwargs, funcs = {}, []
     else:
         dataset = datasets.Dataset.from_dict(build_prompts(job, tokenizer, data["records"]))
         dtype = job.model.dtype_name()
-        funcs = [RMReward(RewardScorer(path, dtype=dtype), pref_id, route=job.mode == "morl")
+        funcs = [RMReward(RewardScorer(path, dtype=dtype), pref_id, route=job.mode == "morl",
+                          standardize=job.standardize_rewards)
                  for pref_id, _, path in job.reward_models]
         if job.mode == "morl" and job.trainer.get("reward_weights") is None:
             # nansum over the reward models that scored a sample, each weighted 1/dimensions: their mean.
@@ -240,6 +284,10 @@ def train_policy(job: PolicyJob, *, resume: bool = False, progress: ProgressFn |
         "s_per_step": round(wall / max(1, steps_run), 4),
         **_trend(records_logged),
     }
+    standardized = {f.pref_id: f.stats.to_record() for f in funcs if f.stats is not None}
+    if standardized:
+        # Per process and since the last (re)start: a resumed run begins its statistics afresh.
+        summary["reward_standardization"] = standardized
     publish(trainer, out_dir, {SUMMARY: summary}, copies={"metrics.jsonl": metrics_file})
     if is_main_process():
         shutil.rmtree(ckpt_dir, ignore_errors=True)
