@@ -7,7 +7,17 @@ import pytest
 
 from rlphf_cli.errors import InputError
 from rlphf_cli.profiling import (
-    Axis, Bank, LearnSettings, Pick, Posterior, Scales, bits_bound, grid, outcome_probs, point_members, replay,
+    Axis,
+    Bank,
+    LearnSettings,
+    Pick,
+    Posterior,
+    Scales,
+    bits_bound,
+    grid,
+    outcome_probs,
+    point_members,
+    replay,
     simulate,
 )
 
