@@ -365,6 +365,10 @@ class Bank:
     def __post_init__(self):
         self.centre = nearest(self.points, np.zeros(self.points.shape[1]))
 
+    def table(self, prompts: Sequence[int]) -> np.ndarray:
+        """(soups, dims): each soup's mean learner features over `prompts` (profile/soups.json)."""
+        return self.learner[list(prompts)].mean(axis=0)
+
 
 @dataclass(frozen=True)
 class SimResult:
@@ -395,7 +399,10 @@ def simulate(bank: Bank, true_points: np.ndarray, *, picks: int = 20, strategy: 
             wins[u, k] = np.where(np.abs(gap) < 1e-9, 0.5, gap > 0).mean()
             if k == picks:
                 break
-            q = choose_question(post, bank.learner, learn_prompts, strategy=strategy, rng=rng)
+            # As `rlphf profile learn` and serve ask: the pair from the soups' typical features
+            # (their answers to this prompt are not made yet), the update from the real answers.
+            q = choose_question(post, bank.table(learn_prompts)[None], [0], strategy=strategy, rng=rng)
+            q = Question(int(rng.choice(list(learn_prompts))), q.a, q.b, q.gain)
             gap_ab = (bank.truth[q.prompt, q.a] - bank.truth[q.prompt, q.b]) @ truth_point
             outcome = "tie" if abs(gap_ab) < tie_margin else ("a" if gap_ab > 0 else "b")
             if rng.random() < flip:  # the other answer

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import yaml
 
 from rlphf_cli.errors import InputError
 from rlphf_cli.profiling import (
@@ -100,3 +101,87 @@ def test_active_questions_beat_random_ones_on_simulated_users():
 def test_the_information_bound():
     assert bits_bound(0.1, 10, 3) == pytest.approx(0.147, abs=0.002)
     assert bits_bound(0.1, 0, 3) == 0.5
+
+
+# --------------------------------------------------------------------------------------------
+# One user's learner, the profiles file and `rlphf profile learn`
+
+
+def fake_learner(policies, picks=()):
+    """A Learner whose 'reward models' count pole words in the answers and whose soups answer with
+    their own members' names: no model, so the flow is tested, not the scores."""
+    from rlphf_cli.learning import Learner
+    from rlphf_cli.profiling import axes_of, point_soup
+
+    axes = axes_of(policies)
+    prefs = [p for a in axes for p, _ in a.poles()]
+    points = grid(axes, 3)
+    scales = Scales({p: 0.0 for p in prefs}, {p: 1.0 for p in prefs})
+
+    def score(prompts, answers):
+        return {p: [float(a.split().count(p)) for a in answers] for p in prefs}
+
+    def answer(prompt, soups):
+        return [" ".join(name for name, w in soup.members for _ in range(max(1, round(4 * w)))) or "plain"
+                for soup in soups]
+
+    soups = [point_soup(p, policies, axes) for p in points]
+    table = np.stack([scales.features(score(["x"], answer("x", [s])), axes)[0] for s in soups])
+    return Learner(policies, scales, table, score, answer, picks=list(picks))
+
+
+@pytest.fixture(scope="module")
+def serve_policies(serve_recipe):
+    from rlphf_cli.jobs import serve_spec
+    from rlphf_cli.serving.policies import PolicySet
+
+    return PolicySet.from_spec(serve_spec(serve_recipe))
+
+
+def test_learner_asks_records_and_refuses_unknown_or_repeated_answers(serve_policies):
+    from rlphf_cli.learning import AlreadyAnswered, UnknownComparison
+
+    learner = fake_learner(serve_policies)
+    comp = learner.ask("What is rain?")
+    assert comp.answers[0] != comp.answers[1] and comp.gain > 0
+    summary = learner.record(comp.id, "a")
+    assert summary["picks"] == 1 and set(summary["point"]) == {"expertise", "informativeness", "style"}
+    with pytest.raises(AlreadyAnswered):
+        learner.record(comp.id, "b")
+    with pytest.raises(UnknownComparison):
+        learner.record("nope", "a")
+
+
+def test_saved_profiles_keep_other_users_and_load_in_serve(serve_policies, tmp_path):
+    from rlphf_cli.learning import learned_picks, save_profile
+    from rlphf_cli.serving.policies import load_profiles
+
+    path = tmp_path / "profiles.yaml"
+    path.write_text("users:\n  bob: P1A+P2A+P3A\n")
+    learner = fake_learner(serve_policies)
+    for outcome in ("a", "b", "tie"):
+        learner.record(learner.ask("What is rain?").id, outcome)
+    save_profile(path, "alice", learner.summary(), learner.picks)
+    soups = load_profiles(path, serve_policies)
+    assert soups["bob"].key == serve_policies.resolve("P1A+P2A+P3A").key
+    assert soups["alice"].key == learner.summary()["soup"]
+    again = fake_learner(serve_policies, learned_picks(path, "alice"))
+    assert again.summary()["point"] == learner.summary()["point"]  # replayed from the saved picks
+
+
+def test_cli_profile_learn_saves_the_soup(serve_policies, serve_run, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import rlphf_cli.learning as learning
+    from rlphf_cli.cli.main import app
+
+    monkeypatch.setattr(learning, "run_learner", lambda recipe, path, user, strategy="active":
+                        (fake_learner(serve_policies), ["What is rain?", "Why is the sky blue?"]))
+    path = tmp_path / "profiles.yaml"
+    path.write_text("users:\n  bob: P1A+P2A+P3A\n")
+    result = CliRunner().invoke(app, ["profile", "learn", "--user", "alice", "--rounds", "3", "--profiles", str(path),
+                                      "--run-dir", str(serve_run)], input="x\n1\n=\n2\n")
+    assert result.exit_code == 0, result.output
+    assert result.output.count("± ") >= 4 * 3 and "type 1, 2, = or 0" in result.output
+    saved = yaml.safe_load(path.read_text())
+    assert set(saved["users"]) == {"bob", "alice"} and len(saved["learned"]["alice"]["picks"]) == 3
