@@ -612,7 +612,8 @@ def serve_spec(recipe: Recipe, extra: Sequence[str] = (), limits: ServeLimits = 
                                    "rlphf train-policy --prefs all (or give --policy NAME=PATH)")
     ordered = prefs.in_order(found.items(), key=lambda item: item[0])
     return ServeSpec(model=model_spec(recipe), policies=tuple(ordered), preferences=tuple(prefs),
-                     merge=merge_spec(recipe), sampling=sampling(recipe), limits=check_limits(limits))
+                     merge=merge_spec(recipe), sampling=sampling(recipe), limits=check_limits(limits),
+                     run_dir=run.root, eval_prompts=PromptSet(recipe.data.eval_prompts, recipe.data.max_eval_prompts))
 
 
 def check_limits(limits: ServeLimits) -> ServeLimits:

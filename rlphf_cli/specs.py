@@ -520,6 +520,8 @@ class ServeSpec:
     merge: MergeSpec = MergeSpec()
     sampling: Sampling = Sampling()
     limits: ServeLimits = ServeLimits()
+    run_dir: Path | None = None  # its reward models learn users' soups (/v1/profiles)
+    eval_prompts: PromptSet | None = None  # what the learning questions ask
 
 
 # --------------------------------------------------------------------------------------------
