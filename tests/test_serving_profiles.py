@@ -10,6 +10,7 @@ import pytest
 import yaml
 from openai import OpenAI
 from test_serving import call
+from test_serving_browser import browser, wait_for  # noqa: F401, F811 (browser: the headless Chromium fixture)
 
 from rlphf_cli.recipe import load_recipe
 
@@ -95,3 +96,40 @@ def test_profiles_survive_a_restart(learning_server, learn_run):
 def test_a_run_without_reward_models_is_a_4xx(served):
     status, err = call("POST", f"{served.url}/v1/profiles/alice/compare", {})
     assert status == 400 and err["error"]["code"] == "no_reward_models" and "rlphf train-rm" in err["error"]["message"]
+
+
+def test_playground_finds_my_soup(learning_server, browser):  # noqa: F811
+    """The playground's "find my soup" mode in headless Chromium: two answers, clicks, the sliders
+    move to the estimate, "use this soup" chats with the learned profile."""
+    from selenium.webdriver.common.by import By
+
+    driver = browser
+    url = learning_server.url
+    driver.get(f"{url}/")
+    find = driver.find_element
+    panel = find(By.ID, "find")
+    find(By.ID, "find-start").click()
+    assert "name" in find(By.ID, "find-status").text  # no user yet
+    find(By.ID, "find-user").send_keys("carol")
+    find(By.ID, "find-start").click()
+    wait_for(driver, lambda d: panel.get_attribute("data-state") in ("asking", "error"), timeout=120)
+    assert panel.get_attribute("data-state") == "asking", find(By.ID, "find-status").text
+    assert find(By.ID, "find-a").text and find(By.ID, "find-b").text
+    for button, picks in (("pick-1", "1"), ("pick-same", "2")):
+        find(By.ID, button).click()
+        wait_for(driver, lambda d, picks=picks: panel.get_attribute("data-picks") == picks
+                 and panel.get_attribute("data-state") in ("asking", "error"), timeout=120)
+        assert panel.get_attribute("data-state") == "asking", find(By.ID, "find-status").text
+    status, profile = call("GET", f"{url}/v1/profiles/carol")
+    assert status == 200 and profile["picks"] == 2
+    for dimension, value in profile["point"].items():
+        slider = find(By.ID, f"slider-{dimension}")
+        assert int(slider.get_attribute("value")) == round(value * 20) * 5
+    find(By.ID, "find-use").click()
+    assert find(By.ID, "spec").text == "soup (user carol)"
+    find(By.ID, "prompt").send_keys("What is rain?")
+    find(By.ID, "send").click()
+    output = find(By.ID, "output")
+    wait_for(driver, lambda d: output.get_attribute("data-state") in ("done", "error"), timeout=120)
+    assert output.get_attribute("data-state") == "done", find(By.ID, "status").text
+    assert output.get_attribute("data-model") == "soup"
