@@ -273,6 +273,8 @@ def run_learner(recipe, profiles: str | Path, user: str, *, strategy: str = "act
     score = reward_scorer(run, served_prefs(policies))
     answer = generator_answerer(recipe)
     prompts = [p["instruction"] for p in PromptSet(recipe.data.eval_prompts, recipe.data.max_eval_prompts).load()]
-    scales, table = prepare(run, policies, score, answer, prompts[:calibration_prompts])
-    learner = Learner(policies, scales, table, score, answer, picks=learned_picks(profiles, user), strategy=strategy)
+    settings = jobs.learn_settings(recipe)
+    scales, table = prepare(run, policies, score, answer, prompts[:calibration_prompts], settings)
+    learner = Learner(policies, scales, table, score, answer, settings=settings, picks=learned_picks(profiles, user),
+                      strategy=strategy)
     return learner, prompts

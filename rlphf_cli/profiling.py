@@ -32,22 +32,10 @@ from pathlib import Path
 import numpy as np
 
 from rlphf_cli.errors import InputError
+from rlphf_cli.specs import LearnSettings
 
 OUTCOMES = ("a", "b", "tie", "bad")
 PICK_KEYS = {"1": "a", "2": "b", "=": "tie", "0": "bad"}  # what a person types in `rlphf profile learn`
-
-
-@dataclass(frozen=True)
-class LearnSettings:
-    """How picks are read (the recipe's `profile` section)."""
-
-    temperature: float = 0.3  # Bradley-Terry scale, in standardized-score units
-    lapse: float = 0.2  # share of picks that are noise (a 10% flip rate is a lapse of 0.2: half land right)
-    tie_width: float = 0.15  # Rao-Kupper threshold: a utility gap below it is likely a tie
-    bad_weight: float = 0.5  # "both bad" counts as this much of a tie
-    particles: int = 4096
-    seed: int = 0
-    grid: int = 3  # slider levels per dimension that questions are asked with (3: -1, 0, 1)
 
 
 # --------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict
 from rlphf_cli.errors import InputError
 from rlphf_cli.serving.backend import Finish
 from rlphf_cli.serving.protocol import ChatRequest, Message
+from rlphf_cli.specs import LearnSettings
 
 
 class CompareRequest(BaseModel):
@@ -37,12 +38,13 @@ class FeedbackRequest(BaseModel):
 
 class ProfileLearning:
     def __init__(self, service, run_dir: Path | None, prompts: list[str], profiles: Path | None,
-                 calibration_prompts: int = 4):
+                 calibration_prompts: int = 4, settings: LearnSettings = LearnSettings()):
         self.service = service
         self.run_dir = run_dir
         self.prompts = prompts or ["Tell me about the sea."]
         self.profiles = profiles
         self.calibration_prompts = calibration_prompts
+        self.settings = settings
         self.learners: dict = {}
         self._prepared = None
         self._lock = threading.Lock()
@@ -93,12 +95,13 @@ class ProfileLearning:
                     score = reward_scorer(self.run_dir, served_prefs(policies))
                 except InputError as exc:
                     raise self._error(str(exc), code="no_reward_models") from None
-                scales, table = prepare(self.run_dir, policies, score, answer, self.prompts[:self.calibration_prompts])
+                scales, table = prepare(self.run_dir, policies, score, answer, self.prompts[:self.calibration_prompts],
+                                        self.settings)
                 self._prepared = (score, scales, table)
             learner = self.learners.get(user)
             if learner is None:
                 score, scales, table = self._prepared
-                learner = Learner(self.service.policies, scales, table, score, answer,
+                learner = Learner(self.service.policies, scales, table, score, answer, settings=self.settings,
                                   picks=learned_picks(self.profiles, user))
                 self.learners[user] = learner
             learner.answer = answer  # the current event loop's
@@ -147,7 +150,7 @@ class ProfileLearning:
             picks = learned_picks(self.profiles, user)
             if picks:
                 axes = axes_of(self.service.policies)
-                post = replay(axes, picks)
+                post = replay(axes, picks, self.settings)
                 return {"object": "profile", "user": user, **post.summary(),
                         "members": point_members(post.mean(), axes), "soup": self.service.profiles[user].key}
         if user in self.service.profiles:

@@ -79,7 +79,8 @@ def build_server(spec: ServeSpec, *, max_soups: int = 32, max_batch: int = 16, b
     from rlphf_cli.serving.learn import ProfileLearning
 
     prompts = [p["instruction"] for p in spec.eval_prompts.load()] if spec.eval_prompts else []
-    learning = ProfileLearning(service, spec.run_dir, prompts, Path(profiles).expanduser() if profiles else None)
+    learning = ProfileLearning(service, spec.run_dir, prompts, Path(profiles).expanduser() if profiles else None,
+                               settings=spec.learn)
     app = create_app(service, config, keys=KeyChecker(api_keys), log_requests=log_requests, log_prompts=log_prompts,
                      learning=learning)
     return Server(app, loaded, served, user_soups)
