@@ -44,7 +44,7 @@ def learn_command(
 
     from rlphf_cli.jobs import run_dir as run_of
     from rlphf_cli.learning import run_learner, save_profile
-    from rlphf_cli.profiling import PICK_KEYS
+    from rlphf_cli.profiling import PICK_KEYS, soup_spec
 
     resolved = resolve_recipe(recipe, set_, run_dir)
     path = profiles or run_of(resolved).root / "profiles.yaml"
@@ -62,9 +62,9 @@ def learn_command(
         while (key := console.input("better? [1/2/=, 0: both bad] ").strip()) not in PICK_KEYS:
             console.print("type 1, 2, = or 0")
         summary = learner.record(comp.id, PICK_KEYS[key])
-        console.print(f"  {_sliders(summary)}  ->  {summary['soup']}", highlight=False)
+        console.print(f"  {_sliders(summary)}  ->  {soup_spec(summary['members'])}", highlight=False)
     saved = save_profile(path, user, learner.summary(), learner.picks)
-    console.print(f"saved {user}'s soup {learner.summary()['soup']} to {saved}", highlight=False)
+    console.print(f"saved {user}'s soup {soup_spec(learner.summary()['members'])} to {saved}", highlight=False)
 
 
 def register(app: typer.Typer) -> None:
