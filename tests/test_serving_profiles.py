@@ -14,7 +14,7 @@ from test_serving_browser import browser, wait_for  # noqa: F401, F811 (browser:
 
 from rlphf_cli.recipe import load_recipe
 
-pytestmark = pytest.mark.usefixtures("single_torch_thread")
+pytestmark = [pytest.mark.usefixtures("single_torch_thread"), pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
