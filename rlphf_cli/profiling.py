@@ -400,9 +400,10 @@ def simulate(bank: Bank, true_points: np.ndarray, *, picks: int = 20, strategy: 
 
 
 def bits_bound(flip: float, picks: int, dims: int) -> float:
-    """The smallest mean absolute error per dimension `picks` answers can reach from a uniform prior
-    on [-1, 1]^dims when each carries at most 1 - H(flip) bits (a binary symmetric channel): the
-    volume shrinks at best by 2^-bits, and a box of side s has a mean absolute error of s / 4."""
+    """Roughly the smallest mean absolute error per dimension `picks` answers can reach from a
+    uniform prior on [-1, 1]^dims when each carries at most 1 - H(flip) bits (a binary symmetric
+    channel): the volume shrinks at best by 2^-bits, and a box of side s has a mean absolute error of
+    s / 4. A volume argument, not a strict bound (after one pick a half-box can sit on it)."""
     h = -flip * math.log2(flip) - (1 - flip) * math.log2(1 - flip) if 0 < flip < 1 else 0.0
     bits = picks * (1 - h)
     side = 2.0 * 2.0 ** (-bits / dims)
