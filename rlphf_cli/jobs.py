@@ -28,6 +28,7 @@ from rlphf_cli.specs import (
     JudgeCheckJob,
     JudgeJob,
     JudgeSpec,
+    LearnSettings,
     LoraSpec,
     Member,
     MergeJob,
@@ -618,7 +619,13 @@ def serve_spec(recipe: Recipe, extra: Sequence[str] = (), limits: ServeLimits = 
                                    "rlphf train-policy --prefs all (or give --policy NAME=PATH)")
     ordered = prefs.in_order(found.items(), key=lambda item: item[0])
     return ServeSpec(model=model_spec(recipe), policies=tuple(ordered), preferences=tuple(prefs),
-                     merge=merge_spec(recipe), sampling=sampling(recipe), limits=check_limits(limits))
+                     merge=merge_spec(recipe), sampling=sampling(recipe), limits=check_limits(limits),
+                     run_dir=run.root, eval_prompts=PromptSet(recipe.data.eval_prompts, recipe.data.max_eval_prompts),
+                     learn=learn_settings(recipe))
+
+
+def learn_settings(recipe: Recipe) -> LearnSettings:
+    return LearnSettings(**recipe.profile.model_dump(), seed=recipe.seed)
 
 
 def check_limits(limits: ServeLimits) -> ServeLimits:

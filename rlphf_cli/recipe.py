@@ -193,6 +193,17 @@ class ParetoSection(Strict):
     weights: list[float] = Field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0], min_length=2)
 
 
+class ProfileSection(Strict):
+    """How `rlphf profile learn` and serve's /v1/profiles read a user's picks (rlphf_cli.profiling)."""
+
+    temperature: float = Field(default=0.3, gt=0)  # Bradley-Terry scale, in standardized reward-model units
+    lapse: float = Field(default=0.2, ge=0, lt=1)  # share of picks that are noise
+    tie_width: float = Field(default=0.15, ge=0)  # a utility gap below this is likely answered "about the same"
+    bad_weight: float = Field(default=0.5, ge=0, le=1)  # "both bad" counts as this much of a tie
+    particles: int = Field(default=4096, ge=64)
+    grid: int = Field(default=3, ge=3)  # slider levels questions are asked with (odd: the middle is "none")
+
+
 class EvaluationSection(Strict):
     # Systems compared against each baseline: 'psoups' plus any of base, prompted, multitask, morl, rlhf,
     # and psoups-decoding (the same experts mixed at decoding time instead of merged).
@@ -218,6 +229,7 @@ class Recipe(Strict):
     merge: MergeSection = Field(default_factory=MergeSection)
     judge: JudgeSection = Field(default_factory=JudgeSection)
     evaluation: EvaluationSection = Field(default_factory=EvaluationSection)
+    profile: ProfileSection = Field(default_factory=ProfileSection)
 
     # Where the recipe came from, for messages; not part of the recipe itself.
     _source: str = "<defaults>"

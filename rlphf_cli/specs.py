@@ -517,6 +517,19 @@ class ServeLimits:
 
 
 @dataclass(frozen=True)
+class LearnSettings:
+    """How a user's picks are read (the recipe's `profile` section; rlphf_cli.profiling)."""
+
+    temperature: float = 0.3  # Bradley-Terry scale, in standardized-score units
+    lapse: float = 0.2  # share of picks that are noise (a 10% flip rate is a lapse of 0.2: half land right)
+    tie_width: float = 0.15  # Rao-Kupper threshold: a utility gap below it is likely a tie
+    bad_weight: float = 0.5  # "both bad" counts as this much of a tie
+    particles: int = 4096
+    seed: int = 0
+    grid: int = 3  # slider levels per dimension that questions are asked with (3: -1, 0, 1)
+
+
+@dataclass(frozen=True)
 class ServeSpec:
     """What `rlphf serve` serves: the base model, the policies (a preference id or a --policy name,
     and its adapter folder), the preferences soups are named by, the merge method, the sampling
@@ -528,6 +541,9 @@ class ServeSpec:
     merge: MergeSpec = MergeSpec()
     sampling: Sampling = Sampling()
     limits: ServeLimits = ServeLimits()
+    run_dir: Path | None = None  # its reward models learn users' soups (/v1/profiles)
+    eval_prompts: PromptSet | None = None  # what the learning questions ask
+    learn: LearnSettings = LearnSettings()
 
 
 # --------------------------------------------------------------------------------------------

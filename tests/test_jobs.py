@@ -169,6 +169,7 @@ SKIPPED = {
     "preferences.define.1": "the second definition: its fields are the first's",
     "evaluation": "which systems and sweep soups exist",
     "judge.templates": "a folder; its texts are checked in test_a_changed_template_reruns_its_readers",
+    "profile": "read by `rlphf profile learn` and serve's /v1/profiles only: no pipeline stage",
 }
 
 

@@ -17,6 +17,7 @@ from rlphf_cli.cli import (
     judge,
     judge_check,
     merge,
+    profile,
     run,
     serve,
     tiny_model,
@@ -87,7 +88,7 @@ def _reflowed(doc: str) -> str:
     return "\n\n".join(" ".join(line.strip() for line in p.splitlines()) for p in paragraphs)
 
 
-for module in (tiny_model, generate, annotate, train_rm, train_policy, merge, judge, judge_check, run, serve):
+for module in (tiny_model, generate, annotate, train_rm, train_policy, merge, judge, judge_check, run, serve, profile):
     module.register(app)
 for command in app.registered_commands:
     if command.cls in (None, TyperCommand):

@@ -32,6 +32,7 @@ from rlphf_cli.prompting import messages_with_preferences, render_messages, text
 from rlphf_cli.serving.auth import KeyChecker
 from rlphf_cli.serving.backend import Backend, BackendError, BackendUnavailable, Delta, Finish, Job, Sampling
 from rlphf_cli.serving.gate import Gate
+from rlphf_cli.serving.learn import CompareRequest, FeedbackRequest, ProfileLearning
 from rlphf_cli.serving.policies import SOUP, PolicySet, Soup, UnknownModel
 from rlphf_cli.serving.protocol import (
     AssistantMessage,
@@ -349,7 +350,7 @@ async def _unless_gone(request: Request, work):
 
 
 def create_app(service: Service, playground_config: dict, *, keys: KeyChecker | None = None,
-               log_requests: bool = False, log_prompts: bool = False) -> FastAPI:
+               log_requests: bool = False, log_prompts: bool = False, learning=None) -> FastAPI:
     backend, limits = service.backend, service.limits
     keys = keys or KeyChecker(())
     queue = Queue(limits.max_queue)
@@ -459,5 +460,21 @@ def create_app(service: Service, playground_config: dict, *, keys: KeyChecker | 
 
         return _SSEResponse(events(), job.left_queue, media_type="text/event-stream",
                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    learning = learning or ProfileLearning(service, None, [], None)
+
+    @app.post("/v1/profiles/{user}/compare")
+    async def compare(user: str, body: CompareRequest):
+        if backend.dead:
+            raise BackendUnavailable(f"the server cannot decode: {backend.dead}")
+        return await run_in_threadpool(learning.compare, user, body, asyncio.get_running_loop())
+
+    @app.post("/v1/profiles/{user}/feedback")
+    async def feedback(user: str, body: FeedbackRequest):
+        return await run_in_threadpool(learning.feedback, user, body)
+
+    @app.get("/v1/profiles/{user}")
+    async def profile(user: str):
+        return await run_in_threadpool(learning.get, user)
 
     return app

@@ -201,6 +201,7 @@ class ProfilesFile(_Strict):
     """profiles.yaml: `users: {alice: {concise: 0.7, friendly: 0.3}, bob: P1B+P2B}`."""
 
     users: dict[str, dict[str, float] | str]
+    learned: dict[str, dict] = {}  # how `rlphf profile learn` or serve learned a user's soup (rlphf_cli.learning)
 
 
 def load_profiles(path: str | Path, policies: PolicySet) -> dict[str, Soup]:

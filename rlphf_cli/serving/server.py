@@ -76,7 +76,13 @@ def build_server(spec: ServeSpec, *, max_soups: int = 32, max_batch: int = 16, b
     max_tokens = min(spec.sampling.max_new_tokens, spec.limits.max_tokens_limit)
     config = {"dimensions": served.dimensions(), "others": served.others(), "models": served.model_ids(),
               "max_tokens": max_tokens, "backend": backend, "model": spec.model.name, "users": sorted(user_soups)}
-    app = create_app(service, config, keys=KeyChecker(api_keys), log_requests=log_requests, log_prompts=log_prompts)
+    from rlphf_cli.serving.learn import ProfileLearning
+
+    prompts = [p["instruction"] for p in spec.eval_prompts.load()] if spec.eval_prompts else []
+    learning = ProfileLearning(service, spec.run_dir, prompts, Path(profiles).expanduser() if profiles else None,
+                               settings=spec.learn)
+    app = create_app(service, config, keys=KeyChecker(api_keys), log_requests=log_requests, log_prompts=log_prompts,
+                     learning=learning)
     return Server(app, loaded, served, user_soups)
 
 

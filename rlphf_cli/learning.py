@@ -1,0 +1,280 @@
+"""One user's soup learned from picks, for `rlphf profile learn` and `rlphf serve`: the questions,
+the picks, and the profiles file both read and write. The maths is rlphf_cli.profiling.
+
+A question is a prompt and two grid soups. The pair is chosen by expected information gain on each
+soup's typical reward-model features (profile/soups.json in the run: its answers to a few held-out
+prompts, scored once), since the answers to the new prompt do not exist yet; only those two soups
+then answer, and the pick updates the posterior with the features of the answers actually shown.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from rlphf_cli.errors import InputError
+from rlphf_cli.profiling import (
+    OUTCOMES,
+    LearnSettings,
+    Pick,
+    Scales,
+    axes_of,
+    choose_question,
+    grid,
+    point_members,
+    point_soup,
+    replay,
+)
+
+Scorer = Callable[[list[str], list[str]], dict[str, list[float]]]  # (prompts, answers) -> {pref id: scores}
+Answerer = Callable[[str, list], list[str]]  # (prompt, [Soup, ...]) -> one answer per soup
+
+
+class UnknownComparison(InputError):
+    """A comparison id this learner never issued (HTTP 404)."""
+
+
+class AlreadyAnswered(InputError):
+    """A second pick for one comparison (HTTP 409)."""
+
+
+@dataclass
+class Comparison:
+    id: str
+    prompt: str
+    answers: tuple[str, str]
+    soups: tuple[str, str]  # the soups' model strings
+    diff: tuple[float, ...]  # features of answer 1 minus answer 2
+    gain: float
+    outcome: str | None = None
+
+    def public(self) -> dict:
+        return {"id": self.id, "prompt": self.prompt, "answers": list(self.answers), "soups": list(self.soups),
+                "expected_bits": round(self.gain, 4)}
+
+
+@dataclass
+class Learner:
+    """The questions asked of one user and what their picks say."""
+
+    policies: object  # serving.policies.PolicySet
+    scales: Scales
+    table: np.ndarray  # (grid soups, dims): typical features
+    score: Scorer
+    answer: Answerer
+    settings: LearnSettings = field(default_factory=LearnSettings)
+    picks: list[Pick] = field(default_factory=list)
+    strategy: str = "active"
+
+    def __post_init__(self):
+        self.axes = axes_of(self.policies)
+        self.points = grid(self.axes, self.settings.grid)
+        if self.table.shape != self.points.shape:
+            raise InputError(f"soup features for {self.table.shape[0]} soups of {self.table.shape[1]} dimensions; "
+                             f"the sliders have {len(self.points)} of {len(self.axes)} (rebuild profile/soups.json)")
+        self.posterior = replay(self.axes, self.picks, self.settings)
+        self.pending: dict[str, Comparison] = {}
+        self.rng = np.random.default_rng([self.settings.seed, len(self.picks)])
+        self._lock = threading.Lock()
+
+    def ask(self, prompt: str) -> Comparison:
+        with self._lock:
+            q = choose_question(self.posterior, self.table[None], [0], strategy=self.strategy, rng=self.rng)
+        soups = [point_soup(self.points[i], self.policies, self.axes) for i in (q.a, q.b)]
+        answers = self.answer(prompt, soups)
+        feats = self.scales.features(self.score([prompt, prompt], list(answers)), self.axes)
+        comp = Comparison(uuid.uuid4().hex[:16], prompt, (answers[0], answers[1]), tuple(s.key for s in soups),
+                          tuple(float(v) for v in feats[0] - feats[1]), q.gain)
+        with self._lock:
+            self.pending[comp.id] = comp
+        return comp
+
+    def record(self, comparison_id: str, outcome: str) -> dict:
+        if outcome not in OUTCOMES:
+            raise InputError(f"pick '{outcome}': expected one of {', '.join(OUTCOMES)}")
+        with self._lock:
+            comp = self.pending.get(comparison_id)
+            if comp is None:
+                raise UnknownComparison(f"comparison '{comparison_id}': not asked of this user (or the server restarted)")
+            if comp.outcome is not None:
+                raise AlreadyAnswered(f"comparison '{comparison_id}': already answered ({comp.outcome})")
+            comp.outcome = outcome
+            pick = Pick(comp.diff, outcome)
+            self.posterior.update(pick)
+            self.picks.append(pick)
+        return self.summary()
+
+    def summary(self) -> dict:
+        out = self.posterior.summary()
+        members = point_members(self.posterior.mean(), self.axes)
+        soup = point_soup(self.posterior.mean(), self.policies, self.axes)
+        out.update(soup=soup.key, members=members)
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# The profiles file (`rlphf serve --profiles`): users' soups, and what learned them
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PickRecord(_Strict):
+    diff: list[float]
+    outcome: str
+
+
+class LearnedProfile(_Strict):
+    point: dict[str, float]
+    uncertainty: dict[str, float]
+    picks: list[PickRecord] = Field(default_factory=list)
+
+
+_FILE_LOCK = threading.Lock()
+
+
+def _read(path: Path) -> dict:
+    if not path.is_file():
+        return {"users": {}}
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise InputError(f"{path}: cannot read profiles: {exc}") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: expected a mapping with 'users'")
+    data.setdefault("users", {})
+    return data
+
+
+def save_profile(path: str | Path, user: str, summary: Mapping, picks: Sequence[Pick]) -> Path:
+    """Write one user's learned soup (`users`) and its point, uncertainty and picks (`learned`),
+    keeping every other user; atomically (a reader sees the old file or the new one)."""
+    from rlphf_cli.runs import atomic_write_text
+
+    file = Path(path).expanduser()
+    with _FILE_LOCK:
+        data = _read(file)
+        data["users"][user] = dict(summary["members"]) or "base"
+        learned = LearnedProfile(point=summary["point"], uncertainty=summary["uncertainty"],
+                                 picks=[PickRecord(diff=list(p.diff), outcome=p.outcome) for p in picks])
+        data.setdefault("learned", {})[user] = learned.model_dump()
+        atomic_write_text(file, yaml.safe_dump(data, sort_keys=False))
+    return file
+
+
+def learned_picks(path: str | Path, user: str) -> list[Pick]:
+    """The picks a user's profile was learned from (none for a new user or a hand-written profile)."""
+    file = Path(path).expanduser()
+    entry = _read(file).get("learned", {}).get(user)
+    if not entry:
+        return []
+    profile = LearnedProfile.model_validate(entry)
+    return [Pick(tuple(p.diff), p.outcome) for p in profile.picks]
+
+
+# --------------------------------------------------------------------------------------------
+# A run's reward models and soup features
+
+
+def soups_path(run_path: str | Path) -> Path:
+    return Path(run_path) / "profile" / "soups.json"
+
+
+def reward_scorer(run_path: str | Path, prefs: Sequence[str]) -> Scorer:
+    """The run's reward models rm/<id>/ as one scorer; InputError naming the missing ones."""
+    from rlphf_cli.training.reward import RewardScorer
+
+    run = Path(run_path)
+    missing = [p for p in prefs if not (run / "rm" / p / "adapter_config.json").is_file()]
+    if missing:
+        raise InputError(f"{run}: no reward model for {', '.join(missing)} (rm/<id>/); learning a soup needs the "
+                         "run's reward models: rlphf train-rm --prefs all")
+    scorers = {p: RewardScorer(run / "rm" / p) for p in prefs}
+    return lambda prompts, answers: {p: s.score(prompts, answers) for p, s in scorers.items()}
+
+
+def served_prefs(policies) -> list[str]:
+    return [p for a in axes_of(policies) for p, _ in a.poles()]
+
+
+def prepare(run_path: str | Path, policies, score: Scorer, answer: Answerer, prompts: Sequence[str],
+            settings: LearnSettings = LearnSettings()) -> tuple[Scales, np.ndarray]:
+    """The run's reward-model scales and soup features, made once and stored with the run."""
+    import json
+
+    from rlphf_cli.profiling import fit_scales, load_scales
+    from rlphf_cli.runs import atomic_write_json
+
+    prefs = served_prefs(policies)
+    scales = load_scales(run_path)
+    if scales is None or set(scales.mean) != set(prefs):
+        scales = fit_scales(run_path, {p: (lambda ps, ans, p=p: score(ps, ans)[p]) for p in prefs})
+    axes = axes_of(policies)
+    points = grid(axes, settings.grid)
+    path = soups_path(run_path)
+    if path.is_file():
+        data = json.loads(path.read_text())
+        if data.get("points") == points.tolist():
+            return scales, np.array(data["features"])
+    feats = np.zeros((len(prompts), len(points), len(axes)))
+    for i, prompt in enumerate(prompts):
+        answers = answer(prompt, [point_soup(p, policies, axes) for p in points])
+        feats[i] = scales.features(score([prompt] * len(answers), answers), axes)
+    table = feats.mean(axis=0)
+    atomic_write_json(path, {"points": points.tolist(), "features": table.tolist(), "prompts": list(prompts)})
+    return scales, table
+
+
+def generator_answerer(recipe, cache: int = 4) -> Answerer:
+    """Answers as `rlphf generate --soup` makes them (the recipe's sampling, seeded per prompt; the
+    soup's preference prompts appended, as the server does by default); the last few soups kept loaded."""
+    from collections import OrderedDict
+
+    from rlphf_cli import jobs
+    from rlphf_cli.generation import Generator
+
+    loaded: OrderedDict = OrderedDict()
+
+    def answer(prompt: str, soups: list) -> list[str]:
+        out = []
+        for soup in soups:
+            gen = loaded.pop(soup.key, None)
+            if gen is None:
+                weights = jobs.weights(recipe, soup=list(soup.members)) if soup.members else jobs.weights(recipe)
+                gen = Generator.load(jobs.model_spec(recipe), weights, sampling=jobs.sampling(recipe))
+            loaded[soup.key] = gen
+            while len(loaded) > cache:
+                loaded.popitem(last=False)
+            text = gen.prompt_text(prompt, jobs.prompted(soup.preferences))
+            out.append(gen.generate([text])[0][0][0][0])
+        return out
+
+    return answer
+
+
+def run_learner(recipe, profiles: str | Path, user: str, *, strategy: str = "active",
+                calibration_prompts: int = 4) -> tuple[Learner, list[str]]:
+    """A Learner on the run of `recipe` (its policies, reward models and evaluation prompts),
+    continuing from the user's learned picks in `profiles`; and the prompts to ask with."""
+    from rlphf_cli import jobs
+    from rlphf_cli.serving.policies import PolicySet
+    from rlphf_cli.specs import PromptSet
+
+    policies = PolicySet.from_spec(jobs.serve_spec(recipe))
+    run = jobs.run_dir(recipe).root
+    score = reward_scorer(run, served_prefs(policies))
+    answer = generator_answerer(recipe)
+    prompts = [p["instruction"] for p in PromptSet(recipe.data.eval_prompts, recipe.data.max_eval_prompts).load()]
+    settings = jobs.learn_settings(recipe)
+    scales, table = prepare(run, policies, score, answer, prompts[:calibration_prompts], settings)
+    learner = Learner(policies, scales, table, score, answer, settings=settings, picks=learned_picks(profiles, user),
+                      strategy=strategy)
+    return learner, prompts
