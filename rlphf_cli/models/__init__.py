@@ -1,5 +1,6 @@
-"""Model names: a built-in model (`BUILTIN_MODELS`: `tiny`, `tiny-random`), built on first use and
-cached under rlphf_home(); anything else is a local folder or a hub name."""
+"""Model names: a built-in model (`BUILTIN_MODELS`: `tiny`, `tiny-random`, `gemma-3-270m`), built on
+first use and cached under rlphf_home(); a `.gguf` file, converted once into a folder there; anything
+else is a local folder or a hub name."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rlphf_cli.models.cache import rlphf_home  # noqa: F401 (where every built-in model is cached)
+from rlphf_cli.models.gguf import is_gguf
 from rlphf_cli.registry import Registry
 
 TINY = "tiny"
@@ -54,10 +56,17 @@ def builtin_model(name: str) -> BuiltinModel | None:
 
 
 def resolve_model(name: str) -> str:
-    """A built-in name -> its cached folder (built if missing); other names pass through
-    unchanged so `from_pretrained(name)` loads a local folder or a hub model."""
+    """A built-in name -> its cached folder (built if missing); a `.gguf` file -> its converted folder
+    (converted if missing); other names pass through unchanged so `from_pretrained(name)` loads a
+    local folder or a hub model."""
     model = builtin_model(name)
-    return name if model is None else str(model.ensure())
+    if model is not None:
+        return str(model.ensure())
+    if is_gguf(name):
+        from rlphf_cli.models.gguf import ensure_gguf_model
+
+        return str(ensure_gguf_model(name))
+    return name
 
 
 @contextlib.contextmanager
