@@ -54,7 +54,7 @@ for _model in (
                  _ensure_tiny),
     BuiltinModel(TINY_RANDOM, "a small Llama with random weights for smoke runs (about a second)",
                  _ensure_tiny_random, random_weights=True, threads=1),
-    BuiltinModel(GEMMA_270M, "Google's Gemma 3 270M base model from the extra rlphf[gemma] (Gemma Terms of Use), "
+    BuiltinModel(GEMMA_270M, "Google's Gemma 3 270M base model from the optional extra 'gemma' (Gemma Terms of Use), "
                  "converted once from its GGUF file (a few minutes on 2 cores)", _ensure_gemma_270m),
 ):
     BUILTIN_MODELS.register(_model.name)(_model)
