@@ -78,10 +78,11 @@ def test_generate_train_merge_and_serve(gemma, two_threads, tmp_path):
 
     out = tmp_path / "gen.jsonl"
     result = runner.invoke(app, ["generate", *common, "--prompts", str(prompts), "--num-samples", "2",
-                                 "--out", str(out)])
+                                 "--max-new-tokens", "8", "--out", str(out)])
     assert result.exit_code == 0, result.output
     answers = [json.loads(line) for line in out.read_text().splitlines()]
-    assert len(answers) == 8 and all(a["response"].strip() for a in answers)
+    assert len(answers) == 4 and all(len(a["responses"]) == 2 and all(r.strip() for r in a["responses"])
+                                     for a in answers)
 
     for pref in ("P2A", "P2B"):  # hand-made pairs: shorter answers chosen for P2A, longer for P2B
         pairs = [{"id": f"q{i}", "prompt": p, "chosen": a, "rejected": b}
