@@ -27,7 +27,10 @@ RECIPE = {
                  "trl": {"max_steps": 2, "per_device_train_batch_size": 2, "max_length": 64}},
     "train_policy": {"algo": "rloo", "lora": {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0},
                      "rloo": {"learning_rate": 1.0e-4, "max_steps": 2, "per_device_train_batch_size": 2,
-                              "num_generations": 2, "max_completion_length": 8}},
+                              "num_generations": 2, "max_completion_length": 8,
+                              # the base model does not end its answers: every completion is cut, and
+                              # rlphf's default (mask cut ones) would leave no gradient at all
+                              "mask_truncated_completions": False}},
 }
 PROMPTS = ["Explain why the sky is blue.", "What is a volcano?", "How do plants make food?", "Why do we sleep?"]
 
@@ -97,6 +100,8 @@ def test_generate_train_merge_and_serve(gemma, two_threads, tmp_path):
         result = runner.invoke(app, ["train-policy", *common, "--pref", pref])
         assert result.exit_code == 0, result.output
         assert (run / "policy" / pref / "adapter_model.safetensors").is_file()
+        steps = [json.loads(line) for line in (run / "policy" / pref / "metrics.jsonl").read_text().splitlines()]
+        assert len(steps) == 2 and any(step["grad_norm"] > 0 for step in steps)  # RL moved the policy
 
     result = runner.invoke(app, ["merge", "--recipe", str(recipe_path), "--run-dir", str(run), "--soup", "P2A+P2B"])
     assert result.exit_code == 0, result.output
