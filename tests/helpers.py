@@ -155,3 +155,42 @@ def sse_lines(url: str, body: dict, headers: dict | None = None, timeout: float 
     finally:
         connection.close()
     return response.status, [line[6:] for line in text.splitlines() if line.startswith("data: ")]
+
+
+def assert_prompt_ids_shared(model, prompt_format: str) -> int:
+    """Generation, TRL's RL prompts and the reward model's inputs build the same prompt ids from the
+    model's tokenizer, with its BOS once, first; returns the BOS id."""
+    from types import SimpleNamespace
+
+    from trl import RLOOTrainer
+
+    from rlphf_cli.jobs import policy_jobs
+    from rlphf_cli.recipe import load_recipe
+    from rlphf_cli.training.common import conversation_text, encode, load_tokenizer
+    from rlphf_cli.training.policy import build_prompts
+
+    recipe = load_recipe(None, [f"model.name={model}", f"model.prompt_format={prompt_format}"])
+    instruction = "Explain gravity."
+    prefs = recipe.preference_set().resolve("P2A")
+
+    generator = generator_for(recipe)
+    generated = generator.prompt_ids(generator.prompt_text(instruction, prefs))
+
+    tokenizer = load_tokenizer(str(model))
+    bos = tokenizer.bos_token_id
+    assert tokenizer("x")["input_ids"][0] == bos and tokenizer("x", add_special_tokens=False)["input_ids"][0] != bos
+    # The RL dataset as train-policy builds it (mode morl appends preference prompts), tokenized by TRL's own code.
+    columns = build_prompts(policy_jobs(recipe, mode="morl")[0], tokenizer, [{"instruction": instruction}])
+    trl_self = SimpleNamespace(processing_class=tokenizer, chat_template_kwargs={}, _is_vlm=False)
+    rl_ids = RLOOTrainer._tokenize_prompts(trl_self, columns["prompt"])[0][0]
+    plain = build_prompts(policy_jobs(recipe, "P2A")[0], tokenizer, [{"instruction": instruction}])["prompt"]
+    assert rl_ids[0] == bos and rl_ids.count(bos) == 1
+    assert RLOOTrainer._tokenize_prompts(trl_self, plain)[0][0] == generator.prompt_ids(generator.prompt_text(instruction))
+    assert generated[0] == bos and generated.count(bos) == 1
+
+    # The reward model reads prompt + response: the same prompt ids come first.
+    text = conversation_text(tokenizer, instruction, "Gravity pulls things.", prompt_format)
+    scored = encode(tokenizer, text, prompt_format, None)
+    plain = generator.prompt_ids(generator.prompt_text(instruction))
+    assert scored[:len(plain)] == plain and scored.count(bos) == 1
+    return bos

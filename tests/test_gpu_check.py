@@ -34,8 +34,10 @@ def test_every_step_runs_in_the_cpu_rehearsal(tmp_path):
     figures = json.loads((tmp_path / "check" / "gpu_check.json").read_text())
     for step in ("train-rm bf16", "train-policy rloo bf16", "train-policy dpo bf16"):
         assert figures[step]["s_per_step"] > 0 and figures[step]["tokens_per_s"] > 0, step
-    for step in ("generate base", "generate soup P2A+P3A"):
+    for step in ("generate base", "generate soup P2A+P3A", "gemma generate P2A"):
         assert figures[step]["tokens_per_s"] > 0
+    for step in ("gemma train-rm bf16", "gemma train-policy rloo bf16"):  # Gemma's steps, on tiny-random here
+        assert figures[step]["s_per_step"] > 0, step
     # Optional parts run where their packages are, and say why not elsewhere.
     for step in ("train-rm qlora 4-bit", "train-policy rloo qlora 4-bit", "serve"):
         if figures[step] is None:

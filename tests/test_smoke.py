@@ -138,3 +138,17 @@ def test_a_broken_template_fails_the_smoke_run_with_one_line(home, tmp_path):
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in result.output, result.output
     assert "P9X_evaluate.txt: unknown placeholder {outptu_b} (did you mean 'output_b'?)" in errors[0]
+
+
+@pytest.mark.slow
+def test_gemma_recipe_with_smoke_runs_every_stage(home):
+    """The real-model recipe's own stages (two dimensions, soups, the P2A/P2B sweep) on tiny-random,
+    without the extra: --smoke swaps the model."""
+    result = runner.invoke(app, ["run", "gemma-270m", "--smoke"])
+    assert result.exit_code == 0, result.output
+    run = Path("runs/gemma-270m-smoke")
+    for pref in ("P2A", "P2B", "P3A"):
+        assert (run / "policy" / pref / "adapter_model.safetensors").exists()
+    for soup in ("P2A+P3A", "P2B+P3A"):
+        assert (run / "soups" / soup / "soup.json").exists()
+    assert (run / "report" / "report.md").exists()

@@ -158,8 +158,11 @@ def record_for_launcher(message: str) -> None:
 
 
 def _print_error(message: str) -> None:
+    from rich.markup import escape
+
+    # escaped: a message may hold brackets that are not markup ("pip install 'rlphf[gemma]'")
     for line in message.splitlines() or ["error"]:
-        err_console.print(f"[bold red]error:[/] {line}", highlight=False, markup=True, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(line)}", highlight=False, markup=True, soft_wrap=True)
 
 
 def resume_command() -> str:

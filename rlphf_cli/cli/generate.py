@@ -27,7 +27,7 @@ def _opt(*names: str, help: str, **kw):
 
 @cli_errors
 def generate_command(
-    model: Annotated[Optional[str], _opt("--model", help="A built-in model (tiny, tiny-random), a local folder or a "
+    model: Annotated[Optional[str], _opt("--model", help="A built-in model (tiny, tiny-random, gemma-3-270m), a .gguf file, a local folder or a "
                                          "hub name (model.name).")] = None,
     adapter: Annotated[Optional[str], _opt("--adapter", help="One LoRA adapter folder, or a preference name "
                                            "meaning the run's policy for it.")] = None,

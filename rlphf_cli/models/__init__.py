@@ -1,5 +1,6 @@
-"""Model names: a built-in model (`BUILTIN_MODELS`: `tiny`, `tiny-random`), built on first use and
-cached under rlphf_home(); anything else is a local folder or a hub name."""
+"""Model names: a built-in model (`BUILTIN_MODELS`: `tiny`, `tiny-random`, `gemma-3-270m`), built on
+first use and cached under rlphf_home(); a `.gguf` file, converted once into a folder there; anything
+else is a local folder or a hub name."""
 
 from __future__ import annotations
 
@@ -9,10 +10,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rlphf_cli.models.cache import rlphf_home  # noqa: F401 (where every built-in model is cached)
+from rlphf_cli.models.gguf import is_gguf
 from rlphf_cli.registry import Registry
 
 TINY = "tiny"
 TINY_RANDOM = "tiny-random"
+GEMMA_270M = "gemma-3-270m"
 
 
 @dataclass(frozen=True)
@@ -39,12 +42,20 @@ def _ensure_tiny_random() -> Path:
     return ensure_tiny_random_model()
 
 
+def _ensure_gemma_270m() -> Path:
+    from rlphf_cli.models.gguf import ensure_gemma_270m
+
+    return ensure_gemma_270m()
+
+
 BUILTIN_MODELS: Registry[BuiltinModel] = Registry("built-in model")
 for _model in (
     BuiltinModel(TINY, "the embedded tiny instruction model (SFT on the shipped corpus, 2-3 min on 2 cores)",
                  _ensure_tiny),
     BuiltinModel(TINY_RANDOM, "a small Llama with random weights for smoke runs (about a second)",
                  _ensure_tiny_random, random_weights=True, threads=1),
+    BuiltinModel(GEMMA_270M, "Google's Gemma 3 270M base model from the optional extra 'gemma' (Gemma Terms of Use), "
+                 "converted once from its GGUF file (a few minutes on 2 cores)", _ensure_gemma_270m),
 ):
     BUILTIN_MODELS.register(_model.name)(_model)
 
@@ -54,10 +65,17 @@ def builtin_model(name: str) -> BuiltinModel | None:
 
 
 def resolve_model(name: str) -> str:
-    """A built-in name -> its cached folder (built if missing); other names pass through
-    unchanged so `from_pretrained(name)` loads a local folder or a hub model."""
+    """A built-in name -> its cached folder (built if missing); a `.gguf` file -> its converted folder
+    (converted if missing); other names pass through unchanged so `from_pretrained(name)` loads a
+    local folder or a hub model."""
     model = builtin_model(name)
-    return name if model is None else str(model.ensure())
+    if model is not None:
+        return str(model.ensure())
+    if is_gguf(name):
+        from rlphf_cli.models.gguf import ensure_gguf_model
+
+        return str(ensure_gguf_model(name))
+    return name
 
 
 @contextlib.contextmanager
