@@ -25,18 +25,11 @@ RecipeOption = Annotated[
     typer.Option("--recipe", help="Recipe YAML or built-in name (default: $RLPHF_RECIPE, ./rlphf.yaml, tiny).",
                  show_default=False),
 ]
-RunDirOption = Annotated[
-    Optional[Path], typer.Option("--run-dir", help="Run directory (default: the recipe's run_dir).", show_default=False)
-]
 SetOption = Annotated[
     Optional[list[str]],
     typer.Option("--set", help="Override a recipe value, e.g. --set train_policy.lora.r=8 (repeatable).",
                  show_default=False),
 ]
-
-
-# "Which preferences" is --prefs in every command; --pref is the old spelling of train-rm, train-policy, run.
-OldPrefOption = Annotated[Optional[str], typer.Option("--pref", hidden=True, show_default=False)]
 
 
 def either(new: Any, old: Any, names: str) -> Any:
@@ -60,19 +53,51 @@ def debug_enabled() -> bool:
     return _debug_flag or os.environ.get("RLPHF_DEBUG", "") not in ("", "0")
 
 
+RunDirOption = Annotated[
+    Optional[Path], typer.Option("--run-dir", help="Run directory (default: the recipe's run_dir); its recipe.yaml "
+                                 "is the recipe when --recipe is not given.", show_default=False)
+]
+# Set (to anything but 0) it cuts every command's recipe to smoke sizes, as `rlphf run --smoke` does:
+# the quick start's lines in seconds (CI, the first-hour test).
+SMOKE_ENV = "RLPHF_SMOKE"
+
+
 def resolve_recipe(recipe: str | None, sets: list[str] | None, run_dir: Path | None = None, smoke: bool = False,
-                   **flags: Any):
+                   announce: bool = True, **flags: Any):
     """Built-in defaults < recipe < (--smoke) < --set < explicit flags. `flags` use dotted recipe
-    paths with '__' for '.', e.g. generate__temperature=0.0; None means the flag was not given."""
+    paths with '__' for '.', e.g. generate__temperature=0.0; None means the flag was not given.
+    Without --recipe, a --run-dir that holds a recipe.yaml runs on that recipe (the one it was made
+    with). `announce`: print the recipe and the run directory as the command's first line."""
     from rlphf_cli.recipe import load_recipe
 
+    if recipe is None and run_dir is not None and (Path(run_dir) / "recipe.yaml").is_file():
+        recipe = str(Path(run_dir) / "recipe.yaml")
     overrides = {key.replace("__", "."): value for key, value in flags.items()}
     if run_dir is not None:
         overrides["run_dir"] = str(run_dir)
     overlay = None
-    if smoke:
+    if smoke or os.environ.get(SMOKE_ENV, "") not in ("", "0"):
         from rlphf_cli.smoke import apply_smoke as overlay
-    return load_recipe(recipe, sets, overrides, origins={"run_dir": "--run-dir"}, overlay=overlay)
+    resolved = load_recipe(recipe, sets, overrides, origins={"run_dir": "--run-dir"}, overlay=overlay)
+    if announce:
+        announce_recipe(resolved)
+    return resolved
+
+
+def recipe_line(resolved) -> str:
+    """'recipe tiny (built-in), run dir runs/tiny': which recipe a command works with, and where."""
+    from rlphf_cli.recipe import builtin_recipes_dir
+
+    source = Path(resolved.source)
+    where = "built-in" if source.parent == builtin_recipes_dir() else str(source)
+    return f"recipe {resolved.name} ({where}), run dir {resolved.resolved_run_dir()}"
+
+
+def announce_recipe(resolved) -> None:
+    from rlphf_cli.training import is_main_process
+
+    if is_main_process():  # once per launch, not once per process
+        err_console.print(recipe_line(resolved), highlight=False, markup=False, soft_wrap=True)
 
 
 def invocation() -> dict | None:
@@ -169,6 +194,40 @@ def resume_command() -> str:
     import shlex
 
     return "rlphf " + shlex.join([*ARGV, *([] if "--resume" in ARGV else ["--resume"])])
+
+
+WithDepsOption = Annotated[bool, typer.Option(
+    "--with-deps", help="Make the missing inputs first, as `rlphf run` makes them (same jobs, fingerprints and "
+    "markers), then go on.")]
+
+
+def with_deps_command() -> str:
+    """The command line of this process with --with-deps, or a description where it is not known."""
+    if ARGV is None:
+        return "the same command with --with-deps"
+    import shlex
+
+    return "rlphf " + shlex.join([*ARGV, *([] if "--with-deps" in ARGV else ["--with-deps"])])
+
+
+def ensure_inputs(resolved, jobs, with_deps: bool) -> None:
+    """A stage command's inputs: all there, made now (--with-deps, with the pipeline's display), or
+    one error listing every missing one with the command that makes them."""
+    from rlphf_cli.jobs import missing_inputs
+    from rlphf_cli.pipeline import make_inputs
+
+    paths = [path for _, path, _ in missing_inputs(jobs)]
+    if not paths:
+        return
+    if not with_deps:
+        make_inputs(resolved, paths, command=with_deps_command())
+        return
+    from rlphf_cli.cli.run import PipelineDisplay
+    from rlphf_cli.training import quiet_libraries
+
+    quiet_libraries()
+    with progress_bar() as bar:
+        make_inputs(resolved, paths, command=with_deps_command(), make=True, progress=PipelineDisplay(bar))
 
 
 def cli_errors(func):

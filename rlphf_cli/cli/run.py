@@ -7,7 +7,6 @@ from typing import Annotated, Optional
 import typer
 
 from rlphf_cli.cli.common import (
-    OldPrefOption,
     RecipeOption,
     RunDirOption,
     SetOption,
@@ -19,6 +18,11 @@ from rlphf_cli.cli.common import (
     resolve_recipe,
 )
 from rlphf_cli.cli.spending import MaxCostOption, plan_line
+
+
+# rlphf_cli.pipeline.STAGE_NAMES, written out so that `--help` imports no library (a test keeps them equal).
+STAGES = ("tiny-model, rollouts, annotate, train-rm, train-policy, baselines, merge, evaluate, judge, "
+          "report")
 
 
 class PipelineDisplay:
@@ -67,12 +71,14 @@ def run_command(
     recipe_option: RecipeOption = None,
     run_dir: RunDirOption = None,
     set_: SetOption = None,
-    only: Annotated[Optional[str], typer.Option("--only", help="Run this stage alone.")] = None,
-    from_: Annotated[Optional[str], typer.Option("--from", help="Rerun from this stage on.")] = None,
-    prefs: Annotated[Optional[str], typer.Option("--prefs", help="With --only annotate, train-rm or train-policy: "
-                                                 "only these preferences' units, e.g. P2A (one job-array task).",
+    only: Annotated[Optional[str], typer.Option("--only", help=f"Run this stage alone: {STAGES}.",
+                                                show_default=False)] = None,
+    from_: Annotated[Optional[str], typer.Option("--from", help=f"Rerun from this stage on: {STAGES}.",
                                                  show_default=False)] = None,
-    pref: OldPrefOption = None,
+    prefs: Annotated[Optional[str], typer.Option("--prefs", "--pref", help="With --only annotate, train-rm or "
+                                                 "train-policy: only these preferences' units, e.g. P2A (one "
+                                                 "job-array task; default: all). --pref is the same option.",
+                                                 show_default=False)] = None,
     force: Annotated[bool, typer.Option("--force", help="Recompute finished stages.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate and print the resolved recipe and plan, with "
                                           "the requests each judging stage would send and their cost.")] = False,
@@ -96,7 +102,7 @@ def run_command(
 
     resolved = resolve_recipe(either(recipe, recipe_option, "RECIPE and --recipe"), set_, run_dir, smoke=smoke,
                               judge__max_cost=max_cost)
-    pref = either(prefs, pref, "--prefs and --pref")
+    pref = prefs
     if smoke:
         from rlphf_cli.smoke import describe
 

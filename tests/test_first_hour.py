@@ -1,0 +1,62 @@
+"""The first hour of a new user: the run directory's recipe, the first line of every command, stage
+commands whose inputs are missing (listed once; --with-deps makes them as `rlphf run` does)."""
+
+from __future__ import annotations
+
+import pytest
+from helpers import RECIPE_LINE, one_error_line
+from typer.testing import CliRunner
+
+from rlphf_cli.cli.main import app
+from rlphf_cli.recipe import load_recipe
+
+runner = CliRunner()
+
+
+def first_line(result) -> str:
+    return result.output.splitlines()[0] if result.output else ""
+
+
+def test_a_run_directory_runs_on_its_recipe_and_the_first_line_says_so(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "mine-run"
+    run.mkdir()
+    recipe = load_recipe("smoke", ["name=mine"])
+    (run / "recipe.yaml").write_text(recipe.to_yaml())
+    result = runner.invoke(app, ["merge", "--weights", "0.5,0.5", "--run-dir", str(run)])
+    assert first_line(result) == f"recipe mine ({run / 'recipe.yaml'}), run dir {run}"
+    # The smoke recipe's preferences (P1A, P2A, P2B), not the built-in tiny recipe's six.
+    one_error_line(result, "has no trained policy", "--soup elementary=0.5,concise=0.5")
+    # --recipe still wins over the run directory's recipe.
+    result = runner.invoke(app, ["merge", "--weights", "0.5,0.5", "--run-dir", str(run), "--recipe", "tiny"])
+    assert first_line(result) == f"recipe tiny (built-in), run dir {run}"
+
+
+@pytest.mark.parametrize("command", [["train-rm", "--pref", "concise"], ["train-rm", "--prefs", "concise"]])
+def test_missing_inputs_are_listed_once_with_the_command_that_makes_them(tmp_path, monkeypatch, command):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("rlphf_cli.cli.common.ARGV", command)
+    result = runner.invoke(app, command)
+    assert RECIPE_LINE.match(result.output), result.output
+    line = one_error_line(result, "2 inputs missing", "rollouts (runs/tiny/rollouts.jsonl)",
+                          "annotate/P2A (runs/tiny/annotations/P2A.jsonl)")
+    assert line.endswith(f"go on with: rlphf {' '.join(command)} --with-deps"), line
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_with_deps_makes_the_inputs_as_rlphf_run_does(tmp_path, monkeypatch, tiny_random_model):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RLPHF_SMOKE", "1")
+    result = runner.invoke(app, ["train-rm", "--pref", "concise", "--with-deps"])
+    assert result.exit_code == 0, result.output
+    assert first_line(result) == "recipe tiny-smoke (built-in), run dir runs/tiny-smoke"
+    assert (tmp_path / "runs/tiny-smoke/rm/P2A/adapter_config.json").is_file()
+    # `rlphf run` finds the units --with-deps ran finished: same jobs, same fingerprints.
+    from rlphf_cli.cli.common import resolve_recipe
+    from rlphf_cli.pipeline import Pipeline
+
+    recipe = resolve_recipe(None, None, announce=False)
+    summary = Pipeline(recipe).execute(keys={"rollouts", "annotate/P2A"})
+    assert [summary["stages"][s]["ran"] for s in ("rollouts", "annotate")] == [0, 0]
+    assert not (tmp_path / "runs/tiny-smoke/annotations/P3A.jsonl").exists()  # nothing it did not need
