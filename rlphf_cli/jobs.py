@@ -550,7 +550,7 @@ def trained_policies(recipe: Recipe) -> list[Preference]:
     return [p for p in recipe.preference_set() if (run.policy(p.id) / ADAPTER_CONFIG).is_file()]
 
 
-def example_soup(recipe: Recipe, weights: Sequence[float] = ()) -> str:
+def example_soup(recipe: Recipe) -> str:
     """A soup that names real policies: the run's trained ones, else the recipe's first preferences of
     two dimensions (what `rlphf train-policy` would make)."""
     chosen = trained_policies(recipe)
@@ -559,8 +559,7 @@ def example_soup(recipe: Recipe, weights: Sequence[float] = ()) -> str:
         for pref in recipe.preference_set():
             seen.setdefault(pref.dimension, pref)
         chosen = list(seen.values())[:2] or list(recipe.preference_set())[:2]
-    shares = list(weights) or [round(1 / len(chosen), 3)] * len(chosen)
-    return ",".join(f"{p.alias}={w:g}" for p, w in zip(chosen, shares))
+    return ",".join(f"{p.alias}={round(1 / len(chosen), 3):g}" for p in chosen)
 
 
 def trained_soup(recipe: Recipe, weights: str) -> tuple[list[tuple[str, float]], str]:
