@@ -60,3 +60,14 @@ def test_with_deps_makes_the_inputs_as_rlphf_run_does(tmp_path, monkeypatch, tin
     summary = Pipeline(recipe).execute(keys={"rollouts", "annotate/P2A"})
     assert [summary["stages"][s]["ran"] for s in ("rollouts", "annotate")] == [0, 0]
     assert not (tmp_path / "runs/tiny-smoke/annotations/P3A.jsonl").exists()  # nothing it did not need
+
+
+def test_a_stopped_generate_outside_a_run_directory_is_not_started_over(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "elsewhere" / "answers.jsonl"
+    out.parent.mkdir()
+    kept = '{"id": "1", "responses": ["a"]}\n{"id": "2", "responses": ["b"]}\n'
+    out.write_text(kept)
+    result = runner.invoke(app, ["generate", "--recipe", "smoke", "--out", str(out), "--limit", "1"])
+    one_error_line(result, f"{out}: exists (2 records", "--resume continues it, --force replaces it")
+    assert out.read_text() == kept
