@@ -71,3 +71,29 @@ def test_a_stopped_generate_outside_a_run_directory_is_not_started_over(tmp_path
     result = runner.invoke(app, ["generate", "--recipe", "smoke", "--out", str(out), "--limit", "1"])
     one_error_line(result, f"{out}: exists (2 records", "--resume continues it, --force replaces it")
     assert out.read_text() == kept
+
+
+def test_a_long_step_with_piped_output_prints_progress_lines(tmp_path):
+    """Output to a pipe draws no bar: a line per interval (RLPHF_PROGRESS_SECONDS) with done/total,
+    the time elapsed and the time left, and the last state of a lasting display."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    step = ("import time\n"
+            "from rlphf_cli.cli.common import progress_bar\n"
+            "with progress_bar('steps', transient=False) as bar:\n"
+            "    task = bar.add_task('training P2A', total=4)\n"
+            "    for done in range(1, 5):\n"
+            "        time.sleep(0.4)\n"
+            "        bar.update(task, completed=done)\n")
+    done = subprocess.run([sys.executable, "-c", step], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          env={**os.environ, "RLPHF_PROGRESS_SECONDS": "0.1"}, timeout=60, check=True)
+    lines = done.stdout.splitlines()
+    ticks = [line for line in lines if re.fullmatch(r"training P2A: [0-3]/4 \(\d+%\), 0m0\ds elapsed(, ~0m0\ds left)?",
+                                                    line)]
+    assert len(ticks) >= 5, done.stdout
+    assert any(line.endswith("left") for line in ticks), done.stdout  # once a step is done, the time left
+    assert lines[-1].startswith("training P2A: 4/4 (100%), "), done.stdout
+    assert "━" not in done.stdout  # no bar drawn into the pipe

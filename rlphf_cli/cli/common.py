@@ -143,9 +143,48 @@ def progress_bar(*extra: Any, transient: bool = True, eta: bool = True):
     )
 
     class QuietProgress(Progress):
+        _ticker = None
+
+        def start(self) -> None:
+            self._lines = not self.console.is_terminal and not self.disable
+            if self._lines:
+                # Not a terminal (a pipe, a CI log): Rich draws no bar, only its last state, without
+                # an end of line. Lines instead: one per interval while work goes on, and with a
+                # lasting display (transient=False) each task's last state.
+                import threading
+
+                self._final_lines, self.live.transient = not self.live.transient, True
+                self._stopped = threading.Event()
+                self._ticker = threading.Thread(target=self._tick, daemon=True)
+                self._ticker.start()
+            super().start()
+
+        def _line(self, task) -> str:
+            from rlphf_cli import progress
+
+            return progress.line(task.description.strip(), task.completed, task.total, task.elapsed or 0.0,
+                                 None if task.finished else task.time_remaining)
+
+        def _tick(self) -> None:
+            from rlphf_cli import progress
+
+            while not self._stopped.wait(progress.interval() or 0.05):
+                shown = [self._line(task) for task in self.tasks
+                         if task.visible and task.started and not task.finished and task.description.strip()]
+                if shown:
+                    self.console.print(" | ".join(shown), highlight=False, markup=False, soft_wrap=True)
+
         def stop(self) -> None:
-            # Rich ends a display that is not a terminal (a pipe, a CI log) with an empty line,
-            # which then stands before an `error:` line or a summary.
+            if self._ticker is not None:
+                self._stopped.set()
+                self._ticker.join()
+                self._ticker = None
+                if self._final_lines:
+                    for task in self.tasks:
+                        if task.visible and task.started and task.description.strip():
+                            self.console.print(self._line(task), highlight=False, markup=False, soft_wrap=True)
+            # Rich ends a display that is not a terminal with an empty line, which then stands
+            # before an `error:` line or a summary.
             if not self.disable:
                 self.live.stop()
 
