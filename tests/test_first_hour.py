@@ -88,7 +88,7 @@ def test_a_long_step_with_piped_output_prints_progress_lines(tmp_path):
             "    for done in range(1, 5):\n"
             "        time.sleep(0.4)\n"
             "        bar.update(task, completed=done)\n")
-    done = subprocess.run([sys.executable, "-c", step], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    done = subprocess.run([sys.executable, "-c", step], capture_output=True, text=True,
                           env={**os.environ, "RLPHF_PROGRESS_SECONDS": "0.1"}, timeout=60, check=True)
     lines = done.stdout.splitlines()
     ticks = [line for line in lines if re.fullmatch(r"training P2A: [0-3]/4 \(\d+%\), 0m0\ds elapsed(, ~0m0\ds left)?",
