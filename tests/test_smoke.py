@@ -85,6 +85,16 @@ def test_run_smoke_from_an_empty_home_runs_every_stage(home):
     assert report.splitlines()[2].startswith("> **WARNING: the base model tiny-random has random weights")
     assert "coin" not in report and "## Checks" not in report  # the rubric judged; no check on random numbers
     assert "WARNING: the base model tiny-random has random weights" in result.output
+    # Its policies trained: each answers (greedy) otherwise than the others and the base model.
+    answers = {}
+    for name in ("base", "P1A", "P2A", "P2B"):
+        out = Path(f"greedy-{name}.jsonl")
+        adapter = [] if name == "base" else ["--adapter", str(run / "policy" / name)]
+        done = runner.invoke(app, ["generate", "--run-dir", str(run), *adapter, "--prefs", "none", "--system", name,
+                                   "--temperature", "0", "--limit", "4", "--out", str(out)])
+        assert done.exit_code == 0, done.output
+        answers[name] = tuple(record["response"] for record in read_jsonl(out))
+    assert len(set(answers.values())) == 4, answers
 
 
 @pytest.mark.slow
