@@ -97,3 +97,32 @@ def test_a_long_step_with_piped_output_prints_progress_lines(tmp_path):
     assert any(line.endswith("left") for line in ticks), done.stdout  # once a step is done, the time left
     assert lines[-1].startswith("training P2A: 4/4 (100%), "), done.stdout
     assert "━" not in done.stdout  # no bar drawn into the pipe
+
+
+def _commands():
+    return [(c.name or c.callback.__name__, c.callback) for c in app.registered_commands]
+
+
+@pytest.mark.parametrize(("name", "callback"), _commands(), ids=[n for n, _ in _commands()])
+def test_help_at_80_columns_keeps_every_example_on_one_line(name, callback):
+    import re
+
+    result = runner.invoke(app, [name, "--help"], env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert max(len(line) for line in lines) <= 80
+    for example in re.findall(r"\[bold\](rlphf [^\[]+)\[/\]", callback.__doc__ or ""):
+        assert any(example in line for line in lines), (example, result.output)
+
+
+def test_help_lists_what_options_accept():
+    from rlphf_cli.judges import JUDGES
+    from rlphf_cli.pipeline import STAGE_NAMES
+
+    judged = runner.invoke(app, ["judge", "--help"], env={"COLUMNS": "200"}).output
+    assert all(name in judged for name in JUDGES.names())
+    ran = " ".join(runner.invoke(app, ["run", "--help"], env={"COLUMNS": "200"}).output.split())
+    assert ran.count(", ".join(STAGE_NAMES)) == 2  # --only and --from
+    trained = " ".join(runner.invoke(app, ["train-policy", "--help"], env={"COLUMNS": "200"}).output.split())
+    assert "--prefs,--pref" in trained
+    assert "no default: required in mode soup" in trained

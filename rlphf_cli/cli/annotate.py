@@ -19,7 +19,8 @@ from rlphf_cli.cli.common import (
 from rlphf_cli.cli.spending import DryRunOption, MaxCostOption, plan_line
 
 JudgeOption = Annotated[
-    Optional[str], typer.Option("--judge", help="Judge backend: rubric (offline proxy), openai or hf.",
+    Optional[str], typer.Option("--judge", help="Judge backend: rubric (offline proxy), openai, hf or coin "
+                                "(meaningless, smoke runs only); default: the recipe's.",
                                 show_default=False)
 ]
 

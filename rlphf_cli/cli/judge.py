@@ -55,7 +55,7 @@ def judge_command(
     are matched by (id, combination); answers made without a preference prompt (the base model's
     plain.jsonl) match every combination, so every comparison of the report can be redone here.
 
-    Example: [bold]rlphf judge --a runs/tiny/generations/psoups --b runs/tiny/generations/base/plain.jsonl[/]
+    Example: [bold]rlphf judge --a $G/psoups --b $G/base/plain.jsonl[/] (G=runs/tiny/generations)
 
     Example: [bold]rlphf judge --a mine.jsonl --b theirs.jsonl --criteria all --common[/]
     """
