@@ -126,3 +126,36 @@ def test_help_lists_what_options_accept():
     trained = " ".join(runner.invoke(app, ["train-policy", "--help"], env={"COLUMNS": "200"}).output.split())
     assert "--prefs,--pref" in trained
     assert "no default: required in mode soup" in trained
+
+
+def quick_start_lines() -> list[str]:
+    """The README's quick start: the `rlphf` lines of the first bash block under '## Quick start'."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("\n## Quick start\n", 1)[1]
+    block = section.split("```bash\n", 1)[1].split("```", 1)[0]
+    return [line.split("  #", 1)[0].strip() for line in block.splitlines() if line.startswith("rlphf ")]
+
+
+def test_the_quick_start_promises_the_lines():
+    lines = quick_start_lines()
+    assert lines[:3] == ["rlphf train-policy --pref concise --with-deps", "rlphf train-policy --pref friendly --with-deps",
+                         "rlphf merge --weights 0.5,0.5"]
+
+
+@pytest.mark.slow
+def test_the_first_hour_follows_the_quick_start_literally(tmp_path, monkeypatch, tiny_random_model):
+    """Each line of the README's quick start, as written, in an empty folder (smoke sizes through
+    RLPHF_SMOKE): exit code 0 and a first line naming the recipe and the run directory."""
+    import shlex
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RLPHF_SMOKE", "1")
+    for line in quick_start_lines():
+        result = runner.invoke(app, shlex.split(line)[1:])
+        assert result.exit_code == 0, (line, result.output)
+        assert first_line(result) == "recipe tiny-smoke (built-in), run dir runs/tiny-smoke", (line, result.output)
+        if line.startswith("rlphf merge"):
+            assert "merging the run's policies: concise=0.5,friendly=0.5" in result.output
+    assert (tmp_path / "runs/tiny-smoke/soups/P2A+P3A/adapter_model.safetensors").is_file()
