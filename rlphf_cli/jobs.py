@@ -63,7 +63,7 @@ def run_record(recipe: Recipe) -> RunRecord:
                     yield value
                 yield from env_names(value)
 
-    return RunRecord(root=recipe.resolved_run_dir(), recipe_yaml=recipe.to_yaml(), source=recipe.source,
+    return RunRecord(root=recipe.resolved_run_dir(), recipe_yaml=recipe.run_yaml(), source=recipe.source,
                      seed=recipe.seed, overrides=frozen_items(recipe.overrides()),
                      secrets=tuple(dict.fromkeys(env_names(recipe.model_dump(mode="json")))))
 
@@ -582,11 +582,12 @@ def trained_soup(recipe: Recipe, weights: str) -> tuple[list[tuple[str, float]],
 def merge_job(recipe: Recipe, *, adapters: Sequence[str | Path] = (), soup: Sequence[tuple[str, float]] | None = None,
               weights: str | Sequence[float] | None = None, out: str | Path | None = None,
               into_base: str | Path | None = None, base_model: str | None = None,
-              explicit: Sequence[str] = ()) -> MergeJob:
+              explicit: Sequence[str] = (), check_inputs: bool = True) -> MergeJob:
     """`rlphf merge`: adapter folders with `weights` (and `out`), or a soup of the run's policies
     [(preference, weight)] (default out: soups/<combo>/, the weights in the name unless equal).
     The method and its parameters are the recipe's; `explicit` names the parameters set on the
-    command line (an error where the method does not use them)."""
+    command line (an error where the method does not use them). `check_inputs`: a missing policy of
+    the soup is an error here (else the caller checks, e.g. rlphf_cli.pipeline.make_inputs)."""
     from rlphf_cli.merging.methods import METHODS, merger
     from rlphf_cli.merging.soup import parse_weights
     from rlphf_cli.preferences import soup_name
@@ -612,7 +613,7 @@ def merge_job(recipe: Recipe, *, adapters: Sequence[str | Path] = (), soup: Sequ
     pairs = available.in_order([(available.get(name), weight) for name, weight in soup], key=lambda pw: pw[0].id)
     chosen, given = [p for p, _ in pairs], parse_weights([w for _, w in pairs], len(pairs))
     run = run_dir(recipe)
-    for pref in chosen:
+    for pref in chosen if check_inputs else ():
         if not (run.policy(pref.id) / ADAPTER_CONFIG).is_file():
             raise MissingArtifactError(f"policy for {pref.id} ({pref.alias})", run.policy(pref.id),
                                        f"rlphf train-policy --prefs {pref.alias}")

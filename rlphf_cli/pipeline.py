@@ -575,7 +575,6 @@ def missing_upstream(pipeline: Pipeline, paths: list[Path]) -> tuple[list[tuple[
     """What must be made before `paths` exist: (unit, path) of every missing output on the way, in
     stage order, and the keys of the units that make them (walking up from the units that write
     `paths` until outputs exist). A path no unit writes is not in either."""
-    order = {stage: i for i, stage in enumerate(pipeline.stages())}
     units = {unit.key: unit for stage in pipeline.stages() for unit in pipeline.units(stage)}
     writer = {Path(out): unit for unit in units.values() for out in unit.outputs}
     needed = {Path(p) for p in paths}
@@ -589,27 +588,29 @@ def missing_upstream(pipeline: Pipeline, paths: list[Path]) -> tuple[list[tuple[
         todo += [units[k] for k in unit.upstream if k in units]
     if keys and "tiny-model" in units:
         keys.add("tiny-model")  # built (or found cached) before anything decodes
-    chosen = sorted((units[k] for k in keys if units[k].outputs), key=lambda u: order[u.key.split("/")[0]])
+    position = {key: n for n, key in enumerate(units)}  # stage order, then each stage's own order
+    chosen = sorted((units[k] for k in keys if units[k].outputs), key=lambda u: position[u.key])
     return [(u.key, str(p)) for u in chosen for p in u.outputs if not p.exists() or p in needed], keys
 
 
-def make_inputs(recipe: Recipe, paths: list[Path], *, command: str, make: bool = False,
+def make_inputs(recipe: Recipe, missing: list[tuple[str, Path, str]], *, command: str, make: bool = False,
                 progress: Progress | None = None) -> dict | None:
-    """A stage command's inputs that are not there (`paths`): without `make`, one MissingInputsError
-    listing all of them and what they need in turn, naming `command` (which makes them); with it,
-    the units of `rlphf run` that write them, run as `rlphf run` runs them (same jobs, same
-    fingerprints and markers), then None or the run's summary."""
+    """A stage command's inputs that are not there ((what, path, the command that makes it), from
+    jobs.missing_inputs): without `make`, one MissingInputsError listing all of them and what they
+    need in turn, naming `command` (which makes them); with it, the units of `rlphf run` that write
+    them, run as `rlphf run` runs them (same jobs, same fingerprints and markers), then None or the
+    run's summary. An input no unit of the recipe writes is named with its own command."""
     from rlphf_cli.errors import MissingInputsError
 
-    if not paths:
+    if not missing:
         return None
     pipeline = Pipeline(recipe, progress)
-    missing, keys = missing_upstream(pipeline, paths)
-    made = {Path(p) for _, p in missing}
-    unmade = [p for p in paths if Path(p) not in made]
+    upstream, keys = missing_upstream(pipeline, [path for _, path, _ in missing])
+    made = {Path(p) for _, p in upstream}
+    unmade = [(what, path, how) for what, path, how in missing if Path(path) not in made]
     if not make or unmade:
-        listed = missing + [("not made by rlphf run", str(p)) for p in unmade]
-        hint = command if not unmade else f"give {', '.join(map(str, unmade))} (no stage of the recipe makes it)"
+        listed = upstream + [(what, str(path)) for what, path, _ in unmade]
+        hint = " && ".join([*dict.fromkeys(how for _, _, how in unmade), *([command] if upstream else [])])
         raise MissingInputsError(listed, hint)
     builtin = builtin_model(recipe.model.name)
     with _imports_out_of_gc(), torch_threads(builtin.threads if builtin else None):

@@ -86,7 +86,7 @@ def test_a_flag_takes_no_value():
         (["annotate"], "rollouts not found"),
         (["train-rm", "--pref", "concise"], "2 inputs missing: rollouts"),
         (["train-policy", "--pref", "concise"], "3 inputs missing: rollouts"),
-        (["merge", "--prefs", "concise,friendly"], "policy for P2A (concise) not found"),
+        (["merge", "--prefs", "concise,friendly"], "train-policy/P2A ("),
         (["judge", "--a", "nowhere-a.jsonl", "--b", "nowhere-b.jsonl"], "generations not found"),
         (["generate", "--prompts", "nowhere.jsonl"], "nowhere.jsonl: file not found"),
     ],

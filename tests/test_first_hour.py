@@ -44,6 +44,15 @@ def test_missing_inputs_are_listed_once_with_the_command_that_makes_them(tmp_pat
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_soup_of_policies_not_trained_yet_lists_what_it_needs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    command = ["merge", "--soup", "concise=0.5,friendly=0.5"]
+    monkeypatch.setattr("rlphf_cli.cli.common.ARGV", command)
+    line = one_error_line(runner.invoke(app, command), "7 inputs missing", "train-rm/P3A (runs/tiny/rm/P3A)",
+                          "train-policy/P2A (runs/tiny/policy/P2A)", "train-policy/P3A (runs/tiny/policy/P3A)")
+    assert line.endswith("go on with: rlphf merge --soup concise=0.5,friendly=0.5 --with-deps"), line
+
+
 @pytest.mark.slow
 def test_with_deps_makes_the_inputs_as_rlphf_run_does(tmp_path, monkeypatch, tiny_random_model):
     monkeypatch.chdir(tmp_path)

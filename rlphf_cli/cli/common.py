@@ -79,6 +79,13 @@ def resolve_recipe(recipe: str | None, sets: list[str] | None, run_dir: Path | N
     if smoke or os.environ.get(SMOKE_ENV, "") not in ("", "0"):
         from rlphf_cli.smoke import apply_smoke as overlay
     resolved = load_recipe(recipe, sets, overrides, origins={"run_dir": "--run-dir"}, overlay=overlay)
+    if any(value is not None for key, value in overrides.items() if key != "run_dir"):
+        # The run directory keeps its recipe: the one a later command without these flags runs on.
+        from rlphf_cli.errors import RlphfError
+
+        with contextlib.suppress(RlphfError):
+            plain = load_recipe(recipe, sets, {"run_dir": overrides.get("run_dir")}, overlay=overlay)
+            resolved._run_yaml = plain.to_yaml()
     if announce:
         announce_recipe(resolved)
     return resolved
@@ -255,18 +262,18 @@ def ensure_inputs(resolved, jobs, with_deps: bool) -> None:
     from rlphf_cli.jobs import missing_inputs
     from rlphf_cli.pipeline import make_inputs
 
-    paths = [path for _, path, _ in missing_inputs(jobs)]
-    if not paths:
+    missing = missing_inputs(jobs)
+    if not missing:
         return
     if not with_deps:
-        make_inputs(resolved, paths, command=with_deps_command())
+        make_inputs(resolved, missing, command=with_deps_command())
         return
     from rlphf_cli.cli.run import PipelineDisplay
     from rlphf_cli.training import quiet_libraries
 
     quiet_libraries()
     with progress_bar() as bar:
-        make_inputs(resolved, paths, command=with_deps_command(), make=True, progress=PipelineDisplay(bar))
+        make_inputs(resolved, missing, command=with_deps_command(), make=True, progress=PipelineDisplay(bar))
 
 
 def cli_errors(func):

@@ -11,8 +11,10 @@ from rlphf_cli.cli.common import (
     RecipeOption,
     RunDirOption,
     SetOption,
+    WithDepsOption,
     cli_errors,
     console,
+    ensure_inputs,
     one_progress_bar,
     print_note,
     resolve_recipe,
@@ -51,6 +53,7 @@ def merge_command(
     model: Annotated[Optional[str], typer.Option(
         "--model", help="Base model for --into-base (default: the adapters' base_model_name_or_path).",
         show_default=False)] = None,
+    with_deps: WithDepsOption = False,
     recipe: RecipeOption = None,
     run_dir: RunDirOption = None,
     set_: SetOption = None,
@@ -58,6 +61,8 @@ def merge_command(
     """Merge per-preference LoRA policies into a soup (adapter files only).
 
     Example: [bold]rlphf merge --soup elementary=0.4,concise=0.3,friendly=0.3[/]
+
+    Example: [bold]rlphf merge --weights 0.5,0.5[/] (the run's two trained policies)
 
     Example: [bold]rlphf merge a/ b/ --weights 0.7,0.3 --out soup/[/]
     """
@@ -69,7 +74,9 @@ def merge_command(
     explicit = [name for name, value in (("rank", rank), ("density", density), ("seed", seed)) if value is not None]
     job, note = merge_request(resolved, adapters=adapters or [], soup=soup, prefs=prefs, weights=weights, out=out,
                               into_base=into_base, base_model=resolved.model.name if model else None,
-                              explicit=explicit)
+                              explicit=explicit, check_inputs=False)
+    if job.labels:  # a soup of the run's policies: those missing are made by --with-deps
+        ensure_inputs(resolved, [job], with_deps)
     print_note(note)
     with one_progress_bar("merging") as update:
         card = run_merge(job, force=force, replace=force, progress=update)

@@ -279,15 +279,17 @@ def default_out(run, a_path: str | Path, b_path: str | Path) -> Path:
     weights, psoups:<combo>, base, ...), so that two different comparisons never share a file."""
     a_name, b_name = _side_name(Path(a_path)), _side_name(Path(b_path))
     if a_name == b_name:  # one system against itself (other settings): the files tell them apart
-        a_name, b_name = (f"{name}-{Path(p).parent.name}-{Path(p).stem}" for name, p in ((a_name, a_path),
-                                                                                          (b_name, b_path)))
+        a_name, b_name = (_side_name(Path(p), f"{Path(p).parent.name}-{Path(p).stem}") for p in (a_path, b_path))
     return run.judgment(a_name, b_name)
 
 
-def _side_name(path: Path) -> str:
+def _side_name(path: Path, name: str | None = None) -> str:
+    """`name` (default: the folder's name, or the system the file's records carry, or its stem)."""
     import json
     import re
 
+    if name is not None:
+        return re.sub(r"[\\/:\s]+", "-", name)
     name = path.name if path.is_dir() else path.stem
     try:
         with open(path, encoding="utf-8") as handle:
