@@ -70,8 +70,20 @@ def test_smoke_makes_a_gpu_recipe_runnable_on_cpu():
 
 
 @pytest.mark.slow
+def readme_smoke_command() -> list[str]:
+    """The README's CI example (section 'CI smoke runs'): its line for the built-in smoke recipe."""
+    readme = (RECIPES.parent / "README.md").read_text()
+    block = readme.split("\n## CI smoke runs\n", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
+    lines = [line.split("- run: ", 1)[1].split("#", 1)[0].split() for line in block.splitlines()
+             if "- run: rlphf " in line and "the built-in smoke recipe" in line]
+    assert len(lines) == 1, block
+    return lines[0]
+
+
 def test_run_smoke_from_an_empty_home_runs_every_stage(home):
-    result = runner.invoke(app, ["run", "smoke"])
+    command = readme_smoke_command()  # the README's line, as written
+    assert command[:2] == ["rlphf", "run"]
+    result = runner.invoke(app, command[1:])
     assert result.exit_code == 0, result.output
     run = Path("runs/smoke")
     ended = {json.loads(line)["stage"] for line in (run / "events.jsonl").read_text().splitlines()
