@@ -168,3 +168,7 @@ def test_the_first_hour_follows_the_quick_start_literally(tmp_path, monkeypatch,
         if line.startswith("rlphf merge"):
             assert "merging the run's policies: concise=0.5,friendly=0.5" in result.output
     assert (tmp_path / "runs/tiny-smoke/soups/P2A+P3A/adapter_model.safetensors").is_file()
+    # The run directory's own recipe (already smoke-sized) is not cut twice.
+    again = runner.invoke(app, ["merge", "--weights", "0.5,0.5", "--run-dir", "runs/tiny-smoke", "--force"])
+    assert again.exit_code == 0, again.output
+    assert first_line(again) == "recipe tiny-smoke (runs/tiny-smoke/recipe.yaml), run dir runs/tiny-smoke"
