@@ -242,6 +242,45 @@ def resume_command() -> str:
     return "rlphf " + shlex.join([*ARGV, *([] if "--resume" in ARGV else ["--resume"])])
 
 
+class PipelineDisplay:
+    """One Rich display for the whole run: stage k of n, the stage's units, inner progress, ETA."""
+
+    def __init__(self, progress):
+        self.progress = progress
+        self.stage_task = progress.add_task("stages", total=1)
+        self.unit_task = progress.add_task("", total=1, visible=False)
+        self.inner_task = progress.add_task("", total=1, visible=False)
+
+    def __call__(self, kind: str, *args, **kwargs) -> None:
+        p = self.progress
+        if kind == "stage":
+            index, total, name, n_units = args
+            p.update(self.stage_task, completed=index, total=total, description=f"stage {index + 1}/{total}: {name}")
+            p.update(self.unit_task, completed=0, total=max(n_units, 1), visible=False, description="")
+        elif kind == "unit-start":
+            p.update(self.unit_task, visible=True, description=f"  {args[0]}")
+            p.update(self.inner_task, visible=False, completed=0)
+        elif kind == "unit":
+            done, total, label = args
+            p.update(self.unit_task, completed=done, total=total, visible=True, description=f"  {label}")
+        elif kind == "changed":
+            key, outputs = args
+            p.console.print(f"[yellow]![/] {', '.join(outputs)} changed since `rlphf run` made it ({key}): kept, "
+                            "and what depends on it is recomputed", highlight=False, soft_wrap=True)
+        elif kind == "stage-end":
+            # A line per stage stays on screen (and in a CI log, where the live display is not drawn).
+            name, counts, seconds = args
+            done = f"{counts['ran']} ran, {counts['skipped']} skipped" if counts["ran"] else "up to date"
+            p.console.print(f"[green]✓[/] {name}: {done} ({seconds:.1f} s)", highlight=False)
+        elif kind == "inner":
+            completed, total = kwargs.get("completed"), kwargs.get("total")
+            if completed is None and len(args) >= 2 and all(isinstance(a, (int, float)) for a in args[:2]):
+                completed, total = args[:2]
+            if completed is not None:
+                p.update(self.inner_task, completed=completed, total=total or 1, visible=True,
+                         description=f"    {kwargs.get('description', '')}")
+
+
 WithDepsOption = Annotated[bool, typer.Option(
     "--with-deps", help="Make the missing inputs first, as `rlphf run` makes them (same jobs, fingerprints and "
     "markers), then go on.")]
@@ -268,7 +307,6 @@ def ensure_inputs(resolved, jobs, with_deps: bool) -> None:
     if not with_deps:
         make_inputs(resolved, missing, command=with_deps_command())
         return
-    from rlphf_cli.cli.run import PipelineDisplay
     from rlphf_cli.training import quiet_libraries
 
     quiet_libraries()
