@@ -83,7 +83,7 @@ def test_a_flag_takes_no_value():
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
-        (["annotate"], "rollouts not found"),
+        (["annotate"], "1 input missing: rollouts ("),
         (["train-rm", "--pref", "concise"], "2 inputs missing: rollouts"),
         (["train-policy", "--pref", "concise"], "3 inputs missing: rollouts"),
         (["merge", "--prefs", "concise,friendly"], "train-policy/P2A ("),
