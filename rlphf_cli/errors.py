@@ -58,6 +58,19 @@ class MissingArtifactError(RlphfError):
         return type(self), (self.what, self.path, self.command)
 
 
+class MissingInputsError(RlphfError):
+    """Inputs of a stage command are missing: all of them listed once, with the command that makes them."""
+
+    def __init__(self, missing: list[tuple[str, str]], command: str):
+        listed = "; ".join(f"{what} ({path})" for what, path in missing)
+        super().__init__(f"{len(missing)} input{'s' if len(missing) != 1 else ''} missing: {listed}. "
+                         f"Make {'them all' if len(missing) != 1 else 'it'} and go on with: {command}")
+        self.missing, self.command = missing, command
+
+    def __reduce__(self):
+        return type(self), (self.missing, self.command)
+
+
 class NotAvailableYet(RlphfError):
     """A command whose implementation has not landed yet."""
 

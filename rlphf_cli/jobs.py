@@ -64,7 +64,7 @@ def run_record(recipe: Recipe) -> RunRecord:
                     yield value
                 yield from env_names(value)
 
-    return RunRecord(root=recipe.resolved_run_dir(), recipe_yaml=recipe.to_yaml(), source=recipe.source,
+    return RunRecord(root=recipe.resolved_run_dir(), recipe_yaml=recipe.run_yaml(), source=recipe.source,
                      seed=recipe.seed, overrides=frozen_items(recipe.overrides()),
                      secrets=tuple(dict.fromkeys(env_names(recipe.model_dump(mode="json")))))
 
@@ -287,12 +287,14 @@ def policy_jobs(recipe: Recipe, prefs: str | None = None, *, mode: str | None = 
     return jobs
 
 
-def missing_inputs(jobs: Sequence[RewardModelJob | PolicyJob]) -> list[tuple[str, Path, str]]:
+def missing_inputs(jobs: Sequence[RewardModelJob | PolicyJob | MergeJob]) -> list[tuple[str, Path, str]]:
     """(what, path, command) of every input of `jobs` that is not there yet."""
     missing = []
     for job in jobs:
-        for what, path, command in job.inputs():
-            present = (path / ADAPTER_CONFIG).is_file() if what.startswith("reward model") else path.exists()
+        needs = job.inputs() if callable(job.inputs) else [
+            (f"policy {path.name}", path, f"rlphf train-policy --prefs {path.name}") for path in job.inputs]
+        for what, path, command in needs:
+            present = (path / ADAPTER_CONFIG).is_file() if what.startswith(("reward model", "policy")) else path.exists()
             if not present and (what, path, command) not in missing:
                 missing.append((what, path, command))
     return missing
@@ -539,20 +541,60 @@ def merge_request(recipe: Recipe, *, adapters: Sequence[str | Path] = (), soup: 
     if prefs and not adapters:
         names = [n.strip() for n in prefs.split(",") if n.strip()]
         members = list(zip(names, parse_weights(weights, len(names)), strict=True))
+    trained_note = None
+    if not (adapters or members) and weights:
+        members, trained_note = trained_soup(recipe, weights)
     if not (adapters or members):
-        raise InputError("nothing to merge: give --soup (e.g. concise=0.5,friendly=0.5) or adapter folders")
+        raise InputError(f"nothing to merge: give --soup (e.g. {example_soup(recipe)}) or adapter folders")
     note = same_dimension_note(recipe.preference_set().resolve([n for n, _ in members])) if members else None
+    note = "; ".join(n for n in (trained_note, note) if n) or None
     return merge_job(recipe, adapters=adapters, soup=members, weights=weights, **options), note
+
+
+def trained_policies(recipe: Recipe) -> list[Preference]:
+    """The recipe's preferences whose policy the run directory holds, in catalog order."""
+    run = run_dir(recipe)
+    return [p for p in recipe.preference_set() if (run.policy(p.id) / ADAPTER_CONFIG).is_file()]
+
+
+def example_soup(recipe: Recipe) -> str:
+    """A soup that names real policies: the run's trained ones, else the recipe's first preferences of
+    two dimensions (what `rlphf train-policy` would make)."""
+    chosen = trained_policies(recipe)
+    if len(chosen) < 2:
+        seen: dict[str, Preference] = {}
+        for pref in recipe.preference_set():
+            seen.setdefault(pref.dimension, pref)
+        chosen = list(seen.values())[:2] or list(recipe.preference_set())[:2]
+    return ",".join(f"{p.alias}={round(1 / len(chosen), 3):g}" for p in chosen)
+
+
+def trained_soup(recipe: Recipe, weights: str) -> tuple[list[tuple[str, float]], str]:
+    """`rlphf merge --weights 0.5,0.5` alone: the run's trained policies (catalog order) when there are
+    as many as weights -> ([(alias, weight)], a note saying so); else one error listing them with a
+    --soup command to paste."""
+    from rlphf_cli.merging.soup import parse_weights
+
+    given = [w.strip() for w in weights.split(",") if w.strip()]
+    trained = trained_policies(recipe)
+    if trained and len(trained) == len(given):
+        members = list(zip([p.alias for p in trained], parse_weights(weights, len(trained)), strict=True))
+        return members, "merging the run's policies: " + ",".join(f"{a}={w:g}" for a, w in members)
+    have = (f"{len(trained)} trained polic{'y' if len(trained) == 1 else 'ies'} "
+            f"({', '.join(f'{p.id} {p.alias}' for p in trained)})" if trained else "no trained policy")
+    raise InputError(f"--weights gives {len(given)} weight{'s' if len(given) != 1 else ''} and {run_dir(recipe).root} "
+                     f"has {have}: name the soup, e.g. rlphf merge --soup {example_soup(recipe)}")
 
 
 def merge_job(recipe: Recipe, *, adapters: Sequence[str | Path] = (), soup: Sequence[tuple[str, float]] | None = None,
               weights: str | Sequence[float] | None = None, out: str | Path | None = None,
               into_base: str | Path | None = None, base_model: str | None = None,
-              explicit: Sequence[str] = ()) -> MergeJob:
+              explicit: Sequence[str] = (), check_inputs: bool = True) -> MergeJob:
     """`rlphf merge`: adapter folders with `weights` (and `out`), or a soup of the run's policies
     [(preference, weight)] (default out: soups/<combo>/, the weights in the name unless equal).
     The method and its parameters are the recipe's; `explicit` names the parameters set on the
-    command line (an error where the method does not use them)."""
+    command line (an error where the method does not use them). `check_inputs`: a missing policy of
+    the soup is an error here (else the caller checks, e.g. rlphf_cli.pipeline.make_inputs)."""
     from rlphf_cli.merging.methods import METHODS, merger
     from rlphf_cli.merging.soup import parse_weights
     from rlphf_cli.preferences import soup_name
@@ -573,12 +615,12 @@ def merge_job(recipe: Recipe, *, adapters: Sequence[str | Path] = (), soup: Sequ
         return MergeJob(inputs=tuple(Path(a) for a in adapters), weights=tuple(parse_weights(weights, len(adapters))),
                         out=Path(out), **common)
     if not soup:  # merging every policy found would mix opposite preferences of each dimension
-        raise InputError("nothing to merge: name the preferences, e.g. --soup concise=0.5,friendly=0.5")
+        raise InputError(f"nothing to merge: name the preferences, e.g. --soup {example_soup(recipe)}")
     available = recipe.preference_set()
     pairs = available.in_order([(available.get(name), weight) for name, weight in soup], key=lambda pw: pw[0].id)
     chosen, given = [p for p, _ in pairs], parse_weights([w for _, w in pairs], len(pairs))
     run = run_dir(recipe)
-    for pref in chosen:
+    for pref in chosen if check_inputs else ():
         if not (run.policy(pref.id) / ADAPTER_CONFIG).is_file():
             raise MissingArtifactError(f"policy for {pref.id} ({pref.alias})", run.policy(pref.id),
                                        f"rlphf train-policy --prefs {pref.alias}")

@@ -444,26 +444,32 @@ class Pipeline:
         return [s.name for s in plan(self.recipe)]
 
     def execute(self, only: str | None = None, from_stage: str | None = None, force: bool = False,
-                prefs: list[str] | None = None) -> dict:
+                prefs: list[str] | None = None, keys: set[str] | None = None) -> dict:
+        """Run the stages; `keys`: only these units (a stage command's --with-deps), which leaves the
+        run's recipe.yaml as it is."""
         if self.main:  # the run's recipe.yaml, env.json and this command's event, before any work
-            self.run.begin(self.record, run_recipe=True)
+            self.run.begin(self.record, run_recipe=keys is None)
         stages = self.stages()
         start_at = stages.index(from_stage) if from_stage else 0
         summary: dict[str, Any] = {"stages": {}, "run_dir": str(self.run.root)}
-        for index, stage in enumerate(stages):
+        # With `keys`, the stages after the last one that holds a key are not looked at, and the others
+        # are walked (their fingerprints feed the keys') without a line each.
+        shown = [s for s in stages if keys is None or any(u.key in keys for u in self.units(s))]
+        for index, stage in enumerate(stages[:stages.index(shown[-1]) + 1] if shown else []):
             units = self.units(stage)
             selected = (only is None or stage == only) and index >= start_at
             redo = force and selected or (from_stage is not None and index >= start_at)
-            self.progress("stage", index, len(stages), stage, len(units))
+            progress = self.progress if stage in shown else _quiet
+            progress("stage", shown.index(stage) if stage in shown else 0, len(shown), stage, len(units))
             started = time.time()
-            summary["stages"][stage] = self._run_stage(stage, units, selected, redo, prefs)
-            self.progress("stage-end", stage, summary["stages"][stage], time.time() - started)
+            summary["stages"][stage] = self._run_stage(stage, units, selected, redo, prefs, keys)
+            progress("stage-end", stage, summary["stages"][stage], time.time() - started)
         summary["report"] = str(self.run.report_dir() / "report.md")
         summary["report_summary"] = str(self.run.report_dir() / "summary.json")
         return summary
 
     def _run_stage(self, stage: str, units: list[Unit], selected: bool, redo: bool,
-                   prefs: list[str] | None = None) -> dict:
+                   prefs: list[str] | None = None, keys_wanted: set[str] | None = None) -> dict:
         todo = []
         changed = 0
         keys: dict[str, str] = {}  # unit key -> fingerprint of its inputs
@@ -484,7 +490,8 @@ class Pipeline:
                 self.run.mark_done(unit.key, key, **{**kept, "outputs": on_disk, "files": files})
             # Downstream units depend on what is on disk, not only on how it was asked for.
             self.fp[unit.key] = fingerprint({"inputs": key, "outputs": on_disk})
-            picked = prefs is None or unit.key.rsplit("/", 1)[-1] in prefs
+            picked = ((prefs is None or unit.key.rsplit("/", 1)[-1] in prefs)
+                      and (keys_wanted is None or unit.key in keys_wanted))
             if picked and (redo or (selected and not finished)):
                 todo.append(unit)
         counts = {"units": len(units), "ran": len(todo), "skipped": len(units) - len(todo), "changed": changed}
@@ -628,3 +635,49 @@ def run_pipeline(recipe: Recipe, *, only: str | None = None, from_stage: str | N
     builtin = builtin_model(recipe.model.name)
     with _imports_out_of_gc(), torch_threads(builtin.threads if builtin else None):
         return Pipeline(recipe, progress).execute(only=only, from_stage=from_stage, force=force, prefs=ids)
+
+
+def missing_upstream(pipeline: Pipeline, paths: list[Path]) -> tuple[list[tuple[str, str]], set[str]]:
+    """What must be made before `paths` exist: (unit, path) of every missing output on the way, in
+    stage order, and the keys of the units that make them (walking up from the units that write
+    `paths` until outputs exist). A path no unit writes is not in either."""
+    units = {unit.key: unit for stage in pipeline.stages() for unit in pipeline.units(stage)}
+    writer = {Path(out): unit for unit in units.values() for out in unit.outputs}
+    needed = {Path(p) for p in paths}
+    keys: set[str] = set()
+    todo = [writer[p] for p in needed if p in writer]
+    while todo:
+        unit = todo.pop()
+        if unit.key in keys or (all(p.exists() for p in unit.outputs) and not needed & set(unit.outputs)):
+            continue
+        keys.add(unit.key)
+        todo += [units[k] for k in unit.upstream if k in units]
+    if keys and "tiny-model" in units:
+        keys.add("tiny-model")  # built (or found cached) before anything decodes
+    position = {key: n for n, key in enumerate(units)}  # stage order, then each stage's own order
+    chosen = sorted((units[k] for k in keys if units[k].outputs), key=lambda u: position[u.key])
+    return [(u.key, str(p)) for u in chosen for p in u.outputs if not p.exists() or p in needed], keys
+
+
+def make_inputs(recipe: Recipe, missing: list[tuple[str, Path, str]], *, command: str, make: bool = False,
+                progress: Progress | None = None) -> dict | None:
+    """A stage command's inputs that are not there ((what, path, the command that makes it), from
+    jobs.missing_inputs): without `make`, one MissingInputsError listing all of them and what they
+    need in turn, naming `command` (which makes them); with it, the units of `rlphf run` that write
+    them, run as `rlphf run` runs them (same jobs, same fingerprints and markers), then None or the
+    run's summary. An input no unit of the recipe writes is named with its own command."""
+    from rlphf_cli.errors import MissingInputsError
+
+    if not missing:
+        return None
+    pipeline = Pipeline(recipe, progress)
+    upstream, keys = missing_upstream(pipeline, [path for _, path, _ in missing])
+    made = {Path(p) for _, p in upstream}
+    unmade = [(what, path, how) for what, path, how in missing if Path(path) not in made]
+    if not make or unmade:
+        listed = upstream + [(what, str(path)) for what, path, _ in unmade]
+        hint = " && ".join([*dict.fromkeys(how for _, _, how in unmade), *([command] if upstream else [])])
+        raise MissingInputsError(listed, hint)
+    builtin = builtin_model(recipe.model.name)
+    with _imports_out_of_gc(), torch_threads(builtin.threads if builtin else None):
+        return pipeline.execute(keys=keys)

@@ -235,6 +235,8 @@ class Recipe(Strict):
     _source: str = "<defaults>"
     # Dotted keys set by --set or a command-line flag -> how ('--set train_rm.trl.x', ...).
     _overridden: dict[str, str] = PrivateAttr(default_factory=dict)
+    # The recipe a run directory keeps (recipe.yaml) when a command's one-off flags differ from it.
+    _run_yaml: str | None = None
 
     @model_validator(mode="after")
     def _check_preference_names(self) -> Recipe:
@@ -318,6 +320,11 @@ class Recipe(Strict):
 
     def resolved_run_dir(self) -> Path:
         return Path(self.run_dir or f"runs/{self.name}")
+
+    def run_yaml(self) -> str:
+        """What a run directory's recipe.yaml holds: the recipe with --set, without the one-off flags
+        of the command that made the folder (its --max-cost or --judge are not the run's recipe)."""
+        return self._run_yaml or self.to_yaml()
 
     def to_yaml(self) -> str:
         data = self.model_dump(mode="json")

@@ -88,17 +88,19 @@ def check_writable(path: str | os.PathLike) -> None:
 
 
 def check_outputs(record, outputs: Sequence[str | os.PathLike], *, force: bool = False,
-                  hint: str = "pass --force to replace it") -> RunDir | None:
+                  hint: str = "pass --force to replace it", anywhere: bool = False) -> RunDir | None:
     """Before any work: every output can be written, and none replaces a finished output of the
     run directory `record` (a specs.RunRecord) names unless `force` (the message says what would be
-    replaced, then `hint`). Returns the run directory when an output lies in it, or when it exists
-    (the command runs against it, reading its outputs): call its `begin` before the first write."""
+    replaced, then `hint`); with `anywhere`, an output outside it neither (a file that a stopped
+    command left holds records its rerun would throw away). Returns the run directory when an output
+    lies in it, or when it exists (the command runs against it, reading its outputs): call its `begin`
+    before the first write."""
     root = Path(record.root)
     inside = [Path(p) for p in outputs if _within(Path(p), root)]
     for path in outputs:
         check_writable(path)
     if not force:
-        for path in inside:
+        for path in (map(Path, outputs) if anywhere else inside):
             if _finished(path):
                 raise InputError(f"{path}: exists ({_describe_output(path)}); {hint}")
     return RunDir(root) if inside or (root / "recipe.yaml").is_file() else None

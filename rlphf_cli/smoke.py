@@ -52,8 +52,10 @@ def apply_smoke(recipe, explicit: Mapping[str, str]):
     data = recipe.model_dump(mode="json")
     changes = {key: _get(smoke, key) for key in SIZES}
     changes.update(MODEL_DEFAULTS)
+    # Once: a smoke run's own recipe.yaml (which RLPHF_SMOKE may cut again) keeps its name and folder.
+    run = str(recipe.resolved_run_dir())
     changes.update({"annotate.judge": COIN, "judge.backend": COIN,
-                    "name": recipe.name + SUFFIX, "run_dir": f"{recipe.resolved_run_dir()}{SUFFIX}"})
+                    "name": recipe.name.removesuffix(SUFFIX) + SUFFIX, "run_dir": run.removesuffix(SUFFIX) + SUFFIX})
     if recipe.evaluation.sweep is not None:
         changes["evaluation.sweep.weights"] = _get(smoke, "evaluation.sweep.weights")
     for loc in (trainer.section for trainer in TRAINERS.values()):

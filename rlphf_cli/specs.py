@@ -411,6 +411,10 @@ class AnnotateJob:
     seed: int = 0
     record: RunRecord | None = field(default=None, metadata=RECORD_ONLY)
 
+    def inputs(self) -> list[tuple[str, Path, str]]:
+        """(what, path, the command that makes it) of every input file."""
+        return [("rollouts", self.rollouts, f"rlphf generate --num-samples 2 --out {self.rollouts}")]
+
 
 @dataclass(frozen=True)
 class JudgeCheckJob:

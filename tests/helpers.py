@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -50,15 +51,24 @@ def generate_to(recipe: Recipe, prompts: list[dict], out, *, prefs: str = "", nu
     return generate_file(job, prompts=prompts, generator=generator, resume=resume, progress=progress)
 
 
+RECIPE_LINE = re.compile(r"recipe \S+ \((built-in|[^)]*)\), run dir \S+\n")
+
+
+def without_recipe_line(output: str) -> str:
+    """A command's output after its first line, which names the recipe and the run directory."""
+    return RECIPE_LINE.sub("", output, count=1) if RECIPE_LINE.match(output) else output
+
+
 def one_error_line(result, *fragments: str, code: int = 2, exact: bool = False) -> str:
     """A command's failure as users must see it: exit `code`, one line holding every fragment, no
     traceback; `exact`: nothing else at all, not even an empty line before it."""
     assert result.exit_code == code, result.output
     assert "Traceback" not in result.output, result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
+    output = without_recipe_line(result.output)
+    lines = [line for line in output.splitlines() if line.strip()]
     assert len(lines) == 1, result.output
     if exact:
-        assert result.output.count("\n") == 1, repr(result.output)
+        assert output.count("\n") == 1, repr(result.output)
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
     return lines[0].strip()

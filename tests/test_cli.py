@@ -83,10 +83,10 @@ def test_a_flag_takes_no_value():
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
-        (["annotate"], "rollouts not found"),
-        (["train-rm", "--pref", "concise"], "annotations for concise not found"),
-        (["train-policy", "--pref", "concise"], "reward model for concise not found"),
-        (["merge", "--prefs", "concise,friendly"], "policy for P2A (concise) not found"),
+        (["annotate"], "1 input missing: rollouts ("),
+        (["train-rm", "--pref", "concise"], "2 inputs missing: rollouts"),
+        (["train-policy", "--pref", "concise"], "3 inputs missing: rollouts"),
+        (["merge", "--prefs", "concise,friendly"], "train-policy/P2A ("),
         (["judge", "--a", "nowhere-a.jsonl", "--b", "nowhere-b.jsonl"], "generations not found"),
         (["generate", "--prompts", "nowhere.jsonl"], "nowhere.jsonl: file not found"),
     ],

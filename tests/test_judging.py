@@ -67,15 +67,30 @@ def test_judge_folders_per_side_and_default_output(tmp_path):
     assert result.exit_code == 0, result.output
     data = json.loads((run / "judgments" / "psoups_vs_base.json").read_text())
     assert data["pairs"] == 8 and set(data["per_combo"]) == {"P1A+P2A", "P1B+P2B"}
-    # One file per side with the same name: judgments/<A>_vs_<B>/<combo>.json
+    # A file is named by the system its records carry (as the report names it).
     result = runner.invoke(app, ["judge", "--run-dir", str(run), "--a", str(run / "generations" / "psoups" / "P1A+P2A.jsonl"),
                                  "--b", str(run / "generations" / "base" / "P1A+P2A.jsonl")])
     assert result.exit_code == 0, result.output
-    assert (run / "judgments" / "psoups_vs_base" / "P1A+P2A.json").is_file()
+    assert (run / "judgments" / "soup-x_vs_base.json").is_file()
     (run / "generations" / "base" / "P1B+P2B.jsonl").rename(run / "generations" / "base" / "P1B.jsonl")
     result = runner.invoke(app, ["judge", "--a", str(run / "generations" / "psoups"),
                                  "--b", str(run / "generations" / "base"), "--out", str(tmp_path / "x.json")])
     one_error_line(result, "hold different files", "P1B+P2B.jsonl")
+
+
+def test_two_comparisons_of_one_baseline_never_share_a_default_output(tmp_path):
+    """A weighted soup and the P-Soups soup of one combination, each against the base model's plain
+    answers: files of the same name, different systems, two judgments."""
+    run = tmp_path / "run"
+    plain = make_generations(run / "generations" / "base" / "plain.jsonl", "base", 1, combos=("P1A+P2A",))
+    outs = []
+    for folder, system in (("soup-P1A=0.7+P2A=0.3", "soup:P1A=0.7+P2A=0.3"), ("psoups", "psoups:P1A+P2A")):
+        a = make_generations(run / "generations" / folder / "P1A+P2A.jsonl", system, 0, combos=("P1A+P2A",))
+        result = runner.invoke(app, ["judge", "--run-dir", str(run), "--a", str(a), "--b", str(plain)])
+        assert result.exit_code == 0, result.output
+        outs.append(sorted(p.name for p in (run / "judgments").glob("*.json")))
+    assert outs == [["soup-P1A=0.7+P2A=0.3_vs_base.json"],
+                    ["psoups-P1A+P2A_vs_base.json", "soup-P1A=0.7+P2A=0.3_vs_base.json"]]
 
 
 def test_judge_position_biased_judge_gives_ties_and_zero_agreement(tmp_path, monkeypatch):

@@ -96,8 +96,8 @@ def finished(tiny_random_model, tmp_path):
     gen = run / "generations" / "prompted" / "P2A.jsonl"
     gen.parent.mkdir(parents=True)
     gen.write_text('{"id": "p0", "instruction": "x", "preferences": ["P2A"], "combo": "P2A", "response": "a"}\n')
-    (run / "judgments" / "prompted_vs_prompted").mkdir(parents=True)
-    (run / "judgments" / "prompted_vs_prompted" / "P2A.json").write_text("{}")
+    (run / "judgments").mkdir(parents=True)
+    (run / "judgments" / "prompted-P2A_vs_prompted-P2A.json").write_text("{}")
     return run, ["--run-dir", str(run), "--model", str(tiny_random_model)]
 
 
@@ -107,7 +107,7 @@ def finished(tiny_random_model, tmp_path):
     (["train-rm", "--pref", "P2A"], "rm/P2A", "written"),
     (["train-policy", "--pref", "P2A"], "policy/P2A", "written"),
     (["merge", "--prefs", "concise,friendly"], "soups/P2A+P3A", "a soup made with 'average', weights 0.5, 0.5"),
-    (["judge", "--a", "GEN", "--b", "GEN"], "judgments/prompted_vs_prompted/P2A.json", "written"),
+    (["judge", "--a", "GEN", "--b", "GEN"], "judgments/prompted-P2A_vs_prompted-P2A.json", "written"),
 ])
 def test_a_stage_command_never_replaces_a_finished_output_silently(finished, args, replaced, what):
     run, common = finished

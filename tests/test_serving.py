@@ -75,6 +75,14 @@ def health(served) -> dict:
 # The API
 
 
+def test_the_playground_has_a_favicon(served):
+    with urllib.request.urlopen(f"{served.url}/favicon.ico", timeout=60) as response:
+        assert response.status == 200 and response.headers["Content-Type"] == "image/svg+xml"
+        assert response.read().startswith(b"<svg")
+    with urllib.request.urlopen(f"{served.url}/", timeout=60) as response:
+        assert b'<link rel="icon" href="/favicon.ico"' in response.read()
+
+
 def test_models_lists_base_policies_and_combinations(client):
     ids = [m.id for m in client.models.list().data]
     assert ids == ["base", "P1A", "P2A", "P2B", "P3A", "P1A+P2A+P3A", "P1A+P2B+P3A"]

@@ -76,6 +76,10 @@ def test_playground_streams_the_answer_of_the_soup_its_sliders_make(browser, ser
     assert find(By.ID, "spec").text == "concise=1,friendly=0.5"
     find(By.ID, "slider-expertise").send_keys(Keys.END)  # 'expert' has no policy here: the slider stays put
     assert find(By.ID, "slider-expertise").get_attribute("value") == "0"
+    # ... because its half of the slider is cut off, and its label says why.
+    assert find(By.ID, "slider-expertise").get_attribute("max") == "0"
+    expert = browser.find_element(By.CSS_SELECTOR, "#slider-expertise").find_element(By.XPATH, "..")
+    assert expert.find_element(By.CSS_SELECTOR, ".poles .right").text == "expert (no policy)"
     assert find(By.ID, "spec").text == "concise=1,friendly=0.5"
 
     find(By.ID, "send").click()

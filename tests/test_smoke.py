@@ -70,8 +70,20 @@ def test_smoke_makes_a_gpu_recipe_runnable_on_cpu():
 
 
 @pytest.mark.slow
+def readme_smoke_command() -> list[str]:
+    """The README's CI example (section 'CI smoke runs'): its line for the built-in smoke recipe."""
+    readme = (RECIPES.parent / "README.md").read_text()
+    block = readme.split("\n## CI smoke runs\n", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
+    lines = [line.split("- run: ", 1)[1].split("#", 1)[0].split() for line in block.splitlines()
+             if "- run: rlphf " in line and "the built-in smoke recipe" in line]
+    assert len(lines) == 1, block
+    return lines[0]
+
+
 def test_run_smoke_from_an_empty_home_runs_every_stage(home):
-    result = runner.invoke(app, ["run", "smoke"])
+    command = readme_smoke_command()  # the README's line, as written
+    assert command[:2] == ["rlphf", "run"]
+    result = runner.invoke(app, command[1:])
     assert result.exit_code == 0, result.output
     run = Path("runs/smoke")
     ended = {json.loads(line)["stage"] for line in (run / "events.jsonl").read_text().splitlines()
@@ -85,6 +97,16 @@ def test_run_smoke_from_an_empty_home_runs_every_stage(home):
     assert report.splitlines()[2].startswith("> **WARNING: the base model tiny-random has random weights")
     assert "coin" not in report and "## Checks" not in report  # the rubric judged; no check on random numbers
     assert "WARNING: the base model tiny-random has random weights" in result.output
+    # Its policies trained: each answers (greedy) otherwise than the others and the base model.
+    answers = {}
+    for name in ("base", "P1A", "P2A", "P2B"):
+        out = Path(f"greedy-{name}.jsonl")
+        adapter = [] if name == "base" else ["--adapter", str(run / "policy" / name)]
+        done = runner.invoke(app, ["generate", "--run-dir", str(run), *adapter, "--prefs", "none", "--system", name,
+                                   "--temperature", "0", "--limit", "4", "--out", str(out)])
+        assert done.exit_code == 0, done.output
+        answers[name] = tuple(record["response"] for record in read_jsonl(out))
+    assert len(set(answers.values())) == 4, answers
 
 
 @pytest.mark.slow

@@ -11,15 +11,18 @@ from rlphf_cli.cli.common import (
     RecipeOption,
     RunDirOption,
     SetOption,
+    WithDepsOption,
     cli_errors,
     console,
+    ensure_inputs,
     one_progress_bar,
     resolve_recipe,
 )
 from rlphf_cli.cli.spending import DryRunOption, MaxCostOption, plan_line
 
 JudgeOption = Annotated[
-    Optional[str], typer.Option("--judge", help="Judge backend: rubric (offline proxy), openai or hf.",
+    Optional[str], typer.Option("--judge", help="Judge backend: rubric (offline proxy), openai, hf or coin "
+                                "(meaningless, smoke runs only); default: the recipe's.",
                                 show_default=False)
 ]
 
@@ -42,6 +45,7 @@ def annotate_command(
                                         "annotations (verdicts are cached).")] = False,
     max_cost: MaxCostOption = None,
     dry_run: DryRunOption = False,
+    with_deps: WithDepsOption = False,
     recipe: RecipeOption = None,
     run_dir: RunDirOption = None,
     set_: SetOption = None,
@@ -62,6 +66,8 @@ def annotate_command(
     if dry_run:
         console.print(plan_line("annotate", plan_annotation(job)), highlight=False, soft_wrap=True)
         return
+    if rollouts is None:  # the run's rollouts: --with-deps makes them as `rlphf run` does
+        ensure_inputs(resolved, [job], with_deps)
     with one_progress_bar(f"annotating with the {job.judge.backend} judge") as update:
         summary = annotate_rollouts(job, progress=update, force=force)
     _print_summary(summary)

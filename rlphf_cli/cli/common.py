@@ -25,18 +25,11 @@ RecipeOption = Annotated[
     typer.Option("--recipe", help="Recipe YAML or built-in name (default: $RLPHF_RECIPE, ./rlphf.yaml, tiny).",
                  show_default=False),
 ]
-RunDirOption = Annotated[
-    Optional[Path], typer.Option("--run-dir", help="Run directory (default: the recipe's run_dir).", show_default=False)
-]
 SetOption = Annotated[
     Optional[list[str]],
     typer.Option("--set", help="Override a recipe value, e.g. --set train_policy.lora.r=8 (repeatable).",
                  show_default=False),
 ]
-
-
-# "Which preferences" is --prefs in every command; --pref is the old spelling of train-rm, train-policy, run.
-OldPrefOption = Annotated[Optional[str], typer.Option("--pref", hidden=True, show_default=False)]
 
 
 def either(new: Any, old: Any, names: str) -> Any:
@@ -60,19 +53,58 @@ def debug_enabled() -> bool:
     return _debug_flag or os.environ.get("RLPHF_DEBUG", "") not in ("", "0")
 
 
+RunDirOption = Annotated[
+    Optional[Path], typer.Option("--run-dir", help="Run directory (default: the recipe's run_dir); its recipe.yaml "
+                                 "is the recipe when --recipe is not given.", show_default=False)
+]
+# Set (to anything but 0) it cuts every command's recipe to smoke sizes, as `rlphf run --smoke` does:
+# the quick start's lines in seconds (CI, the first-hour test).
+SMOKE_ENV = "RLPHF_SMOKE"
+
+
 def resolve_recipe(recipe: str | None, sets: list[str] | None, run_dir: Path | None = None, smoke: bool = False,
-                   **flags: Any):
+                   announce: bool = True, **flags: Any):
     """Built-in defaults < recipe < (--smoke) < --set < explicit flags. `flags` use dotted recipe
-    paths with '__' for '.', e.g. generate__temperature=0.0; None means the flag was not given."""
+    paths with '__' for '.', e.g. generate__temperature=0.0; None means the flag was not given.
+    Without --recipe, a --run-dir that holds a recipe.yaml runs on that recipe (the one it was made
+    with). `announce`: print the recipe and the run directory as the command's first line."""
     from rlphf_cli.recipe import load_recipe
 
+    if recipe is None and run_dir is not None and (Path(run_dir) / "recipe.yaml").is_file():
+        recipe = str(Path(run_dir) / "recipe.yaml")
     overrides = {key.replace("__", "."): value for key, value in flags.items()}
     if run_dir is not None:
         overrides["run_dir"] = str(run_dir)
     overlay = None
-    if smoke:
+    if smoke or os.environ.get(SMOKE_ENV, "") not in ("", "0"):
         from rlphf_cli.smoke import apply_smoke as overlay
-    return load_recipe(recipe, sets, overrides, origins={"run_dir": "--run-dir"}, overlay=overlay)
+    resolved = load_recipe(recipe, sets, overrides, origins={"run_dir": "--run-dir"}, overlay=overlay)
+    if any(value is not None for key, value in overrides.items() if key != "run_dir"):
+        # The run directory keeps its recipe: the one a later command without these flags runs on.
+        from rlphf_cli.errors import RlphfError
+
+        with contextlib.suppress(RlphfError):
+            plain = load_recipe(recipe, sets, {"run_dir": overrides.get("run_dir")}, overlay=overlay)
+            resolved._run_yaml = plain.to_yaml()
+    if announce:
+        announce_recipe(resolved)
+    return resolved
+
+
+def recipe_line(resolved) -> str:
+    """'recipe tiny (built-in), run dir runs/tiny': which recipe a command works with, and where."""
+    from rlphf_cli.recipe import builtin_recipes_dir
+
+    source = Path(resolved.source)
+    where = "built-in" if source.parent == builtin_recipes_dir() else str(source)
+    return f"recipe {resolved.name} ({where}), run dir {resolved.resolved_run_dir()}"
+
+
+def announce_recipe(resolved) -> None:
+    from rlphf_cli.training import is_main_process
+
+    if is_main_process():  # once per launch, not once per process
+        err_console.print(recipe_line(resolved), highlight=False, markup=False, soft_wrap=True)
 
 
 def invocation() -> dict | None:
@@ -118,9 +150,48 @@ def progress_bar(*extra: Any, transient: bool = True, eta: bool = True):
     )
 
     class QuietProgress(Progress):
+        _ticker = None
+
+        def start(self) -> None:
+            self._lines = not self.console.is_terminal and not self.disable
+            if self._lines:
+                # Not a terminal (a pipe, a CI log): Rich draws no bar, only its last state, without
+                # an end of line. Lines instead: one per interval while work goes on, and with a
+                # lasting display (transient=False) each task's last state.
+                import threading
+
+                self._final_lines, self.live.transient = not self.live.transient, True
+                self._stopped = threading.Event()
+                self._ticker = threading.Thread(target=self._tick, daemon=True)
+                self._ticker.start()
+            super().start()
+
+        def _line(self, task) -> str:
+            from rlphf_cli import progress
+
+            return progress.line(task.description.strip(), task.completed, task.total, task.elapsed or 0.0,
+                                 None if task.finished else task.time_remaining)
+
+        def _tick(self) -> None:
+            from rlphf_cli import progress
+
+            while not self._stopped.wait(progress.interval() or 0.05):
+                shown = [self._line(task) for task in self.tasks
+                         if task.visible and task.started and not task.finished and task.description.strip()]
+                if shown:
+                    self.console.print(" | ".join(shown), highlight=False, markup=False, soft_wrap=True)
+
         def stop(self) -> None:
-            # Rich ends a display that is not a terminal (a pipe, a CI log) with an empty line,
-            # which then stands before an `error:` line or a summary.
+            if self._ticker is not None:
+                self._stopped.set()
+                self._ticker.join()
+                self._ticker = None
+                if self._final_lines:
+                    for task in self.tasks:
+                        if task.visible and task.started and task.description.strip():
+                            self.console.print(self._line(task), highlight=False, markup=False, soft_wrap=True)
+            # Rich ends a display that is not a terminal with an empty line, which then stands
+            # before an `error:` line or a summary.
             if not self.disable:
                 self.live.stop()
 
@@ -172,6 +243,78 @@ def resume_command() -> str:
     import shlex
 
     return "rlphf " + shlex.join([*ARGV, *([] if "--resume" in ARGV else ["--resume"])])
+
+
+class PipelineDisplay:
+    """One Rich display for the whole run: stage k of n, the stage's units, inner progress, ETA."""
+
+    def __init__(self, progress):
+        self.progress = progress
+        self.stage_task = progress.add_task("stages", total=1)
+        self.unit_task = progress.add_task("", total=1, visible=False)
+        self.inner_task = progress.add_task("", total=1, visible=False)
+
+    def __call__(self, kind: str, *args, **kwargs) -> None:
+        p = self.progress
+        if kind == "stage":
+            index, total, name, n_units = args
+            p.update(self.stage_task, completed=index, total=total, description=f"stage {index + 1}/{total}: {name}")
+            p.update(self.unit_task, completed=0, total=max(n_units, 1), visible=False, description="")
+        elif kind == "unit-start":
+            p.update(self.unit_task, visible=True, description=f"  {args[0]}")
+            p.update(self.inner_task, visible=False, completed=0)
+        elif kind == "unit":
+            done, total, label = args
+            p.update(self.unit_task, completed=done, total=total, visible=True, description=f"  {label}")
+        elif kind == "changed":
+            key, outputs = args
+            p.console.print(f"[yellow]![/] {', '.join(outputs)} changed since `rlphf run` made it ({key}): kept, "
+                            "and what depends on it is recomputed", highlight=False, soft_wrap=True)
+        elif kind == "stage-end":
+            # A line per stage stays on screen (and in a CI log, where the live display is not drawn).
+            name, counts, seconds = args
+            done = f"{counts['ran']} ran, {counts['skipped']} skipped" if counts["ran"] else "up to date"
+            p.console.print(f"[green]✓[/] {name}: {done} ({seconds:.1f} s)", highlight=False)
+        elif kind == "inner":
+            completed, total = kwargs.get("completed"), kwargs.get("total")
+            if completed is None and len(args) >= 2 and all(isinstance(a, (int, float)) for a in args[:2]):
+                completed, total = args[:2]
+            if completed is not None:
+                p.update(self.inner_task, completed=completed, total=total or 1, visible=True,
+                         description=f"    {kwargs.get('description', '')}")
+
+
+WithDepsOption = Annotated[bool, typer.Option(
+    "--with-deps", help="Make the missing inputs first, as `rlphf run` makes them (same jobs, fingerprints and "
+    "markers), then go on.")]
+
+
+def with_deps_command() -> str:
+    """The command line of this process with --with-deps, or a description where it is not known."""
+    if ARGV is None:
+        return "the same command with --with-deps"
+    import shlex
+
+    return "rlphf " + shlex.join([*ARGV, *([] if "--with-deps" in ARGV else ["--with-deps"])])
+
+
+def ensure_inputs(resolved, jobs, with_deps: bool) -> None:
+    """A stage command's inputs: all there, made now (--with-deps, with the pipeline's display), or
+    one error listing every missing one with the command that makes them."""
+    from rlphf_cli.jobs import missing_inputs
+    from rlphf_cli.pipeline import make_inputs
+
+    missing = missing_inputs(jobs)
+    if not missing:
+        return
+    if not with_deps:
+        make_inputs(resolved, missing, command=with_deps_command())
+        return
+    from rlphf_cli.training import quiet_libraries
+
+    quiet_libraries()
+    with progress_bar() as bar:
+        make_inputs(resolved, missing, command=with_deps_command(), make=True, progress=PipelineDisplay(bar))
 
 
 def cli_errors(func):

@@ -53,8 +53,8 @@ def generate_command(
                                         "directory's rollouts.jsonl or generations/<system>/<combo>.jsonl.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted output file (written with "
                                          "the same settings); its records are kept.")] = False,
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing output file of the run "
-                                        "directory.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output file (without --resume or "
+                                        "--force one is never replaced).")] = False,
     system: Annotated[Optional[str], _opt("--system", help="System name written in the records (default: "
                                           "base, adapter:<name> or soup:<names>).")] = None,
     temperature: Annotated[Optional[float], _opt("--temperature", help="0 means greedy.", min=0)] = None,
@@ -116,7 +116,7 @@ def generate_command(
         print_note(line)
     # Everything the outputs depend on is known before the model loads: check them first.
     run = check_outputs(request.jobs[0].record, [job.out for job in request.jobs], force=force or resume,
-                        hint="--resume continues it, --force replaces it, or write another --out")
+                        hint="--resume continues it, --force replaces it, or write another --out", anywhere=True)
     bar, progress = _progress()
     with bar:
         summaries = generation.generate_files(request.jobs, resume=resume, progress=progress,

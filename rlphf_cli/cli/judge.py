@@ -31,7 +31,8 @@ def judge_command(
                                                     show_default=False)] = None,
     judge: JudgeOption = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Result JSON; a Markdown table is written next to it "
-                                                "(default: <run-dir>/judgments/<A>_vs_<B>.json).",
+                                                "(default: <run-dir>/judgments/<system A>_vs_<system B>.json, a folder named by "
+                                                "its name, a file by its records' system).",
                                                 show_default=False)] = None,
     single_order: Annotated[bool, typer.Option("--single-order", help="Ask each pair once (A first) instead of in "
                                                "both orders.")] = False,
@@ -54,7 +55,7 @@ def judge_command(
     are matched by (id, combination); answers made without a preference prompt (the base model's
     plain.jsonl) match every combination, so every comparison of the report can be redone here.
 
-    Example: [bold]rlphf judge --a runs/tiny/generations/psoups --b runs/tiny/generations/base/plain.jsonl[/]
+    Example: [bold]rlphf judge --a $G/psoups --b $G/base/plain.jsonl[/] (G=runs/tiny/generations)
 
     Example: [bold]rlphf judge --a mine.jsonl --b theirs.jsonl --criteria all --common[/]
     """

@@ -11,8 +11,10 @@ from rlphf_cli.cli.common import (
     RecipeOption,
     RunDirOption,
     SetOption,
+    WithDepsOption,
     cli_errors,
     console,
+    ensure_inputs,
     one_progress_bar,
     print_note,
     resolve_recipe,
@@ -54,6 +56,7 @@ def merge_command(
     compose: Annotated[Optional[str], typer.Option(
         "--compose", help="params (a soup: the only way merge composes); logits mixes at decoding time, in "
         "rlphf generate and serve.", show_default=False)] = None,
+    with_deps: WithDepsOption = False,
     recipe: RecipeOption = None,
     run_dir: RunDirOption = None,
     set_: SetOption = None,
@@ -62,22 +65,26 @@ def merge_command(
 
     Example: [bold]rlphf merge --soup elementary=0.4,concise=0.3,friendly=0.3[/]
 
+    Example: [bold]rlphf merge --weights 0.5,0.5[/] (the run's two trained policies)
+
     Example: [bold]rlphf merge a/ b/ --weights 0.7,0.3 --out soup/[/]
     """
     from rlphf_cli.errors import InputError
     from rlphf_cli.jobs import merge_request
+    from rlphf_cli.merging import run_merge
     from rlphf_cli.merging.methods import LOGITS_NOT_A_MERGE
 
     if compose is not None and compose != "params":
         raise InputError(LOGITS_NOT_A_MERGE if compose == "logits" else f"--compose: '{compose}' is not params or logits")
-    from rlphf_cli.merging import run_merge
 
     resolved = resolve_recipe(recipe, set_, run_dir, merge__method=method, merge__rank=rank,
                               merge__density=density, merge__seed=seed, model__name=model)
     explicit = [name for name, value in (("rank", rank), ("density", density), ("seed", seed)) if value is not None]
     job, note = merge_request(resolved, adapters=adapters or [], soup=soup, prefs=prefs, weights=weights, out=out,
                               into_base=into_base, base_model=resolved.model.name if model else None,
-                              explicit=explicit)
+                              explicit=explicit, check_inputs=False)
+    if job.labels:  # a soup of the run's policies: those missing are made by --with-deps
+        ensure_inputs(resolved, [job], with_deps)
     print_note(note)
     with one_progress_bar("merging") as update:
         card = run_merge(job, force=force, replace=force, progress=update)

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from rlphf_cli.cli.common import (
-    OldPrefOption,
+    PipelineDisplay,
     RecipeOption,
     RunDirOption,
     SetOption,
@@ -20,44 +20,9 @@ from rlphf_cli.cli.common import (
 )
 from rlphf_cli.cli.spending import MaxCostOption, plan_line
 
-
-class PipelineDisplay:
-    """One Rich display for the whole run: stage k of n, the stage's units, inner progress, ETA."""
-
-    def __init__(self, progress):
-        self.progress = progress
-        self.stage_task = progress.add_task("stages", total=1)
-        self.unit_task = progress.add_task("", total=1, visible=False)
-        self.inner_task = progress.add_task("", total=1, visible=False)
-
-    def __call__(self, kind: str, *args, **kwargs) -> None:
-        p = self.progress
-        if kind == "stage":
-            index, total, name, n_units = args
-            p.update(self.stage_task, completed=index, total=total, description=f"stage {index + 1}/{total}: {name}")
-            p.update(self.unit_task, completed=0, total=max(n_units, 1), visible=False, description="")
-        elif kind == "unit-start":
-            p.update(self.unit_task, visible=True, description=f"  {args[0]}")
-            p.update(self.inner_task, visible=False, completed=0)
-        elif kind == "unit":
-            done, total, label = args
-            p.update(self.unit_task, completed=done, total=total, visible=True, description=f"  {label}")
-        elif kind == "changed":
-            key, outputs = args
-            p.console.print(f"[yellow]![/] {', '.join(outputs)} changed since `rlphf run` made it ({key}): kept, "
-                            "and what depends on it is recomputed", highlight=False, soft_wrap=True)
-        elif kind == "stage-end":
-            # A line per stage stays on screen (and in a CI log, where the live display is not drawn).
-            name, counts, seconds = args
-            done = f"{counts['ran']} ran, {counts['skipped']} skipped" if counts["ran"] else "up to date"
-            p.console.print(f"[green]✓[/] {name}: {done} ({seconds:.1f} s)", highlight=False)
-        elif kind == "inner":
-            completed, total = kwargs.get("completed"), kwargs.get("total")
-            if completed is None and len(args) >= 2 and all(isinstance(a, (int, float)) for a in args[:2]):
-                completed, total = args[:2]
-            if completed is not None:
-                p.update(self.inner_task, completed=completed, total=total or 1, visible=True,
-                         description=f"    {kwargs.get('description', '')}")
+# rlphf_cli.pipeline.STAGE_NAMES, written out so that `--help` imports no library (a test keeps them equal).
+STAGES = ("tiny-model, rollouts, annotate, train-rm, train-policy, baselines, merge, evaluate, judge, "
+          "report")
 
 
 @cli_errors
@@ -67,12 +32,14 @@ def run_command(
     recipe_option: RecipeOption = None,
     run_dir: RunDirOption = None,
     set_: SetOption = None,
-    only: Annotated[Optional[str], typer.Option("--only", help="Run this stage alone.")] = None,
-    from_: Annotated[Optional[str], typer.Option("--from", help="Rerun from this stage on.")] = None,
-    prefs: Annotated[Optional[str], typer.Option("--prefs", help="With --only annotate, train-rm or train-policy: "
-                                                 "only these preferences' units, e.g. P2A (one job-array task).",
+    only: Annotated[Optional[str], typer.Option("--only", help=f"Run this stage alone: {STAGES}.",
+                                                show_default=False)] = None,
+    from_: Annotated[Optional[str], typer.Option("--from", help=f"Rerun from this stage on: {STAGES}.",
                                                  show_default=False)] = None,
-    pref: OldPrefOption = None,
+    prefs: Annotated[Optional[str], typer.Option("--prefs", "--pref", help="With --only annotate, train-rm or "
+                                                 "train-policy: only these preferences' units, e.g. P2A (one "
+                                                 "job-array task; default: all). --pref is the same option.",
+                                                 show_default=False)] = None,
     force: Annotated[bool, typer.Option("--force", help="Recompute finished stages.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate and print the resolved recipe and plan, with "
                                           "the requests each judging stage would send and their cost.")] = False,
@@ -96,7 +63,7 @@ def run_command(
 
     resolved = resolve_recipe(either(recipe, recipe_option, "RECIPE and --recipe"), set_, run_dir, smoke=smoke,
                               judge__max_cost=max_cost)
-    pref = either(prefs, pref, "--prefs and --pref")
+    pref = prefs
     if smoke:
         from rlphf_cli.smoke import describe
 

@@ -8,13 +8,13 @@ from typing import Annotated, Optional
 import typer
 
 from rlphf_cli.cli.common import (
-    OldPrefOption,
     RecipeOption,
     RunDirOption,
     SetOption,
+    WithDepsOption,
     cli_errors,
     console,
-    either,
+    ensure_inputs,
     resolve_recipe,
 )
 from rlphf_cli.cli.train_rm import ModelOption, training_progress
@@ -27,9 +27,10 @@ def _fmt(value, spec: str = ".3f") -> str:
 
 @cli_errors
 def train_policy_command(
-    prefs: Annotated[Optional[str], typer.Option("--prefs", help="Mode soup: preference ids or aliases, a comma "
-                                                 "list, or 'all'.", show_default=False)] = None,
-    pref: OldPrefOption = None,
+    prefs: Annotated[Optional[str], typer.Option("--prefs", "--pref", help="Mode soup: preference ids or aliases, "
+                                                 "a comma list, or 'all' (no default: required in mode soup; the "
+                                                 "other modes train one policy for all preferences). --pref is "
+                                                 "the same option.", show_default=False)] = None,
     algo: Annotated[Optional[str], typer.Option("--algo", help="rloo | grpo | dpo (default: the recipe's).",
                                                 show_default=False)] = None,
     mode: Annotated[Optional[str], typer.Option("--mode", help="soup (one policy per preference) | morl | rlhf | "
@@ -48,6 +49,7 @@ def train_policy_command(
                                          "train_policy.save_steps and on Ctrl-C).")] = False,
     force: Annotated[bool, typer.Option("--force", help="Train again, replacing the run directory's "
                                         "policy.")] = False,
+    with_deps: WithDepsOption = False,
     recipe: RecipeOption = None,
     run_dir: RunDirOption = None,
     set_: SetOption = None,
@@ -61,6 +63,9 @@ def train_policy_command(
     rm/general; [bold]--mode multitask[/] one policy fine-tuned (TRL SFT) on the judge-chosen responses
     of every preference, each instruction carrying its preference prompt. Writes policy/<name>/ (PEFT adapter, metrics.jsonl). Multi-GPU:
     accelerate launch -m rlphf_cli train-policy ...
+
+    Example: [bold]rlphf train-policy --pref concise --with-deps[/] (its reward model, annotations and
+    rollouts first, where missing)
 
     Example: [bold]rlphf train-policy --prefs concise --algo rloo[/]
 
@@ -76,8 +81,8 @@ def train_policy_command(
     resolved = resolve_recipe(recipe, set_, run_dir, model__name=model)
     if resume and force:
         raise InputError("--resume and --force: give one (--resume continues training, --force starts it over)")
-    jobs = policy_jobs(resolved, either(prefs, pref, "--prefs and --pref"), mode=mode, algo=algo,
-                       reward_model=reward_model, prompts=prompts, out=out)
+    jobs = policy_jobs(resolved, prefs, mode=mode, algo=algo, reward_model=reward_model, prompts=prompts, out=out)
+    ensure_inputs(resolved, jobs, with_deps)
     with training_progress(warnings=recipe_warnings(resolved)) as progress_factory:
         results = train_policies(jobs, resume=resume, progress_factory=progress_factory, force=force)
     if not is_main_process():

@@ -9,13 +9,13 @@ from typing import Annotated, Optional
 import typer
 
 from rlphf_cli.cli.common import (
-    OldPrefOption,
     RecipeOption,
     RunDirOption,
     SetOption,
+    WithDepsOption,
     cli_errors,
     console,
-    either,
+    ensure_inputs,
     print_warnings,
     progress_bar,
     resolve_recipe,
@@ -63,9 +63,9 @@ def training_progress(unit: str = "steps", warnings: list[str] | None = None):
 
 @cli_errors
 def train_rm_command(
-    prefs: Annotated[Optional[str], typer.Option("--prefs", help="Preference ids or aliases, a comma list, 'all', "
-                                                 "or 'general' (the RLHF baseline).", show_default=False)] = None,
-    pref: OldPrefOption = None,
+    prefs: Annotated[Optional[str], typer.Option("--prefs", "--pref", help="Preference ids or aliases, a comma list, "
+                                                 "'all', or 'general' (the RLHF baseline); no default. --pref is the "
+                                                 "same option.", show_default=False)] = None,
     data: Annotated[Optional[Path], typer.Option("--data", help="Annotations JSONL (default: the run directory's "
                                                  "annotations/<id>.jsonl).", show_default=False)] = None,
     model: ModelOption = None,
@@ -73,6 +73,7 @@ def train_rm_command(
                                                 "several preferences, a parent of <id>/).", show_default=False)] = None,
     force: Annotated[bool, typer.Option("--force", help="Train again, replacing the run directory's reward "
                                         "model.")] = False,
+    with_deps: WithDepsOption = False,
     recipe: RecipeOption = None,
     run_dir: RunDirOption = None,
     set_: SetOption = None,
@@ -93,10 +94,11 @@ def train_rm_command(
     from rlphf_cli.training import is_main_process
     from rlphf_cli.training.reward import train_reward_models
 
-    prefs = either(prefs, pref, "--prefs and --pref")
     if not prefs:
         raise InputError("give --prefs: a preference id or alias, a comma list, 'all' or 'general'")
-    jobs = reward_model_jobs(resolve_recipe(recipe, set_, run_dir, model__name=model), prefs, data=data, out=out)
+    resolved = resolve_recipe(recipe, set_, run_dir, model__name=model)
+    jobs = reward_model_jobs(resolved, prefs, data=data, out=out)
+    ensure_inputs(resolved, jobs, with_deps)
     with training_progress() as progress_factory:
         results = train_reward_models(jobs, progress_factory=progress_factory, force=force)
     if not is_main_process():

@@ -274,14 +274,30 @@ def _one_or_list(paths: tuple[Path, ...]) -> Path | list[Path]:
 
 
 def default_out(run, a_path: str | Path, b_path: str | Path) -> Path:
-    """judgments/<A>_vs_<B>.json for two folders or two differently named files;
-    judgments/<A folder>_vs_<B folder>/<combo>.json for two files of the same name."""
-    a_path, b_path = Path(a_path), Path(b_path)
-    if a_path.is_dir() or b_path.is_dir():
-        return run.judgment(a_path.name, b_path.name)
-    if a_path.name == b_path.name:
-        return run.path("judgments", f"{a_path.parent.name}_vs_{b_path.parent.name}", f"{a_path.stem}.json")
-    return run.judgment(a_path.stem, b_path.stem)
+    """judgments/<system A>_vs_<system B>.json, each side named as the report names its system: a
+    folder by its name (generations/<system>/), a file by the system its records carry (the soup's
+    weights, psoups:<combo>, base, ...), so that two different comparisons never share a file."""
+    a_name, b_name = _side_name(Path(a_path)), _side_name(Path(b_path))
+    if a_name == b_name:  # one system against itself (other settings): the files tell them apart
+        a_name, b_name = (_side_name(Path(p), f"{Path(p).parent.name}-{Path(p).stem}") for p in (a_path, b_path))
+    return run.judgment(a_name, b_name)
+
+
+def _side_name(path: Path, name: str | None = None) -> str:
+    """`name` (default: the folder's name, or the system the file's records carry, or its stem)."""
+    import json
+    import re
+
+    if name is not None:
+        return re.sub(r"[\\/:\s]+", "-", name)
+    name = path.name if path.is_dir() else path.stem
+    try:
+        with open(path, encoding="utf-8") as handle:
+            first = next((line for line in handle if line.strip()), "{}")
+        name = str(json.loads(first).get("system") or name)
+    except (OSError, ValueError, AttributeError):
+        pass  # a folder, or a file the job reports on with its own error
+    return re.sub(r"[\\/:\s]+", "-", name)
 
 
 def system_name(record: dict, path: Paths) -> str:

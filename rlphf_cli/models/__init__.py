@@ -31,9 +31,13 @@ class BuiltinModel:
 
 
 def _ensure_tiny() -> Path:
-    from rlphf_cli.models.tiny import ensure_tiny_model
+    from rlphf_cli.models.tiny import ensure_tiny_model, is_built, tiny_model_dir
+    from rlphf_cli.progress import LineProgress
 
-    return ensure_tiny_model()
+    if is_built(tiny_model_dir()):
+        return ensure_tiny_model()
+    # A first use builds it (minutes on a CPU) inside another command: say so, and how far it is.
+    return ensure_tiny_model(progress=LineProgress("building the tiny model (first use, then cached)"))
 
 
 def _ensure_tiny_random() -> Path:

@@ -54,6 +54,12 @@ from rlphf_cli.specs import ServeLimits
 
 log = logging.getLogger("rlphf.serve")
 
+# A bowl of soup, in the page's accent colour.
+FAVICON = ('<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 32 32">'
+           '<path d="M4 14h24a12 12 0 0 1-24 0z" fill="#3a5ccc"/>'
+           '<path d="M11 4c-2 3 2 4 0 7M16 3c-2 3 2 4 0 7M21 4c-2 3 2 4 0 7" stroke="#3a5ccc" stroke-width="2" '
+           'fill="none" stroke-linecap="round"/></svg>')
+
 
 class RequestError(InputError):
     """Bad request input, with the OpenAI `param` (the field at fault), `code` and HTTP headers."""
@@ -377,6 +383,12 @@ def create_app(service: Service, playground_config: dict, *, keys: KeyChecker | 
     @app.get("/", response_class=HTMLResponse)
     async def playground():
         return HTMLResponse(page)
+
+    # The playground's tab icon (a browser asks for /favicon.ico whatever the page links): a small
+    # SVG, so no binary file ships for it.
+    @app.get("/favicon.ico")
+    async def favicon():
+        return Response(FAVICON, media_type="image/svg+xml", headers={"Cache-Control": "max-age=86400"})
 
     @app.get("/health")
     async def health():
