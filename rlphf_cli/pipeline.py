@@ -445,7 +445,7 @@ class Pipeline:
 
     def execute(self, only: str | None = None, from_stage: str | None = None, force: bool = False,
                 prefs: list[str] | None = None, keys: set[str] | None = None) -> dict:
-        """Run the stages; `keys`: only these units (a stage command's --with-deps), which leaves the
+        """Run the stages; `keys`: only these units (a stage command making its missing inputs), which leaves the
         run's recipe.yaml as it is."""
         if self.main:  # the run's recipe.yaml, env.json and this command's event, before any work
             self.run.begin(self.record, run_recipe=keys is None)

@@ -83,10 +83,10 @@ def test_a_flag_takes_no_value():
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
-        (["annotate"], "1 input missing: rollouts ("),
-        (["train-rm", "--pref", "concise"], "2 inputs missing: rollouts"),
-        (["train-policy", "--pref", "concise"], "3 inputs missing: rollouts"),
-        (["merge", "--prefs", "concise,friendly"], "train-policy/P2A ("),
+        (["annotate", "--no-deps"], "1 input missing: rollouts ("),
+        (["train-rm", "--pref", "concise", "--no-deps"], "2 inputs missing: rollouts"),
+        (["train-policy", "--pref", "concise", "--no-deps"], "3 inputs missing: rollouts"),
+        (["merge", "--prefs", "concise,friendly", "--no-deps"], "train-policy/P2A ("),
         (["judge", "--a", "nowhere-a.jsonl", "--b", "nowhere-b.jsonl"], "generations not found"),
         (["generate", "--prompts", "nowhere.jsonl"], "nowhere.jsonl: file not found"),
     ],

@@ -1,5 +1,5 @@
 """The first hour of a new user: the run directory's recipe, the first line of every command, stage
-commands whose inputs are missing (listed once; --with-deps makes them as `rlphf run` does)."""
+commands whose inputs are missing (made as `rlphf run` makes them; --no-deps lists them once)."""
 
 from __future__ import annotations
 
@@ -32,7 +32,8 @@ def test_a_run_directory_runs_on_its_recipe_and_the_first_line_says_so(tmp_path,
     assert first_line(result) == f"recipe tiny (built-in), run dir {run}"
 
 
-@pytest.mark.parametrize("command", [["train-rm", "--pref", "concise"], ["train-rm", "--prefs", "concise"]])
+@pytest.mark.parametrize("command", [["train-rm", "--pref", "concise", "--no-deps"],
+                                     ["train-rm", "--prefs", "concise", "--no-deps"]])
 def test_missing_inputs_are_listed_once_with_the_command_that_makes_them(tmp_path, monkeypatch, command):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr("rlphf_cli.cli.common.ARGV", command)
@@ -40,28 +41,28 @@ def test_missing_inputs_are_listed_once_with_the_command_that_makes_them(tmp_pat
     assert RECIPE_LINE.match(result.output), result.output
     line = one_error_line(result, "2 inputs missing", "rollouts (runs/tiny/rollouts.jsonl)",
                           "annotate/P2A (runs/tiny/annotations/P2A.jsonl)")
-    assert line.endswith(f"go on with: rlphf {' '.join(command)} --with-deps"), line
+    assert line.endswith(f"go on with: rlphf {' '.join(command[:-1])}"), line
     assert list(tmp_path.iterdir()) == []
 
 
 def test_a_soup_of_policies_not_trained_yet_lists_what_it_needs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    command = ["merge", "--soup", "concise=0.5,friendly=0.5"]
+    command = ["merge", "--soup", "concise=0.5,friendly=0.5", "--no-deps"]
     monkeypatch.setattr("rlphf_cli.cli.common.ARGV", command)
     line = one_error_line(runner.invoke(app, command), "7 inputs missing", "train-rm/P3A (runs/tiny/rm/P3A)",
                           "train-policy/P2A (runs/tiny/policy/P2A)", "train-policy/P3A (runs/tiny/policy/P3A)")
-    assert line.endswith("go on with: rlphf merge --soup concise=0.5,friendly=0.5 --with-deps"), line
+    assert line.endswith("go on with: rlphf merge --soup concise=0.5,friendly=0.5"), line
 
 
 @pytest.mark.slow
-def test_with_deps_makes_the_inputs_as_rlphf_run_does(tmp_path, monkeypatch, tiny_random_model):
+def test_missing_inputs_are_made_as_rlphf_run_makes_them(tmp_path, monkeypatch, tiny_random_model):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("RLPHF_SMOKE", "1")
-    result = runner.invoke(app, ["train-rm", "--pref", "concise", "--with-deps"])
+    result = runner.invoke(app, ["train-rm", "--pref", "concise"])
     assert result.exit_code == 0, result.output
     assert first_line(result) == "recipe tiny-smoke (built-in), run dir runs/tiny-smoke"
     assert (tmp_path / "runs/tiny-smoke/rm/P2A/adapter_config.json").is_file()
-    # `rlphf run` finds the units --with-deps ran finished: same jobs, same fingerprints.
+    # `rlphf run` finds the units the command ran finished: same jobs, same fingerprints.
     from rlphf_cli.cli.common import resolve_recipe
     from rlphf_cli.pipeline import Pipeline
 
@@ -149,7 +150,7 @@ def quick_start_lines() -> list[str]:
 
 def test_the_quick_start_promises_the_lines():
     lines = quick_start_lines()
-    assert lines[:3] == ["rlphf train-policy --pref concise --with-deps", "rlphf train-policy --pref friendly --with-deps",
+    assert lines[:3] == ["rlphf train-policy --pref concise", "rlphf train-policy --pref friendly",
                          "rlphf merge --weights 0.5,0.5"]
 
 

@@ -278,12 +278,12 @@ def test_train_rm_writes_adapter_metrics_and_scores(setup, tiny_random_model):
 
 
 def test_train_rm_errors(setup, tiny_random_model):
-    result = runner.invoke(app, ["train-rm", "--prefs", "friendly", *base_args(setup, tiny_random_model)])
-    one_error_line(result, "2 inputs missing", "rollouts (", "annotate/P3A (", "--with-deps")
+    result = runner.invoke(app, ["train-rm", "--prefs", "friendly", "--no-deps", *base_args(setup, tiny_random_model)])
+    one_error_line(result, "2 inputs missing", "rollouts (", "annotate/P3A (", "go on with:")
 
-    result = runner.invoke(app, ["train-rm", "--prefs", "all", *base_args(setup, tiny_random_model)])
+    result = runner.invoke(app, ["train-rm", "--prefs", "all", "--no-deps", *base_args(setup, tiny_random_model)])
     # checked before training anything
-    one_error_line(result, "6 inputs missing: rollouts (", "; annotate/P1A (", "annotate/P3B (", "--with-deps")
+    one_error_line(result, "6 inputs missing: rollouts (", "; annotate/P1A (", "annotate/P3B (", "go on with:")
     assert not (setup["run"] / "rm").exists()
 
     bad = setup["run"] / "annotations" / "P2B.jsonl"
@@ -361,20 +361,20 @@ def test_reward_model_with_another_tokenizer(with_rm, tiny_random_model, other_t
 
 def test_train_policy_errors(setup, tiny_random_model):
     args = base_args(setup, tiny_random_model)
-    result = runner.invoke(app, ["train-policy", "--prefs", "concise", *args])
-    one_error_line(result, "1 input missing: train-rm/P2A (", "--with-deps")
+    result = runner.invoke(app, ["train-policy", "--prefs", "concise", "--no-deps", *args])
+    one_error_line(result, "1 input missing: train-rm/P2A (", "go on with:")
     result = runner.invoke(app, ["train-policy", "--mode", "rlhf", *args])
     one_error_line(result, "rlphf train-rm --prefs general")
-    result = runner.invoke(app, ["train-policy", "--mode", "morl", *args])
-    one_error_line(result, "12 inputs missing: rollouts (", "train-rm/P1A (", "train-rm/P3B (", "--with-deps")
+    result = runner.invoke(app, ["train-policy", "--mode", "morl", "--no-deps", *args])
+    one_error_line(result, "12 inputs missing: rollouts (", "train-rm/P1A (", "train-rm/P3B (", "go on with:")
     result = runner.invoke(app, ["train-policy", *args])
     one_error_line(result, "give --prefs")
     result = runner.invoke(app, ["train-policy", "--mode", "morl", "--prefs", "P2A", *args])
     one_error_line(result, "--prefs does not apply to mode morl")
     result = runner.invoke(app, ["train-policy", "--mode", "morl", "--algo", "dpo", *args])
     one_error_line(result, "--algo dpo", "soup or rlhf")
-    result = runner.invoke(app, ["train-policy", "--prefs", "friendly", "--algo", "dpo", *args])
-    one_error_line(result, "inputs missing", "annotate/P3A (", "--with-deps")
+    result = runner.invoke(app, ["train-policy", "--prefs", "friendly", "--algo", "dpo", "--no-deps", *args])
+    one_error_line(result, "inputs missing", "annotate/P3A (", "go on with:")
     result = runner.invoke(app, ["train-policy", "--prefs", "P2A", "--algo", "ppo", *args])
     one_error_line(result, "--algo: unknown algorithm 'ppo'", "did you mean 'dpo'")
 
@@ -421,8 +421,9 @@ def test_multitask_fine_tunes_one_policy_on_every_preferences_chosen_responses(s
     assert prompts[1] == "Explain rain " + recipe.preference_set().get("P3A").prompt
     assert [r[0]["content"] for r in rows["completion"]] == ["Hot.", "Haha, water!"]
 
-    missing = runner.invoke(app, ["train-policy", "--mode", "multitask", *args, "--set", "preferences.use=[P2A,P2B]"])
-    one_error_line(missing, "inputs missing", "annotate/P2B (", "--with-deps")
+    missing = runner.invoke(app, ["train-policy", "--mode", "multitask", "--no-deps", *args,
+                                  "--set", "preferences.use=[P2A,P2B]"])
+    one_error_line(missing, "inputs missing", "annotate/P2B (", "go on with:")
     short = runner.invoke(app, ["train-policy", "--mode", "multitask", *args, "--set", "preferences.use=[P2A,P3A]",
                                 "--set", "train_policy.sft.max_length=4", "--force"])
     one_error_line(short, "train_policy.sft.max_length 4", "raise it")

@@ -45,7 +45,7 @@ def annotate_command(
                                         "annotations (verdicts are cached).")] = False,
     max_cost: MaxCostOption = None,
     dry_run: DryRunOption = False,
-    with_deps: WithDepsOption = False,
+    with_deps: WithDepsOption = True,
     recipe: RecipeOption = None,
     run_dir: RunDirOption = None,
     set_: SetOption = None,
@@ -66,7 +66,7 @@ def annotate_command(
     if dry_run:
         console.print(plan_line("annotate", plan_annotation(job)), highlight=False, soft_wrap=True)
         return
-    if rollouts is None:  # the run's rollouts: --with-deps makes them as `rlphf run` does
+    if rollouts is None:  # the run's rollouts: made as `rlphf run` does, unless --no-deps
         ensure_inputs(resolved, [job], with_deps)
     with one_progress_bar(f"annotating with the {job.judge.backend} judge") as update:
         summary = annotate_rollouts(job, progress=update, force=force)

@@ -284,23 +284,25 @@ class PipelineDisplay:
                          description=f"    {kwargs.get('description', '')}")
 
 
+# Making what is missing is the default, so that the promised lines (`rlphf train-policy --pref
+# concise`, then `rlphf merge --weights 0.5,0.5`) work from nothing, as `make target` does.
 WithDepsOption = Annotated[bool, typer.Option(
-    "--with-deps", help="Make the missing inputs first, as `rlphf run` makes them (same jobs, fingerprints and "
-    "markers), then go on.")]
+    "--with-deps/--no-deps", help="Make missing inputs first, as `rlphf run` makes them (same jobs, fingerprints "
+    "and markers), then go on; --no-deps lists them all in one line and stops.")]
 
 
 def with_deps_command() -> str:
-    """The command line of this process with --with-deps, or a description where it is not known."""
+    """The command line of this process without --no-deps, or a description where it is not known."""
     if ARGV is None:
-        return "the same command with --with-deps"
+        return "the same command without --no-deps"
     import shlex
 
-    return "rlphf " + shlex.join([*ARGV, *([] if "--with-deps" in ARGV else ["--with-deps"])])
+    return "rlphf " + shlex.join([arg for arg in ARGV if arg != "--no-deps"])
 
 
 def ensure_inputs(resolved, jobs, with_deps: bool) -> None:
-    """A stage command's inputs: all there, made now (--with-deps, with the pipeline's display), or
-    one error listing every missing one with the command that makes them."""
+    """A stage command's inputs: all there, made now (the default, with the pipeline's display), or
+    (--no-deps) one error listing every missing one with the command that makes them."""
     from rlphf_cli.jobs import missing_inputs
     from rlphf_cli.pipeline import make_inputs
 

@@ -56,7 +56,7 @@ def merge_command(
     compose: Annotated[Optional[str], typer.Option(
         "--compose", help="params (a soup: the only way merge composes); logits mixes at decoding time, in "
         "rlphf generate and serve.", show_default=False)] = None,
-    with_deps: WithDepsOption = False,
+    with_deps: WithDepsOption = True,
     recipe: RecipeOption = None,
     run_dir: RunDirOption = None,
     set_: SetOption = None,
@@ -83,7 +83,7 @@ def merge_command(
     job, note = merge_request(resolved, adapters=adapters or [], soup=soup, prefs=prefs, weights=weights, out=out,
                               into_base=into_base, base_model=resolved.model.name if model else None,
                               explicit=explicit, check_inputs=False)
-    if job.labels:  # a soup of the run's policies: those missing are made by --with-deps
+    if job.labels:  # a soup of the run's policies: those missing are trained first, unless --no-deps
         ensure_inputs(resolved, [job], with_deps)
     print_note(note)
     with one_progress_bar("merging") as update:

@@ -21,7 +21,7 @@ from rlphf_cli.cli.common import (
 from rlphf_cli.cli.spending import MaxCostOption, plan_line
 
 # rlphf_cli.pipeline.STAGE_NAMES, written out so that `--help` imports no library (a test keeps them equal).
-STAGES = ("tiny-model, rollouts, annotate, train-rm, train-policy, baselines, merge, evaluate, judge, "
+STAGES = ("tiny-model, rollouts, annotate, train-rm, train-policy, baselines, merge, evaluate, pareto, judge, "
           "report")
 
 

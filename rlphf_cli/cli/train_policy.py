@@ -49,7 +49,7 @@ def train_policy_command(
                                          "train_policy.save_steps and on Ctrl-C).")] = False,
     force: Annotated[bool, typer.Option("--force", help="Train again, replacing the run directory's "
                                         "policy.")] = False,
-    with_deps: WithDepsOption = False,
+    with_deps: WithDepsOption = True,
     recipe: RecipeOption = None,
     run_dir: RunDirOption = None,
     set_: SetOption = None,
@@ -64,8 +64,8 @@ def train_policy_command(
     of every preference, each instruction carrying its preference prompt. Writes policy/<name>/ (PEFT adapter, metrics.jsonl). Multi-GPU:
     accelerate launch -m rlphf_cli train-policy ...
 
-    Example: [bold]rlphf train-policy --pref concise --with-deps[/] (its reward model, annotations and
-    rollouts first, where missing)
+    Example: [bold]rlphf train-policy --pref concise[/] (its reward model, annotations and rollouts
+    first, where missing)
 
     Example: [bold]rlphf train-policy --prefs concise --algo rloo[/]
 

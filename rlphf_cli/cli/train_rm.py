@@ -73,7 +73,7 @@ def train_rm_command(
                                                 "several preferences, a parent of <id>/).", show_default=False)] = None,
     force: Annotated[bool, typer.Option("--force", help="Train again, replacing the run directory's reward "
                                         "model.")] = False,
-    with_deps: WithDepsOption = False,
+    with_deps: WithDepsOption = True,
     recipe: RecipeOption = None,
     run_dir: RunDirOption = None,
     set_: SetOption = None,
