@@ -91,8 +91,8 @@ def serve_command(
     """
     from rlphf_cli.jobs import serve_spec
     from rlphf_cli.runs import register_secret_values
-    from rlphf_cli.serving import build_server, run_server
     from rlphf_cli.serving.auth import api_keys, check_exposure
+    from rlphf_cli.serving.server import build_server, run_server
     from rlphf_cli.training import quiet_libraries
 
     keys = api_keys(api_key or ())

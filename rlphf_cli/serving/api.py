@@ -45,6 +45,7 @@ from rlphf_cli.serving.protocol import (
     ErrorBody,
     ModelCard,
     ModelList,
+    RequestError,
     SoupInfo,
     Usage,
     sse,
@@ -59,15 +60,6 @@ FAVICON = ('<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 32 32">'
            '<path d="M4 14h24a12 12 0 0 1-24 0z" fill="#3a5ccc"/>'
            '<path d="M11 4c-2 3 2 4 0 7M16 3c-2 3 2 4 0 7M21 4c-2 3 2 4 0 7" stroke="#3a5ccc" stroke-width="2" '
            'fill="none" stroke-linecap="round"/></svg>')
-
-
-class RequestError(InputError):
-    """Bad request input, with the OpenAI `param` (the field at fault), `code` and HTTP headers."""
-
-    def __init__(self, message: str, param: str | None = None, code: str | None = None, status: int = 400,
-                 headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.param, self.code, self.status, self.headers = param, code, status, headers
 
 
 # --------------------------------------------------------------------------------------------

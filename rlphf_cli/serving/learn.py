@@ -51,7 +51,7 @@ class ProfileLearning:
         self._rng = np.random.default_rng(0)
 
     def _error(self, message: str, param: str | None = None, code: str | None = None, status: int = 400):
-        from rlphf_cli.serving.api import RequestError
+        from rlphf_cli.serving.protocol import RequestError
 
         return RequestError(message, param=param, code=code, status=status)
 

@@ -9,6 +9,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from rlphf_cli.errors import InputError
+
 # --------------------------------------------------------------------------------------------
 # The request
 
@@ -170,3 +172,12 @@ def sse(obj) -> str:
     import json
 
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+class RequestError(InputError):
+    """Bad request input, with the OpenAI `param` (the field at fault), `code` and HTTP headers."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None, status: int = 400,
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.param, self.code, self.status, self.headers = param, code, status, headers
