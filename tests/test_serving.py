@@ -476,10 +476,12 @@ def test_text_stream_holds_back_what_may_change():
 
 def test_cli_serve_prints_url_policies_and_curl_and_stops_on_ctrl_c(serve_run, tmp_path):
     extra = shutil.copytree(serve_run / "policy" / "P2A", tmp_path / "mine")
+    # Background jobs of a non-interactive shell (CI) ignore SIGINT; the child must not inherit that.
     proc = subprocess.Popen([sys.executable, "-m", "rlphf_cli", "serve", "--run-dir", str(serve_run), "--port", "0",
                              "--policy", f"mine={extra}", "--threads", "1"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "COLUMNS": "250"})
+                            env={**os.environ, "COLUMNS": "250"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         lines = []
         for line in proc.stdout:
