@@ -72,10 +72,11 @@ def merge_command(
     from rlphf_cli.errors import InputError
     from rlphf_cli.jobs import merge_request
     from rlphf_cli.merging import run_merge
-    from rlphf_cli.merging.methods import LOGITS_NOT_A_MERGE
 
-    if compose is not None and compose != "params":
-        raise InputError(LOGITS_NOT_A_MERGE if compose == "logits" else f"--compose: '{compose}' is not params or logits")
+    if compose not in (None, "params", "logits"):
+        raise InputError(f"--compose: '{compose}' is not params or logits")
+    if compose == "logits":
+        method = "logits"  # refused with the one reason by the method lookup, like --method logits
 
     resolved = resolve_recipe(recipe, set_, run_dir, merge__method=method, merge__rank=rank,
                               merge__density=density, merge__seed=seed, model__name=model)
