@@ -33,7 +33,8 @@ class Strict(BaseModel):
 
 
 class ModelSection(Strict):
-    name: str = "tiny"  # a built-in model (tiny, tiny-random, gemma-3-270m), a .gguf file, a local folder, or a hub name
+    # a built-in model (tiny, tiny-random, gemma-3-270m, gemma-3-270m-sft), a .gguf file, a local folder or a hub name
+    name: str = "tiny"
     prompt_format: Literal["chat", "tulu"] = "chat"  # 'tulu': <|user|>\n{instruction}\n<|assistant|>\n
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     load_in_4bit: bool = False

@@ -27,8 +27,8 @@ def _opt(*names: str, help: str, **kw):
 
 @cli_errors
 def generate_command(
-    model: Annotated[Optional[str], _opt("--model", help="A built-in model (tiny, tiny-random, gemma-3-270m), a .gguf file, a local folder or a "
-                                         "hub name (model.name).")] = None,
+    model: Annotated[Optional[str], _opt("--model", help="A built-in model (tiny, tiny-random, gemma-3-270m, "
+                                         "gemma-3-270m-sft), a .gguf file, a local folder or a hub name (model.name).")] = None,
     adapter: Annotated[Optional[str], _opt("--adapter", help="One LoRA adapter folder, or a preference name "
                                            "meaning the run's policy for it.")] = None,
     soup: Annotated[Optional[str], _opt("--soup", help="Merge the run's policies (or adapter folders): "

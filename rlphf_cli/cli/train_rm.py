@@ -23,8 +23,9 @@ from rlphf_cli.cli.common import (
 from rlphf_cli.errors import InputError
 
 ModelOption = Annotated[
-    Optional[str], typer.Option("--model", help="Base model: a built-in model (tiny, tiny-random, gemma-3-270m), a .gguf file, a folder or a hub "
-                                "name (default: the recipe's).", show_default=False)
+    Optional[str], typer.Option("--model", help="Base model: a built-in model (tiny, tiny-random, gemma-3-270m, "
+                                "gemma-3-270m-sft), a .gguf file, a folder or a hub name (default: the recipe's).",
+                                show_default=False)
 ]
 
 
