@@ -85,6 +85,14 @@ def test_run_pipeline_end_to_end_then_resume(pipeline_recipe):
                     "Single-preference experts", "Reward models", "Policy training", "Weight sweep", "Cost"):
         assert section in report
     assert "the same preference prompt" in report and "clipped" in report
+    # Answers side by side: the first held-out prompt's answers, as generated, one row per system.
+    first = json.loads((run / "generations/base/plain.jsonl").read_text().splitlines()[0])
+    table = report.split("## Answers side by side")[1].split("\n## ")[0]
+    rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| system")]
+    assert first["instruction"] in table and f"| {' '.join(first['response'].split())} |" in table
+    assert [r.split(" | ")[0] for r in rows[:5]] == ["| base model (no preference prompt)", f"| prompting (PP) {combo}",
+                                                     f"| P-Soups {combo}", "| expert P1A (elementary)",
+                                                     "| expert P2A (concise)"]
     summary = json.loads((run / "report" / "summary.json").read_text())
     assert set(summary["experts_vs_prompted"]) == {"P1A", "P2A"}
     # The seventh system: the same experts mixed at decoding time, two forwards per token, timed in this run.

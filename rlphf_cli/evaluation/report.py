@@ -203,6 +203,34 @@ def experts_table(pipeline) -> tuple[list[str], dict[str, dict], dict[str, float
     return lines, vs_prompted, vs_plain
 
 
+def side_by_side(pipeline, prompts: int = 2) -> list[str]:
+    """The first held-out prompts' answers from the base model, preference prompting, each expert and
+    P-Soups, one table per prompt: what the numbers above look like."""
+    from rlphf_cli.preferences import combination_name
+    from rlphf_cli.systems import BASE_PLAIN
+
+    base = pipeline.run.generations(BASE, BASE_PLAIN)
+    if not base.is_file():
+        return []
+    sources = [("base model (no preference prompt)", base)]
+    for combo in pipeline.combos:
+        name = combination_name(combo)
+        sources += [(f"{label(PROMPTED)} {name}", pipeline.run.generations(PROMPTED, name)),
+                    (f"{label(PSOUPS)} {name}", pipeline.run.generations(PSOUPS, name))]
+    sources += [(f"expert {p.id} ({p.alias})", pipeline.run.generations(EXPERTS, p.id)) for p in pipeline.prefs]
+    answers = {title: {r["id"]: r["response"] for r in read_jsonl(path)} for title, path in sources if path.is_file()}
+    lines = []
+    for record in read_jsonl(base)[:prompts]:
+        lines += [f"**{record['instruction']}** (each system given its preference prompts; the base model none)", "",
+                  "| system | answer |", "|---|---|"]
+        for title, by_id in answers.items():
+            text = by_id.get(record["id"])
+            if text is not None:
+                lines.append(f"| {title} | {' '.join(text.split()).replace('|', '&#124;')} |")
+        lines.append("")
+    return lines
+
+
 def reward_model_table(pipeline) -> list[str]:
     lines = ["| reward model | held-out accuracy | mean margin | train pairs | held-out pairs |",
              "|---|---:|---:|---:|---:|"]
@@ -536,6 +564,10 @@ def write_report(pipeline) -> dict[str, Any]:
         lines += ["## Single-preference experts", "", *table, ""]
         summary["experts_vs_prompted"] = vs_prompted
         summary["experts_vs_base"] = vs_plain
+
+    table = side_by_side(pipeline)
+    if table:
+        lines += ["## Answers side by side", "", *table]
 
     table = reward_model_table(pipeline)
     if table:
