@@ -122,8 +122,10 @@ def plan(recipe: Recipe) -> list[Stage]:
     ]
     pareto = recipe.evaluation.pareto
     if pareto:
+        scored = ("scored on both rubric measures" if recipe.judge.backend == "rubric" else
+                  f"judged against the base model's answers on both criteria by the '{recipe.judge.backend}' judge")
         stages.append(Stage("pareto", f"{'/'.join(pareto.prefs)} at weights {pareto.weights}: parameter soups, "
-                            "decoding-time mixes and prompting alone, scored on both rubric measures"))
+                            f"decoding-time mixes and prompting alone, {scored}"))
     stages += [
         Stage("judge", f"with the '{recipe.judge.backend}' judge: every system against base, P-Soups head to head "
               "against each other system, each expert against the base model given its preference prompt"),
@@ -311,9 +313,17 @@ class Pipeline:
             raise InputError(f"evaluation.pareto.prefs: {chosen[0].id} and {chosen[1].id} are both of dimension "
                              f"{chosen[0].dimension}; name one preference of each of two dimensions")
         for pref in chosen:
-            if not has_measure(pref):
+            if not self.pareto_judged() and not has_measure(pref):
                 raise InputError(f"evaluation.pareto.prefs: {pref.id} has no rubric measure to score the front on")
         return chosen
+
+    def pareto_judged(self) -> bool:
+        """Scored by the run's LLM judge (win rate against the base model's answers on each of the two
+        criteria) rather than by the rubric's measures."""
+        return self.recipe.evaluation.pareto is not None and self.recipe.judge.backend != "rubric"
+
+    def pareto_judgment(self, method: str, weight: float) -> Path:
+        return self.run.judgment(f"{method}-w{weight:g}", BASE)
 
     def pareto_outputs(self) -> dict[str, list[tuple[float, Path]]]:
         """method -> [(weight on the first preference, generations file)]."""
@@ -366,16 +376,29 @@ class Pipeline:
             # Criteria: each record's own combination (the experts: their one preference).
             job = jobs.judge_job(self.recipe, self._generations_for_judging(system, names),
                                  self._generations_for_judging(baseline, names), out=self.run.judgment(system, baseline))
-
-            def work(job=job):
-                from rlphf_cli.evaluation.judging import judge_files
-
-                result = judge_files(job, progress=self._unit_progress, force=True, budget=self.budget)
-                return {"win_rate": result["overall"]["win_rate"]}
-
-            units.append(Unit(f"judge/{system}_vs_{baseline}", f"{system} vs {baseline}", job, upstream, work,
-                              [job.out]))
+            units.append(Unit(f"judge/{system}_vs_{baseline}", f"{system} vs {baseline}", job, upstream,
+                              self._judge(job), [job.out]))
+        if self.pareto_judged():
+            # Each point of each front against one fixed reference, the base model's plain answers, on
+            # both criteria: win rates on a common scale.
+            criteria_ = [p.id for p in self.pareto_prefs()]
+            for method, points in self.pareto_outputs().items():
+                for weight, path in points:
+                    job = jobs.judge_job(self.recipe, [path], [self.run.generations(BASE, BASE_PLAIN)],
+                                         criteria_=criteria_, out=self.pareto_judgment(method, weight))
+                    units.append(Unit(f"judge/{method}-w{weight:g}_vs_{BASE}", f"{method} w{weight:g} vs {BASE}",
+                                      job, [f"pareto/{method}/w{weight:g}", f"evaluate/{BASE}/{BASE_PLAIN}"],
+                                      self._judge(job), [job.out]))
         return units
+
+    def _judge(self, job) -> Callable[[], dict]:
+        def work():
+            from rlphf_cli.evaluation.judging import judge_files
+
+            result = judge_files(job, progress=self._unit_progress, force=True, budget=self.budget)
+            return {"win_rate": result["overall"]["win_rate"]}
+
+        return work
 
     def _units_report(self) -> list[Unit]:
         def work():
@@ -383,7 +406,9 @@ class Pipeline:
 
             return write_report(self)
 
-        upstream = ([f"judge/{s}_vs_{b}" for s, b in self.judged_pairs()]
+        pareto_judged = [f"judge/{m}-w{w:g}_vs_{BASE}" for m, points in self.pareto_outputs().items()
+                         for w, _ in points] if self.pareto_judged() else []
+        upstream = ([f"judge/{s}_vs_{b}" for s, b in self.judged_pairs()] + pareto_judged
                     + [f"evaluate/{SWEEP}/w{w:g}" for w in self.sweep_weights()]
                     + [f"pareto/{m}/w{w:g}" for m, points in self.pareto_outputs().items() for w, _ in points])
         return [Unit("report", "report", None, upstream, work, [self.run.report_dir() / "report.md"])]

@@ -370,6 +370,17 @@ def _scored(pipeline, path: Path, prefs) -> dict[str, Any]:
     return point
 
 
+def _judged(path: Path, prefs) -> dict[str, Any]:
+    """A front point judged against the base model: each criterion's win rate and interval, in %."""
+    result = _load_json(path) or {}
+    point: dict[str, Any] = {"n": result.get("pairs")}
+    for pref in prefs:
+        s = (result.get("per_criterion") or {}).get(pref.id)
+        point[pref.id] = None if not s or s.get("win_rate") is None else {
+            "mean": 100 * s["win_rate"], "ci_low": 100 * s["ci_low"], "ci_high": 100 * s["ci_high"]}
+    return point
+
+
 def _dominates(x: dict, y: dict, prefs, signs) -> bool:
     """x's interval beyond y's on one measure (in the direction the preference wants) and not behind on
     the other."""
@@ -387,12 +398,21 @@ def pareto(pipeline, out: Path) -> tuple[list[str], dict]:
     if not pipeline.recipe.evaluation.pareto:
         return [], {}
     prefs = pipeline.pareto_prefs()
-    fronts = {method: [{"weight": w, **_scored(pipeline, path, prefs)} for w, path in points if path.exists()]
+    judged = pipeline.pareto_judged()
+    fronts = {method: [{"weight": w, **(_judged(pipeline.pareto_judgment(method, w), prefs) if judged
+                                        else _scored(pipeline, path, prefs))}
+                       for w, path in points if path.exists()]
               for method, points in pipeline.pareto_outputs().items()}
-    if not all(fronts.values()):
+    if not all(fronts.values()) or any(None in (p.get(pref.id) for pref in prefs) for f in fronts.values() for p in f):
         return [], {}
     a, b = prefs
-    (name_a, sign_a), (name_b, sign_b) = _display_measure(a), _display_measure(b)
+    if judged:
+        (name_a, sign_a), (name_b, sign_b) = ("win rate vs base %", 1.0), ("win rate vs base %", 1.0)
+        scored_by = (f"Win rate % against the base model's answers (no preference prompt) on each criterion, by the "
+                     f"'{pipeline.recipe.judge.backend}' judge, [95% bootstrap interval].")
+    else:
+        (name_a, sign_a), (name_b, sign_b) = _display_measure(a), _display_measure(b)
+        scored_by = "Rubric measures, mean [95% bootstrap interval]."
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.8))
     for method, points in fronts.items():
@@ -412,8 +432,7 @@ def pareto(pipeline, out: Path) -> tuple[list[str], dict]:
     plt.close(fig)
     lines = [f"Between `{a.id}` ({a.alias}) at weight w and `{b.id}` ({b.alias}) at 1 - w, on the evaluation "
              "prompts: parameter soups (`average`), decoding-time mixes (Σ w_i log p_i), and the base model "
-             f"prompted alone (w >= 0.75: {a.id}'s prompt; w <= 0.25: {b.id}'s; between: both). Rubric measures, "
-             "mean [95% bootstrap interval].", "",
+             f"prompted alone (w >= 0.75: {a.id}'s prompt; w <= 0.25: {b.id}'s; between: both). {scored_by}", "",
              f"| method | w | {name_a} ({a.id}) | {name_b} ({b.id}) |", "|---|---:|---:|---:|"]
     for method, points in fronts.items():
         lines += [f"| {PARETO_METHODS[method]} | {p['weight']:g} | {_measure_ci(p[a.id])} | {_measure_ci(p[b.id])} |"
