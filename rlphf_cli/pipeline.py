@@ -425,7 +425,8 @@ class Pipeline:
         from rlphf_cli.judges import JUDGES
         from rlphf_cli.judges.annotate import plan_annotation
 
-        makers = {unit.spec.out: unit.spec for stage in ("rollouts", "evaluate") for unit in self.units(stage)}
+        makers = {unit.spec.out: unit.spec for stage in ("rollouts", "evaluate", "pareto") if stage in self._units
+                  for unit in self.units(stage)}
         plans: dict[str, RequestPlan | str | None] = {}
         with tempfile.TemporaryDirectory() as scratch:
             for stage, planner in (("annotate", plan_annotation), ("judge", plan_judgment)):

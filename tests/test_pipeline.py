@@ -276,3 +276,18 @@ def test_dry_run_counts_the_paid_judge_requests_of_each_stage(tmp_path):
     assert "at $1 / $2 per million tokens (inputs not made yet" in lines[0]
     assert lines[1] == "# judge: no paid judge requests"  # the rubric judges
     assert not (tmp_path / "run").exists()
+
+
+def test_dry_run_counts_the_judged_pareto_points(tmp_path):
+    """With an LLM judge each Pareto point is judged against the base model on both criteria: smoke's
+    8 prompts x 3 methods x 2 weights x 2 criteria more verdicts, counted before any answer exists."""
+    def judge_line(*extra):
+        result = runner.invoke(app, ["run", "smoke", "--dry-run", "--run-dir", str(tmp_path / "run"),
+                                     "--set", "judge.backend=openai", "--set", "judge.openai.base_url=http://127.0.0.1:9/v1",
+                                     "--set", "judge.openai.price.input=1", "--set", "judge.openai.price.output=2", *extra])
+        assert result.exit_code == 0, result.output
+        line = next(x for x in result.output.splitlines() if x.startswith("# judge:"))
+        return int(line.split()[2])
+
+    without = judge_line()
+    assert judge_line("--set", 'evaluation.pareto={"prefs": ["P1A", "P2A"], "weights": [0, 1]}') == without + 8 * 3 * 2 * 2
