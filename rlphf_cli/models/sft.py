@@ -92,11 +92,12 @@ def build_sft_model(base: Path, out: Path, settings: dict,
     import datasets
     import torch
     import transformers
-    from transformers import AutoModelForCausalLM, Trainer, TrainerCallback
+    from transformers import AutoModelForCausalLM, Trainer
     from trl import SFTConfig, SFTTrainer
 
     from rlphf_cli.runs import atomic_dir
     from rlphf_cli.specs import LoraSpec, device_defaults
+    from rlphf_cli.training.callbacks import loss_tracker
     from rlphf_cli.training.common import load_tokenizer, quiet_trainer
 
     class _PlainLossSFTTrainer(SFTTrainer):
@@ -114,16 +115,7 @@ def build_sft_model(base: Path, out: Path, settings: dict,
     random.Random(f"sft-order-{settings['seed']}").shuffle(rows)
     torch.manual_seed(settings["seed"])
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    losses: list[float] = []
-
-    class Track(TrainerCallback):
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and "loss" in logs:
-                losses.append(float(logs["loss"]))
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if progress is not None:
-                progress(state.global_step, state.max_steps)
+    track, losses = loss_tracker(progress)
 
     cpu_bf16 = not torch.cuda.is_available() and _cpu_has_fast_bf16()
     with atomic_dir(out) as tmp, tempfile.TemporaryDirectory(prefix="rlphf-sft-") as trainer_dir:
@@ -138,7 +130,7 @@ def build_sft_model(base: Path, out: Path, settings: dict,
         lora = LoraSpec(**settings["lora"])
         trainer = _PlainLossSFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
                                        processing_class=tokenizer, peft_config=lora.peft_config("CAUSAL_LM"),
-                                       callbacks=[Track()])
+                                       callbacks=[track])
         quiet_trainer(trainer)
         result = trainer.train()
         merged = trainer.model.merge_and_unload()

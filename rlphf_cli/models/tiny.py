@@ -104,7 +104,7 @@ def _build(out: Path, seed: int, max_steps: int | None, progress, overrides: dic
     import datasets
     import torch
     import transformers
-    from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback
+    from transformers import LlamaConfig, LlamaForCausalLM, Trainer
     from trl import SFTConfig, SFTTrainer
 
     class _PlainLossSFTTrainer(SFTTrainer):
@@ -117,6 +117,7 @@ def _build(out: Path, seed: int, max_steps: int | None, progress, overrides: dic
     from rlphf_cli.data import load_prompts
     from rlphf_cli.models.tokenizer import build_tokenizer
     from rlphf_cli.runs import file_sha256
+    from rlphf_cli.training.callbacks import loss_tracker
     from rlphf_cli.training.common import quiet_trainer
 
     unknown = set(overrides) - set(MODEL_CONFIG) - set(TRAIN_CONFIG)
@@ -152,16 +153,7 @@ def _build(out: Path, seed: int, max_steps: int | None, progress, overrides: dic
     model.generation_config.bos_token_id = None
 
     dataset = _tokenized_dataset(tokenizer, examples_in_order)
-    losses: list[float] = []
-
-    class Track(TrainerCallback):
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and "loss" in logs:
-                losses.append(float(logs["loss"]))
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if progress is not None:
-                progress(state.global_step, state.max_steps)
+    track, losses = loss_tracker(progress)
 
     threads = torch.get_num_threads()
     torch.set_num_threads(_build_threads())
@@ -194,7 +186,7 @@ def _build(out: Path, seed: int, max_steps: int | None, progress, overrides: dic
             dataloader_num_workers=0,
         )
         trainer = _PlainLossSFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                                       callbacks=[Track()])
+                                       callbacks=[track])
         quiet_trainer(trainer)
         result = trainer.train()
         steps = trainer.state.global_step

@@ -56,6 +56,23 @@ def normalize_logs(logs: dict[str, Any], reward_names: dict[str, str] | None = N
     return out
 
 
+def loss_tracker(progress: Callable[[int, int], None] | None = None):
+    """(callback, losses): the callback appends each logged training loss to `losses` and calls
+    `progress(step, max_steps)` after every step (model builds: the tiny model, SFT)."""
+    losses: list[float] = []
+
+    class Track(_trainer_callback_base()):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                losses.append(float(logs["loss"]))
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if progress is not None:
+                progress(state.global_step, state.max_steps)
+
+    return Track(), losses
+
+
 def make_callbacks(metrics_path: Path, progress: ProgressFn | None, reward_names: dict[str, str] | None = None):
     """(MetricsCallback, ProgressCallback|None, InterruptCallback) instances for one trainer."""
     base = _trainer_callback_base()
