@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from rlphf_cli.errors import InputError
+from rlphf_cli.models.device import device_defaults
 from rlphf_cli.preferences import Preference
 
 RECORD_ONLY = {"fingerprint": False}
@@ -244,17 +245,6 @@ class TrainerSpec:
             return getattr(trl, self.trainer.config)(**kwargs)
         except (ValueError, TypeError) as exc:
             raise RecipeError(f"{self.origin}: {self.trainer.section}: {exc}") from None
-
-
-def device_defaults() -> dict[str, Any]:
-    """CPU: float32 (TRL defaults to bf16) and no activation checkpointing (slower on small models);
-    `use_cpu` lets a recipe that asks for bf16 train in CPU bf16 autocast instead of failing with
-    "Your setup doesn't support bf16/gpu". GPU: bf16 where supported, TRL's checkpointing default."""
-    import torch
-
-    if torch.cuda.is_available():
-        return {"bf16": torch.cuda.is_bf16_supported()}
-    return {"bf16": False, "use_cpu": True, "activation_checkpointing": False, "dataloader_pin_memory": False}
 
 
 # --------------------------------------------------------------------------------------------

@@ -78,7 +78,16 @@ def setup_lines(pipeline) -> list[str]:
             f"below: {n} (prompt, combination) records per system ({len(pipeline.combos)} combinations), one answer "
             f"per prompt ({temperature}, up to {recipe.generate.max_new_tokens} tokens), judged by `{judge}` on each "
             f"preference of the combination; {order_rule}; ties count half; [95% bootstrap interval] resampling "
-            f"prompts, each with all its combinations and criteria ({recipe.judge.bootstrap_samples} resamples).", ""]
+            f"prompts, each with all its combinations and criteria ({recipe.judge.bootstrap_samples} resamples).", "",
+            *_model_lines(recipe.model.name)]
+
+
+def _model_lines(name: str) -> list[str]:
+    """What a built-in base model is (for gemma-3-270m-sft: the SFT stage before everything)."""
+    from rlphf_cli.models import builtin_model
+
+    builtin = builtin_model(name)
+    return [f"`{name}`: {builtin.description}.", ""] if builtin else []
 
 
 def comparison_table(pipeline, figure: Path) -> tuple[list[str], dict[str, dict]]:

@@ -92,11 +92,12 @@ def build_sft_model(base: Path, out: Path, settings: dict,
     import datasets
     import torch
     import transformers
+    from peft import LoraConfig
     from transformers import AutoModelForCausalLM, Trainer
     from trl import SFTConfig, SFTTrainer
 
+    from rlphf_cli.models.device import cpu_has_fast_bf16, device_defaults
     from rlphf_cli.runs import atomic_dir
-    from rlphf_cli.specs import LoraSpec, device_defaults
     from rlphf_cli.training.callbacks import loss_tracker
     from rlphf_cli.training.common import load_tokenizer, quiet_trainer
 
@@ -117,7 +118,7 @@ def build_sft_model(base: Path, out: Path, settings: dict,
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     track, losses = loss_tracker(progress)
 
-    cpu_bf16 = not torch.cuda.is_available() and _cpu_has_fast_bf16()
+    cpu_bf16 = not torch.cuda.is_available() and cpu_has_fast_bf16()
     with atomic_dir(out) as tmp, tempfile.TemporaryDirectory(prefix="rlphf-sft-") as trainer_dir:
         args = SFTConfig(
             output_dir=trainer_dir, max_steps=settings["max_steps"], per_device_train_batch_size=settings["batch_size"],
@@ -127,10 +128,9 @@ def build_sft_model(base: Path, out: Path, settings: dict,
             optim="adamw_torch", dataloader_num_workers=0,
             **{**device_defaults(), **({"bf16": True} if cpu_bf16 else {})},
         )
-        lora = LoraSpec(**settings["lora"])
+        lora = LoraConfig(**settings["lora"], target_modules="all-linear", task_type="CAUSAL_LM")
         trainer = _PlainLossSFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
-                                       processing_class=tokenizer, peft_config=lora.peft_config("CAUSAL_LM"),
-                                       callbacks=[track])
+                                       processing_class=tokenizer, peft_config=lora, callbacks=[track])
         quiet_trainer(trainer)
         result = trainer.train()
         merged = trainer.model.merge_and_unload()
@@ -148,11 +148,3 @@ def build_sft_model(base: Path, out: Path, settings: dict,
         (tmp / BUILD_INFO).write_text(json.dumps(info, indent=2) + "\n")
     return info
 
-
-def _cpu_has_fast_bf16() -> bool:
-    """AVX512-BF16 or AMX: bf16 autocast is faster there (~1.5x on Gemma 3 270M); elsewhere slower."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
