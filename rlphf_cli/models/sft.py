@@ -39,14 +39,14 @@ SFT_CONFIG: dict[str, Any] = {
 
 def sft_fingerprint(base: Path, settings: dict) -> str:
     """What the tuned weights depend on: the base model's build, the corpus bytes and the settings."""
-    from rlphf_cli.models.tiny import _corpus_files
+    from rlphf_cli.models.tiny import corpus_files
 
     digest = hashlib.sha256()
     base_info = read_build_info(base)
     digest.update(json.dumps({"base": base_info.get("source_sha256") or base_info.get("fingerprint")
                               or base_info.get("weights_sha256"), "version": SFT_VERSION, "settings": settings},
                              sort_keys=True).encode())
-    for path in _corpus_files():
+    for path in corpus_files():
         digest.update(path.read_bytes())
     return digest.hexdigest()
 

@@ -51,14 +51,14 @@ TRAIN_CONFIG: dict[str, Any] = {
 }
 
 
-def _corpus_files() -> list[Path]:
+def corpus_files() -> list[Path]:
     return [TOPICS_FILE, DATA_DIR / "tiny-train.jsonl"]
 
 
 def build_fingerprint(seed: int = 0, **overrides: Any) -> str:
     """What the built weights depend on: corpus bytes, settings, builder version and seed."""
     digest = hashlib.sha256()
-    for path in _corpus_files():
+    for path in corpus_files():
         digest.update(path.read_bytes())
     settings = {"version": BUILDER_VERSION, "model": MODEL_CONFIG, "train": TRAIN_CONFIG, "seed": seed,
                 "overrides": overrides}
