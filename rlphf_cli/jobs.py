@@ -104,6 +104,9 @@ def trainer_spec(recipe: Recipe, algo: str) -> TrainerSpec:
         if key not in types:
             raise RecipeError(f"{recipe.origin(where)}: {where}: unknown {trainer.config} field{did_you_mean(key, types)}")
         kind = types[key]
+        if key == "bf16" and value == "auto":  # rlphf's one addition: resolved per device (TrainerSpec.config)
+            fields[key] = value
+            continue
         if isinstance(value, str) and "str" not in kind and ("float" in kind or "int" in kind):
             try:
                 value = int(value) if "float" not in kind else float(value)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from rlphf_cli.errors import InputError
-from rlphf_cli.models.device import device_defaults
+from rlphf_cli.models.device import bf16_is_fast, device_defaults
 from rlphf_cli.preferences import Preference
 
 RECORD_ONLY = {"fingerprint": False}
@@ -238,6 +238,8 @@ class TrainerSpec:
             kwargs.pop("activation_checkpointing", None)
         if "save_steps" in user and "save_strategy" not in user:
             kwargs["save_strategy"] = "steps"
+        if user.get("bf16") == "auto":
+            user["bf16"] = bf16_is_fast()
         kwargs.update(user)
         kwargs.update(fixed)
         kwargs["output_dir"] = output_dir

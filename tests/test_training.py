@@ -123,6 +123,26 @@ def test_trainer_config_device_defaults_and_pass_through(tmp_path, setup):
     assert trainer_spec(recipe, "rloo").config(model_spec(recipe), str(tmp_path / "o")).activation_checkpointing is True
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_auto_is_bf16_only_where_the_cpu_has_it(tmp_path, setup, monkeypatch, native):
+    """The gemma-270m recipe's `bf16: auto`: CPU bf16 autocast only with AVX512-BF16/AMX; on an
+    AVX2-only CPU it is emulated and slower than float32."""
+    from rlphf_cli.jobs import model_spec, trainer_spec
+    from rlphf_cli.models import device
+
+    monkeypatch.setattr(device, "cpu_has_fast_bf16", lambda: native)
+    recipe = load(setup, "train_rm.trl.bf16=auto")
+    spec = trainer_spec(recipe, "reward")
+    assert spec.get("bf16") == "auto"  # recorded as written; resolved when the config is built
+    config = spec.config(model_spec(recipe), str(tmp_path / "out"))
+    assert config.bf16 is native and config.use_cpu is True
+    from rlphf_cli.recipe import recipe_warnings
+
+    assert not [line for line in recipe_warnings(recipe) if ".bf16 true" in line]
+    warned = [line for line in recipe_warnings(load(setup, "train_rm.trl.bf16=true")) if ".bf16 true" in line]
+    assert bool(warned) is not native and all("train_rm.trl.bf16 true" in line for line in warned)
+
+
 def test_unknown_trl_key_is_named(setup, tiny_random_model):
     result = runner.invoke(app, ["train-rm", "--pref", "P2A", *base_args(setup, tiny_random_model),
                                  "--set", "train_rm.trl.lerning_rate=0.1"])
