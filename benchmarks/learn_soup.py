@@ -7,7 +7,9 @@
    measures (what the simulated user picks by, standardized on the same answers), so the learner
    is not graded by its own yardstick.
 2. Simulated users: true points spread over the box (uniform), 10% of picks turned round. For
-   1..20 picks, active (expected information gain) and random questions: the mean absolute error
+   1..20 picks, active questions (the prompt and pair of soups whose answers have the largest
+   expected information gain, as `rlphf profile learn` chooses them) and random ones, neither
+   asked twice: the mean absolute error
    per dimension between the learned and the true point, and the win rate, under the true
    utility, of the learned soup's answers against the centre soup's (the base model: what a user
    gets before any pick) on prompts never asked about. The information bound is printed alongside.
@@ -88,7 +90,9 @@ def main() -> None:
     ap.add_argument("--plot", type=Path)
     args = ap.parse_args()
 
+    from rlphf_cli.jobs import learn_settings
     from rlphf_cli.profiling import Bank, bits_bound, simulate
+    from rlphf_cli.recipe import load_recipe
 
     bank_path = args.bank or args.run_dir / "profile" / "bank.json"
     if not bank_path.is_file():
@@ -100,12 +104,7 @@ def main() -> None:
     bank = Bank(np.array(data["points"]), np.array(data["learner"]), np.array(data["truth"]))
     n_prompts, dims = bank.learner.shape[0], bank.points.shape[1]
     learn, held = range(args.learn_prompts), range(args.learn_prompts, n_prompts)
-    soups = args.run_dir / "profile" / "soups.json"
-    if not soups.is_file():  # the soups' typical features, as `rlphf profile learn` would make them
-        from rlphf_cli.runs import atomic_write_json
-
-        atomic_write_json(soups, {"points": data["points"], "features": bank.table(learn).tolist(),
-                                  "prompts": data["prompts"][:args.learn_prompts]})
+    settings = learn_settings(load_recipe(args.run_dir / "recipe.yaml", [], {"run_dir": str(args.run_dir)}))
     users = np.random.default_rng(123).uniform(-1, 1, (args.users, dims))
     print(f"bank: {len(bank.points)} soups x {n_prompts} prompts ({args.learn_prompts} to ask, {len(held)} held out), "
           f"dimensions {data['axes']}; {args.users} users, {args.flip:.0%} flips")
@@ -116,7 +115,7 @@ def main() -> None:
     for strategy in ("active", "random"):
         started = time.perf_counter()
         results[strategy] = simulate(bank, users, picks=args.picks, strategy=strategy, flip=args.flip,
-                                     learn_prompts=learn, eval_prompts=held)
+                                     learn_prompts=learn, eval_prompts=held, settings=settings)
         print(f"  {strategy}: {time.perf_counter() - started:.1f} s")
     print(f"{'picks':>5} {'err active':>10} {'err random':>10} {'bound':>6} {'win active':>10} {'win random':>10}")
     for k in [0, 1, 2, 3, 5, 10, 15, 20]:

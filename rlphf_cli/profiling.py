@@ -25,7 +25,7 @@ No torch here: reward models and generation are passed in as callables.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -305,24 +305,29 @@ def candidate_pairs(n_soups: int) -> np.ndarray:
 
 
 def choose_question(post: Posterior, features: np.ndarray, prompts: Sequence[int], *, strategy: str = "active",
-                    rng: np.random.Generator | None = None) -> Question:
-    """The next question among `prompts` x pairs of soups. `features`: (prompts, soups, dims), the
-    answers' reward-model features. 'active': the largest expected information gain; 'random': a
-    random pair of soups whose answers differ (the baseline). The information gain is exact over
-    a shortlist (Posterior.screen): computing it for every prompt x pair each round costs seconds."""
+                    rng: np.random.Generator | None = None, asked: Collection[tuple[int, int, int]] = ()) -> Question:
+    """The next question among `prompts` x pairs of soups, other than the (prompt, a, b) already
+    `asked`. `features`: (prompts, soups, dims), the answers' reward-model features. 'active': the
+    largest expected information gain; 'random': a random pair of soups whose answers differ (the
+    baseline). The information gain is exact over a shortlist (Posterior.screen): computing it for
+    every prompt x pair each round costs seconds."""
     rng = rng or np.random.default_rng(0)
     pairs = candidate_pairs(features.shape[1])
     if strategy == "random":
         for _ in range(100):
             p = int(rng.choice(prompts))
             a, b = pairs[rng.integers(len(pairs))]
-            if not np.allclose(features[p, a], features[p, b]):
+            if not np.allclose(features[p, a], features[p, b]) and (p, int(a), int(b)) not in asked:
                 break
         return Question(p, int(a), int(b), 0.0)
     if strategy != "active":
         raise InputError(f"question strategy '{strategy}': expected active or random")
     prompts = list(prompts)
     diffs = np.concatenate([features[p, pairs[:, 0]] - features[p, pairs[:, 1]] for p in prompts])
+    seen = [prompts.index(p) * len(pairs) + int(np.flatnonzero((pairs[:, 0] == a) & (pairs[:, 1] == b))[0])
+            for p, a, b in asked if p in prompts]
+    if seen:  # asked once already: the user would see the same two answers again
+        diffs[seen] = 0.0
     shortlist = post.screen(diffs)
     gains = post.information(diffs[shortlist])
     k = int(shortlist[int(np.argmax(gains))])
@@ -353,10 +358,6 @@ class Bank:
     def __post_init__(self):
         self.centre = nearest(self.points, np.zeros(self.points.shape[1]))
 
-    def table(self, prompts: Sequence[int]) -> np.ndarray:
-        """(soups, dims): each soup's mean learner features over `prompts` (profile/soups.json)."""
-        return self.learner[list(prompts)].mean(axis=0)
-
 
 @dataclass(frozen=True)
 class SimResult:
@@ -378,6 +379,7 @@ def simulate(bank: Bank, true_points: np.ndarray, *, picks: int = 20, strategy: 
     for u, truth_point in enumerate(true_points):
         rng = np.random.default_rng([seed, u])
         post = Posterior(axes, settings)
+        asked: set[tuple[int, int, int]] = set()
         true_util = bank.truth[list(eval_prompts)] @ truth_point  # (eval prompts, soups)
         for k in range(picks + 1):
             estimate = post.mean()
@@ -387,10 +389,10 @@ def simulate(bank: Bank, true_points: np.ndarray, *, picks: int = 20, strategy: 
             wins[u, k] = np.where(np.abs(gap) < 1e-9, 0.5, gap > 0).mean()
             if k == picks:
                 break
-            # As `rlphf profile learn` and serve ask: the pair from the soups' typical features
-            # (their answers to this prompt are not made yet), the update from the real answers.
-            q = choose_question(post, bank.table(learn_prompts)[None], [0], strategy=strategy, rng=rng)
-            q = Question(int(rng.choice(list(learn_prompts))), q.a, q.b, q.gain)
+            # As `rlphf profile learn` and serve ask: every grid soup's answers to the question
+            # prompts are made once, so the prompt and the pair are chosen on the answers shown.
+            q = choose_question(post, bank.learner, list(learn_prompts), strategy=strategy, rng=rng, asked=asked)
+            asked.add((q.prompt, q.a, q.b))
             gap_ab = (bank.truth[q.prompt, q.a] - bank.truth[q.prompt, q.b]) @ truth_point
             outcome = "tie" if abs(gap_ab) < tie_margin else ("a" if gap_ab > 0 else "b")
             if rng.random() < flip:  # the other answer

@@ -110,7 +110,7 @@ def test_the_information_bound():
 def fake_learner(policies, picks=()):
     """A Learner whose 'reward models' count pole words in the answers and whose soups answer with
     their own members' names: no model, so the flow is tested, not the scores."""
-    from rlphf_cli.learning import Learner
+    from rlphf_cli.learning import Learner, SoupAnswers
     from rlphf_cli.profiling import axes_of, point_soup
 
     axes = axes_of(policies)
@@ -127,7 +127,11 @@ def fake_learner(policies, picks=()):
 
     soups = [point_soup(p, policies, axes) for p in points]
     table = np.stack([scales.features(score(["x"], answer("x", [s])), axes)[0] for s in soups])
-    return Learner(policies, scales, table, score, answer, picks=list(picks))
+    prompts = ["What is rain?", "Why is the sky blue?"]
+    answers = [answer(p, soups) for p in prompts]
+    known = SoupAnswers(prompts, answers, np.stack([scales.features(score([p] * len(a), a), axes)
+                                                    for p, a in zip(prompts, answers, strict=True)]))
+    return Learner(policies, scales, table, score, answer, picks=list(picks), known=known)
 
 
 @pytest.fixture(scope="module")
@@ -150,6 +154,25 @@ def test_learner_asks_records_and_refuses_unknown_or_repeated_answers(serve_poli
         learner.record(comp.id, "b")
     with pytest.raises(UnknownComparison):
         learner.record("nope", "a")
+
+
+def test_questions_without_a_prompt_show_the_prepared_answers_and_never_repeat(serve_policies):
+    from rlphf_cli.profiling import point_soup
+
+    learner = fake_learner(serve_policies)
+    known = learner.known
+    grid_index = {point_soup(q, learner.policies, learner.axes).key: i for i, q in enumerate(learner.points)}
+    shown = set()
+    for outcome in ("a", "b", "tie", "a", "b", "a"):
+        comp = learner.ask()
+        p = known.prompts.index(comp.prompt)
+        soups = tuple(grid_index[key] for key in comp.soups)
+        assert comp.answers == tuple(known.answers[p][i] for i in soups)  # the prepared answers, not new ones
+        assert comp.diff == pytest.approx(tuple(known.features[p, soups[0]] - known.features[p, soups[1]]))
+        assert (p, *sorted(soups)) not in shown and comp.gain > 0
+        shown.add((p, *sorted(soups)))
+        learner.record(comp.id, outcome)
+
 
 
 def test_saved_profiles_keep_other_users_and_load_in_serve(serve_policies, tmp_path):
@@ -176,7 +199,7 @@ def test_cli_profile_learn_saves_the_soup(serve_policies, serve_run, tmp_path, m
     from rlphf_cli.cli.main import app
 
     monkeypatch.setattr(learning, "run_learner", lambda recipe, path, user, strategy="active":
-                        (fake_learner(serve_policies), ["What is rain?", "Why is the sky blue?"]))
+                        fake_learner(serve_policies))
     path = tmp_path / "profiles.yaml"
     path.write_text("users:\n  bob: P1A+P2A+P3A\n")
     result = CliRunner().invoke(app, ["profile", "learn", "--user", "alice", "--rounds", "3", "--profiles", str(path),

@@ -25,7 +25,8 @@ def learn_command(
         "--profiles", help="The profiles file `rlphf serve --profiles` reads (default: <run-dir>/profiles.yaml); "
         "other users are kept.", show_default=False)] = None,
     prompt: Annotated[Optional[list[str]], typer.Option(
-        "--prompt", help="Ask with your own prompt (repeatable; default: the run's evaluation prompts).",
+        "--prompt", help="Ask with your own prompt (repeatable; default: the most telling of every soup's "
+        "answers to the run's first 10 evaluation prompts, made once).",
         show_default=False)] = None,
     strategy: Annotated[str, typer.Option("--strategy", help="active (most informative pair) | random.")] = "active",
     recipe: RecipeOption = None,
@@ -49,13 +50,12 @@ def learn_command(
     resolved = resolve_recipe(recipe, set_, run_dir)
     path = profiles or run_of(resolved).root / "profiles.yaml"
     with console.status("loading the run's policies and reward models"):
-        learner, prompts = run_learner(resolved, path, user, strategy=strategy)
-    prompts = list(prompt) if prompt else prompts
+        learner = run_learner(resolved, path, user, strategy=strategy)
     rng = np.random.default_rng(len(learner.picks))
     console.print(f"{user}: {len(learner.picks)} earlier picks; now  {_sliders(learner.summary())}", highlight=False)
     for n in range(1, rounds + 1):
         with console.status(f"question {n}/{rounds}: the two answers"):
-            comp = learner.ask(prompts[int(rng.integers(len(prompts)))])
+            comp = learner.ask(prompt[int(rng.integers(len(prompt)))] if prompt else None)
         console.rule(f"{n}/{rounds}  {comp.prompt}")
         console.print(Columns([Panel(comp.answers[0], title="1", expand=True),
                                Panel(comp.answers[1], title="2", expand=True)], equal=True, expand=True))

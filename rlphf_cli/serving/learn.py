@@ -16,7 +16,6 @@ import contextlib
 import threading
 from pathlib import Path
 
-import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from rlphf_cli.errors import InputError
@@ -38,17 +37,18 @@ class FeedbackRequest(BaseModel):
 
 class ProfileLearning:
     def __init__(self, service, run_dir: Path | None, prompts: list[str], profiles: Path | None,
-                 calibration_prompts: int = 4, settings: LearnSettings = LearnSettings()):
+                 calibration_prompts: int | None = None, settings: LearnSettings = LearnSettings()):
+        from rlphf_cli.learning import QUESTION_PROMPTS
+
         self.service = service
         self.run_dir = run_dir
         self.prompts = prompts or ["Tell me about the sea."]
         self.profiles = profiles
-        self.calibration_prompts = calibration_prompts
+        self.calibration_prompts = calibration_prompts or QUESTION_PROMPTS
         self.settings = settings
         self.learners: dict = {}
         self._prepared = None
         self._lock = threading.Lock()
-        self._rng = np.random.default_rng(0)
 
     def _error(self, message: str, param: str | None = None, code: str | None = None, status: int = 400):
         from rlphf_cli.serving.protocol import RequestError
@@ -95,14 +95,14 @@ class ProfileLearning:
                     score = reward_scorer(self.run_dir, served_prefs(policies))
                 except InputError as exc:
                     raise self._error(str(exc), code="no_reward_models") from None
-                scales, table = prepare(self.run_dir, policies, score, answer, self.prompts[:self.calibration_prompts],
-                                        self.settings)
-                self._prepared = (score, scales, table)
+                scales, table, known = prepare(self.run_dir, policies, score, answer,
+                                               self.prompts[:self.calibration_prompts], self.settings)
+                self._prepared = (score, scales, table, known)
             learner = self.learners.get(user)
             if learner is None:
-                score, scales, table = self._prepared
+                score, scales, table, known = self._prepared
                 learner = Learner(self.service.policies, scales, table, score, answer, settings=self.settings,
-                                  picks=learned_picks(self.profiles, user))
+                                  picks=learned_picks(self.profiles, user), known=known)
                 self.learners[user] = learner
             learner.answer = answer  # the current event loop's
             return learner
@@ -110,9 +110,7 @@ class ProfileLearning:
     def compare(self, user: str, body: CompareRequest, loop) -> dict:
         self._check()
         learner = self._learner(user, loop)
-        prompt = body.prompt if body.prompt and body.prompt.strip() else \
-            self.prompts[int(self._rng.integers(len(self.prompts)))]
-        comp = learner.ask(prompt)
+        comp = learner.ask(body.prompt if body.prompt and body.prompt.strip() else None)
         return {"object": "profile.comparison", "user": user, **comp.public()}
 
     def feedback(self, user: str, body: FeedbackRequest) -> dict:
