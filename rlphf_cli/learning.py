@@ -101,23 +101,24 @@ class Learner:
 
     def ask(self, prompt: str | None = None) -> Comparison:
         """The next question: on `prompt`, or without one the most telling among `known`'s."""
-        if prompt is None and self.known is not None:
-            known = self.known
-            with self._lock:
+        known = self.known if prompt is None else None
+        if prompt is None and known is None:
+            raise InputError("a prompt to ask with: this learner has no prepared answers")
+        with self._lock:
+            if known is not None:
                 q = choose_question(self.posterior, known.features, range(len(known.prompts)), strategy=self.strategy,
                                     rng=self.rng, asked=self.asked)
                 self.asked.add((q.prompt, q.a, q.b))
+            else:
+                q = choose_question(self.posterior, self.table[None], [0], strategy=self.strategy, rng=self.rng)
+        soups = [point_soup(self.points[i], self.policies, self.axes) for i in (q.a, q.b)]
+        if known is not None:
             prompt, answers = known.prompts[q.prompt], [known.answers[q.prompt][i] for i in (q.a, q.b)]
             diff = known.features[q.prompt, q.a] - known.features[q.prompt, q.b]
-        elif prompt is None:
-            raise InputError("a prompt to ask with: this learner has no prepared answers")
         else:
-            with self._lock:
-                q = choose_question(self.posterior, self.table[None], [0], strategy=self.strategy, rng=self.rng)
-            answers = self.answer(prompt, [point_soup(self.points[i], self.policies, self.axes) for i in (q.a, q.b)])
+            answers = self.answer(prompt, soups)
             feats = self.scales.features(self.score([prompt, prompt], list(answers)), self.axes)
             diff = feats[0] - feats[1]
-        soups = [point_soup(self.points[i], self.policies, self.axes) for i in (q.a, q.b)]
         comp = Comparison(uuid.uuid4().hex[:16], prompt, (answers[0], answers[1]), tuple(s.key for s in soups),
                           tuple(float(v) for v in diff), q.gain)
         with self._lock:

@@ -573,17 +573,14 @@ def _emulated_bf16(recipe: Recipe) -> list[str]:
     import torch
 
     from rlphf_cli.models.device import cpu_has_fast_bf16
-    from rlphf_cli.specs import TRAINERS
 
     if torch.cuda.is_available() or cpu_has_fast_bf16():
         return []
-    sections = {TRAINERS["reward"].section, TRAINERS[recipe.train_policy.algo].section}
+    algo = recipe.train_policy.algo
+    sections = {"train_rm.trl": recipe.train_rm.trl, f"train_policy.{algo}": getattr(recipe.train_policy, algo)}
     out = []
-    for section in sorted(sections):
-        node: Any = recipe
-        for part in section.split("."):
-            node = getattr(node, part)
-        if node.get("bf16") is True:
+    for section, fields in sections.items():
+        if fields.get("bf16") is True:
             out.append(f"{recipe.source}: {section}.bf16 true on a CPU without native bf16 (no AVX512-BF16/AMX): "
                        "autocast emulates it, many times slower than float32; 'bf16: auto' uses bf16 only where native")
     return out
