@@ -174,7 +174,16 @@ def test_new_soups_are_merged_off_the_decode_thread_once_each(served, monkeypatc
 # Clients that leave
 
 
-def test_a_non_streaming_client_that_leaves_frees_its_row(served):
+def test_a_non_streaming_client_that_leaves_frees_its_row(served, monkeypatch):
+    # Decoding slowed to >= 50 ms a token, so that 200 tokens (10 s) cannot finish before the
+    # server notices the client left, however loaded the machine is.
+    step = served.backend._decode_step
+
+    def slow_step():
+        time.sleep(0.05)
+        step()
+
+    monkeypatch.setattr(served.backend, "_decode_step", slow_step)
     _, before = health(served.url)
     body = json.dumps({"model": "P2B", "messages": [{"role": "user", "content": PROMPTS[0]}], "max_tokens": 200,
                        "min_tokens": 200}).encode()
