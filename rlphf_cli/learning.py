@@ -95,9 +95,22 @@ class Learner:
                              f"the sliders have {len(self.points)} of {len(self.axes)} (rebuild profile/soups.json)")
         self.posterior = replay(self.axes, self.picks, self.settings)
         self.pending: dict[str, Comparison] = {}
-        self.asked: set[tuple[int, int, int]] = set()  # (prompt, soup, soup) of `known`
+        self.asked: set[tuple[int, int, int]] = self._asked_before()  # (prompt, soup, soup) of `known`
         self.rng = np.random.default_rng([self.settings.seed, len(self.picks)])
         self._lock = threading.Lock()
+
+    def _asked_before(self) -> set[tuple[int, int, int]]:
+        """The prepared questions that the replayed picks answered (a restart must not ask them again)."""
+        if self.known is None:
+            return set()
+        prompts = {p: i for i, p in enumerate(self.known.prompts)}
+        soups = {point_soup(point, self.policies, self.axes).key: i for i, point in enumerate(self.points)}
+        asked = set()
+        for pick in self.picks:
+            prompt, a, b = pick.question or (None, None, None)
+            if prompt in prompts and a in soups and b in soups:
+                asked.add((prompts[prompt], soups[a], soups[b]))
+        return asked
 
     def ask(self, prompt: str | None = None) -> Comparison:
         """The next question: on `prompt`, or without one the most telling among `known`'s."""
@@ -135,7 +148,7 @@ class Learner:
             if comp.outcome is not None:
                 raise AlreadyAnswered(f"comparison '{comparison_id}': already answered ({comp.outcome})")
             comp.outcome = outcome
-            pick = Pick(comp.diff, outcome)
+            pick = Pick(comp.diff, outcome, (comp.prompt, *comp.soups))
             self.posterior.update(pick)
             self.picks.append(pick)
         return self.summary()
@@ -159,6 +172,7 @@ class _Strict(BaseModel):
 class PickRecord(_Strict):
     diff: list[float]
     outcome: str
+    question: list[str] | None = None  # prompt, soup A, soup B
 
 
 class LearnedProfile(_Strict):
@@ -193,7 +207,9 @@ def save_profile(path: str | Path, user: str, summary: Mapping, picks: Sequence[
         data = _read(file)
         data["users"][user] = dict(summary["members"]) or "base"
         learned = LearnedProfile(point=summary["point"], uncertainty=summary["uncertainty"],
-                                 picks=[PickRecord(diff=list(p.diff), outcome=p.outcome) for p in picks])
+                                 picks=[PickRecord(diff=list(p.diff), outcome=p.outcome,
+                                                    question=list(p.question) if p.question else None)
+                                         for p in picks])
         data.setdefault("learned", {})[user] = learned.model_dump()
         atomic_write_text(file, yaml.safe_dump(data, sort_keys=False))
     return file
@@ -206,7 +222,7 @@ def learned_picks(path: str | Path, user: str) -> list[Pick]:
     if not entry:
         return []
     profile = LearnedProfile.model_validate(entry)
-    return [Pick(tuple(p.diff), p.outcome) for p in profile.picks]
+    return [Pick(tuple(p.diff), p.outcome, tuple(p.question) if p.question else None) for p in profile.picks]
 
 
 # --------------------------------------------------------------------------------------------
@@ -294,7 +310,7 @@ def generator_answerer(recipe, cache: int = 4) -> Answerer:
 
 
 def run_learner(recipe, profiles: str | Path, user: str, *, strategy: str = "active",
-                calibration_prompts: int = QUESTION_PROMPTS) -> Learner:
+                question_prompts: int = QUESTION_PROMPTS) -> Learner:
     """A Learner on the run of `recipe` (its policies, reward models and evaluation prompts),
     continuing from the user's learned picks in `profiles`."""
     from rlphf_cli import jobs
@@ -307,6 +323,6 @@ def run_learner(recipe, profiles: str | Path, user: str, *, strategy: str = "act
     answer = generator_answerer(recipe)
     prompts = [p["instruction"] for p in PromptSet(recipe.data.eval_prompts, recipe.data.max_eval_prompts).load()]
     settings = jobs.learn_settings(recipe)
-    scales, table, known = prepare(run, policies, score, answer, prompts[:calibration_prompts], settings)
+    scales, table, known = prepare(run, policies, score, answer, prompts[:question_prompts], settings)
     return Learner(policies, scales, table, score, answer, settings=settings, picks=learned_picks(profiles, user),
                    strategy=strategy, known=known)

@@ -330,6 +330,14 @@ class Pipeline:
         weights = self.recipe.evaluation.pareto.weights if self.recipe.evaluation.pareto else []
         return {method: [(w, self.run.generations(method, f"w{w:g}")) for w in weights] for method in PARETO_METHODS}
 
+    @staticmethod
+    def pareto_unit(method: str, weight: float) -> str:
+        return f"pareto/{method}/w{weight:g}"
+
+    @staticmethod
+    def pareto_judge_unit(method: str, weight: float) -> str:
+        return f"judge/{method}-w{weight:g}_vs_{BASE}"
+
     def _units_pareto(self) -> list[Unit]:
         recipe = self.recipe
         a, b = self.pareto_prefs()
@@ -349,7 +357,7 @@ class Pipeline:
                     upstream = [f"train-policy/{a.id}", f"train-policy/{b.id}"]
                 job = jobs.generate_job(recipe, out, prompts=prompts, weights_=weights, prefs=prefs,
                                         system=f"{method}:w{weight:g}")
-                units.append(Unit(f"pareto/{method}/w{weight:g}", f"{method} w{weight:g}", job, upstream,
+                units.append(Unit(self.pareto_unit(method, weight), f"{method} w{weight:g}", job, upstream,
                                   self._generate(job), [job.out]))
         return units
 
@@ -386,8 +394,8 @@ class Pipeline:
                 for weight, path in points:
                     job = jobs.judge_job(self.recipe, [path], [self.run.generations(BASE, BASE_PLAIN)],
                                          criteria_=criteria_, out=self.pareto_judgment(method, weight))
-                    units.append(Unit(f"judge/{method}-w{weight:g}_vs_{BASE}", f"{method} w{weight:g} vs {BASE}",
-                                      job, [f"pareto/{method}/w{weight:g}", f"evaluate/{BASE}/{BASE_PLAIN}"],
+                    units.append(Unit(self.pareto_judge_unit(method, weight), f"{method} w{weight:g} vs {BASE}",
+                                      job, [self.pareto_unit(method, weight), f"evaluate/{BASE}/{BASE_PLAIN}"],
                                       self._judge(job), [job.out]))
         return units
 
@@ -406,11 +414,11 @@ class Pipeline:
 
             return write_report(self)
 
-        pareto_judged = [f"judge/{m}-w{w:g}_vs_{BASE}" for m, points in self.pareto_outputs().items()
-                         for w, _ in points] if self.pareto_judged() else []
+        points = [(m, w) for m, at in self.pareto_outputs().items() for w, _ in at]
+        pareto_judged = [self.pareto_judge_unit(m, w) for m, w in points] if self.pareto_judged() else []
         upstream = ([f"judge/{s}_vs_{b}" for s, b in self.judged_pairs()] + pareto_judged
                     + [f"evaluate/{SWEEP}/w{w:g}" for w in self.sweep_weights()]
-                    + [f"pareto/{m}/w{w:g}" for m, points in self.pareto_outputs().items() for w, _ in points])
+                    + [self.pareto_unit(m, w) for m, w in points])
         return [Unit("report", "report", None, upstream, work, [self.run.report_dir() / "report.md"])]
 
     def judge_plans(self) -> dict[str, RequestPlan | str | None]:

@@ -206,6 +206,7 @@ class Pick:
 
     diff: tuple[float, ...]
     outcome: str
+    question: tuple[str, str, str] | None = None  # (prompt, soup A, soup B), so a replay never asks it again
 
     def __post_init__(self):
         if self.outcome not in OUTCOMES:
@@ -324,8 +325,9 @@ def choose_question(post: Posterior, features: np.ndarray, prompts: Sequence[int
         raise InputError(f"question strategy '{strategy}': expected active or random")
     prompts = list(prompts)
     diffs = np.concatenate([features[p, pairs[:, 0]] - features[p, pairs[:, 1]] for p in prompts])
-    seen = [prompts.index(p) * len(pairs) + int(np.flatnonzero((pairs[:, 0] == a) & (pairs[:, 1] == b))[0])
-            for p, a, b in asked if p in prompts]
+    pair_index = {(int(a), int(b)): i for i, (a, b) in enumerate(pairs)}
+    seen = [prompts.index(p) * len(pairs) + pair_index[min(a, b), max(a, b)]
+            for p, a, b in asked if p in prompts and (min(a, b), max(a, b)) in pair_index]
     if seen:  # asked once already: the user would see the same two answers again
         diffs[seen] = 0.0
     shortlist = post.screen(diffs)

@@ -570,15 +570,16 @@ def recipe_warnings(recipe: Recipe) -> list[str]:
 def _emulated_bf16(recipe: Recipe) -> list[str]:
     """`bf16: true` on a CPU without native bf16: CPU autocast then emulates it (a Gemma 3 270M
     reward-model step took minutes instead of 6.7 s in float32 on an AVX2-only CPU)."""
-    import torch
+    from rlphf_cli.models.device import bf16_is_emulated
 
-    from rlphf_cli.models.device import cpu_has_fast_bf16
-
-    if torch.cuda.is_available() or cpu_has_fast_bf16():
+    if not bf16_is_emulated():
         return []
     algo = recipe.train_policy.algo
     sections = {"train_rm.trl": recipe.train_rm.trl, f"train_policy.{algo}": getattr(recipe.train_policy, algo)}
     out = []
+    if recipe.model.dtype == "bfloat16":
+        out.append(f"{recipe.source}: model.dtype bfloat16 on a CPU without native bf16 (no AVX512-BF16/AMX): every "
+                   "matrix product is emulated, several times slower than float32; 'dtype: auto' is bfloat16 on GPUs only")
     for section, fields in sections.items():
         if fields.get("bf16") is True:
             out.append(f"{recipe.source}: {section}.bf16 true on a CPU without native bf16 (no AVX512-BF16/AMX): "

@@ -182,14 +182,23 @@ def test_saved_profiles_keep_other_users_and_load_in_serve(serve_policies, tmp_p
     path = tmp_path / "profiles.yaml"
     path.write_text("users:\n  bob: P1A+P2A+P3A\n")
     learner = fake_learner(serve_policies)
-    for outcome in ("a", "b", "tie"):
-        learner.record(learner.ask("What is rain?").id, outcome)
+    shown = []
+    for outcome, prompt in (("a", "Tell me about snow."), ("b", None), ("tie", None), ("a", None)):
+        comp = learner.ask(prompt)
+        shown.append((comp.prompt, *sorted(comp.soups)))
+        learner.record(comp.id, outcome)
     save_profile(path, "alice", learner.summary(), learner.picks)
     soups = load_profiles(path, serve_policies)
     assert soups["bob"].key == serve_policies.resolve("P1A+P2A+P3A").key
     assert soups["alice"].key == learner.summary()["soup"]
     again = fake_learner(serve_policies, learned_picks(path, "alice"))
     assert again.summary()["point"] == learner.summary()["point"]  # replayed from the saved picks
+    # After a restart the prepared questions already answered are not asked again.
+    assert len(again.asked) == 3  # the question on a prompt of the user's own is not a prepared one
+    for _ in range(4):
+        comp = again.ask()
+        assert (comp.prompt, *sorted(comp.soups)) not in shown
+        shown.append((comp.prompt, *sorted(comp.soups)))
 
 
 def test_cli_profile_learn_saves_the_soup(serve_policies, serve_run, tmp_path, monkeypatch):

@@ -141,6 +141,8 @@ def test_bf16_auto_is_bf16_only_where_the_cpu_has_it(tmp_path, setup, monkeypatc
     assert not [line for line in recipe_warnings(recipe) if ".bf16 true" in line]
     warned = [line for line in recipe_warnings(load(setup, "train_rm.trl.bf16=true")) if ".bf16 true" in line]
     assert bool(warned) is not native and all("train_rm.trl.bf16 true" in line for line in warned)
+    weights = [line for line in recipe_warnings(load(setup, "model.dtype=bfloat16")) if "model.dtype" in line]
+    assert bool(weights) is not native and not [line for line in recipe_warnings(recipe) if "model.dtype" in line]
 
 
 def test_unknown_trl_key_is_named(setup, tiny_random_model):

@@ -27,6 +27,13 @@ def bf16_is_fast() -> bool:
     return cpu_has_fast_bf16()
 
 
+def bf16_is_emulated() -> bool:
+    """Training on a CPU without native bf16, where `bf16: true` means slow emulated autocast."""
+    import torch
+
+    return not torch.cuda.is_available() and not cpu_has_fast_bf16()
+
+
 def cpu_has_fast_bf16() -> bool:
     """AVX512-BF16 or AMX: bf16 autocast is faster there (~1.5x on Gemma 3 270M); elsewhere slower."""
     try:

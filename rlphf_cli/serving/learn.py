@@ -37,14 +37,14 @@ class FeedbackRequest(BaseModel):
 
 class ProfileLearning:
     def __init__(self, service, run_dir: Path | None, prompts: list[str], profiles: Path | None,
-                 calibration_prompts: int | None = None, settings: LearnSettings = LearnSettings()):
+                 question_prompts: int | None = None, settings: LearnSettings = LearnSettings()):
         from rlphf_cli.learning import QUESTION_PROMPTS
 
         self.service = service
         self.run_dir = run_dir
         self.prompts = prompts or ["Tell me about the sea."]
         self.profiles = profiles
-        self.calibration_prompts = calibration_prompts or QUESTION_PROMPTS
+        self.question_prompts = question_prompts or QUESTION_PROMPTS
         self.settings = settings
         self.learners: dict = {}
         self._prepared = None
@@ -96,7 +96,7 @@ class ProfileLearning:
                 except InputError as exc:
                     raise self._error(str(exc), code="no_reward_models") from None
                 scales, table, known = prepare(self.run_dir, policies, score, answer,
-                                               self.prompts[:self.calibration_prompts], self.settings)
+                                               self.prompts[:self.question_prompts], self.settings)
                 self._prepared = (score, scales, table, known)
             learner = self.learners.get(user)
             if learner is None:
