@@ -96,7 +96,7 @@ def build_sft_model(base: Path, out: Path, settings: dict,
     from transformers import AutoModelForCausalLM, Trainer
     from trl import SFTConfig, SFTTrainer
 
-    from rlphf_cli.models.device import cpu_has_fast_bf16, device_defaults
+    from rlphf_cli.models.device import bf16_is_fast, device_defaults
     from rlphf_cli.runs import atomic_dir
     from rlphf_cli.training.callbacks import loss_tracker
     from rlphf_cli.training.common import load_tokenizer, quiet_trainer
@@ -118,7 +118,6 @@ def build_sft_model(base: Path, out: Path, settings: dict,
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     track, losses = loss_tracker(progress)
 
-    cpu_bf16 = not torch.cuda.is_available() and cpu_has_fast_bf16()
     with atomic_dir(out) as tmp, tempfile.TemporaryDirectory(prefix="rlphf-sft-") as trainer_dir:
         args = SFTConfig(
             output_dir=trainer_dir, max_steps=settings["max_steps"], per_device_train_batch_size=settings["batch_size"],
@@ -126,7 +125,7 @@ def build_sft_model(base: Path, out: Path, settings: dict,
             max_length=settings["max_length"], logging_steps=1, save_strategy="no", report_to="none",
             disable_tqdm=True, completion_only_loss=True, seed=settings["seed"], data_seed=settings["seed"],
             optim="adamw_torch", dataloader_num_workers=0,
-            **{**device_defaults(), **({"bf16": True} if cpu_bf16 else {})},
+            **{**device_defaults(), "bf16": bf16_is_fast()},  # CPU bf16 autocast only where it is native
         )
         lora = LoraConfig(**settings["lora"], target_modules="all-linear", task_type="CAUSAL_LM")
         trainer = _PlainLossSFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
