@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import gc
 import json
 import os
@@ -82,8 +83,9 @@ class Unit:
     outputs: list[Path] = field(default_factory=list)
 
 
-# A progress sink gets ("stage", index, total, name, n_units), ("unit-start", label),
-# ("unit", done, n_units, label), ("inner", done, total) and ("stage-end", name, counts, seconds).
+# A progress sink gets ("stage", index, total, name, n_units), ("unit-start", label, index, n_todo),
+# ("unit", done, n_todo, label), ("inner", done, total, what: "steps" / "prompts" / "verdicts") and
+# ("stage-end", name, counts, seconds).
 Progress = Callable[..., None]
 
 
@@ -183,7 +185,9 @@ class Pipeline:
             from rlphf_cli.generation import generate_file
 
             generator = None if job.weights.members else self.base_generator(job)
-            return generate_file(job, generator=generator, progress=self._unit_progress)
+            prompts = self._inner("prompts")
+            return generate_file(job, generator=generator,
+                                 progress=lambda _label, done, total, _tokens: prompts(done, total))
 
         return work
 
@@ -200,7 +204,7 @@ class Pipeline:
             def work(job=job):
                 from rlphf_cli.judges.annotate import annotate_rollouts
 
-                return annotate_rollouts(job, progress=self._unit_progress, force=True, budget=self.budget)
+                return annotate_rollouts(job, progress=self._inner("verdicts"), force=True, budget=self.budget)
 
             units.append(Unit(f"annotate/{pref_id}", pref_id, job, ["rollouts"], work, [self.run.annotations(pref_id)]))
         return units
@@ -403,7 +407,7 @@ class Pipeline:
         def work():
             from rlphf_cli.evaluation.judging import judge_files
 
-            result = judge_files(job, progress=self._unit_progress, force=True, budget=self.budget)
+            result = judge_files(job, progress=self._inner("verdicts"), force=True, budget=self.budget)
             return {"win_rate": result["overall"]["win_rate"]}
 
         return work
@@ -471,8 +475,13 @@ class Pipeline:
 
     # ----------------------------------------------------------------------------------------
 
-    def _unit_progress(self, *args, **kwargs) -> None:
-        self.progress("inner", *args, **kwargs)
+    def _inner(self, what: str) -> Callable[..., None]:
+        """A library's progress(done, total[, info]) callback, shown under the running unit as
+        `what: done/total` (training steps, prompts generated, verdicts)."""
+        def report(done, total=None, *_info) -> None:
+            self.progress("inner", done, total, what)
+
+        return report
 
     def stages(self) -> list[str]:
         return [s.name for s in plan(self.recipe)]
@@ -546,16 +555,20 @@ class Pipeline:
 
     def _work(self, units: list[Unit], parallel: int):
         if parallel <= 1 or len(units) == 1:
-            for unit in units:
+            for index, unit in enumerate(units, 1):
                 started = time.time()
-                self.progress("unit-start", unit.label)
-                result = unit.work() or {}
+                self.progress("unit-start", unit.label, index, len(units))
+                # A training job in this process reports its steps (a worker process's cannot).
+                work = functools.partial(unit.work, progress=self._inner("steps")) if isinstance(unit.work, _Job) \
+                    else unit.work
+                result = work() or {}
                 if self.main:
                     self.run.log_event(unit.key, "done", wall_s=round(time.time() - started, 3))
                 yield unit, result
             return
         # Per-preference training jobs are independent: split the cores between worker processes.
         threads = max(1, (os.cpu_count() or 1) // parallel)
+        self.progress("unit-start", f"{', '.join(u.label for u in units)}: {parallel} at a time", 1, 1)
         with ProcessPoolExecutor(max_workers=parallel, initializer=_worker_setup, initargs=(threads,)) as pool:
             futures = [(unit, pool.submit(unit.work.func, *unit.work.args)) for unit in units]
             for unit, future in futures:
@@ -586,8 +599,8 @@ class _Job:
         self.func = func
         self.args = args
 
-    def __call__(self) -> dict | None:
-        return self.func(*self.args)
+    def __call__(self, **kwargs: Any) -> dict | None:
+        return self.func(*self.args, **kwargs)
 
 
 def _worker_setup(threads: int) -> None:
@@ -599,16 +612,16 @@ def _worker_setup(threads: int) -> None:
     quiet_libraries()
 
 
-def _train_rm_job(job: RewardModelJob) -> dict:
+def _train_rm_job(job: RewardModelJob, progress: Progress | None = None) -> dict:
     from rlphf_cli.training.reward import train_reward_model
 
-    return train_reward_model(job, force=True)
+    return train_reward_model(job, force=True, progress=progress)
 
 
-def _train_policy_job(job: PolicyJob) -> dict:
+def _train_policy_job(job: PolicyJob, progress: Progress | None = None) -> dict:
     from rlphf_cli.training.policy import train_policy
 
-    return train_policy(job, force=True)
+    return train_policy(job, force=True, progress=progress)
 
 
 def _with_stand_ins(job: AnnotateJob | JudgeJob, makers: dict[Path, GenerateJob], scratch: Path):

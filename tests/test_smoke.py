@@ -80,11 +80,13 @@ def readme_smoke_command() -> list[str]:
     return lines[0]
 
 
-def test_run_smoke_from_an_empty_home_runs_every_stage(home):
+def test_run_smoke_from_an_empty_home_runs_every_stage(home, monkeypatch):
     command = readme_smoke_command()  # the README's line, as written
     assert command[:2] == ["rlphf", "run"]
+    monkeypatch.setenv("RLPHF_PROGRESS_SECONDS", "0")  # a progress line every 50 ms (the output is not a terminal)
     result = runner.invoke(app, command[1:])
     assert result.exit_code == 0, result.output
+    _progress_lines_name_the_unit_and_count_its_steps(result.output)
     run = Path("runs/smoke")
     ended = {json.loads(line)["stage"] for line in (run / "events.jsonl").read_text().splitlines()
              if json.loads(line)["event"] == "end"}
@@ -107,6 +109,24 @@ def test_run_smoke_from_an_empty_home_runs_every_stage(home):
         assert done.exit_code == 0, done.output
         answers[name] = tuple(record["response"] for record in read_jsonl(out))
     assert len(set(answers.values())) == 4, answers
+
+
+def _progress_lines_name_the_unit_and_count_its_steps(output: str) -> None:
+    """A stage shows its elapsed time and no time left (stages differ 1000x in length, so the pace of
+    the first ones says nothing of the next); a unit shows which of the stage's units it is; a
+    training unit counts its steps, with a time left."""
+    import re
+
+    ticks = [line for line in output.splitlines() if line.startswith("stage ")]
+    assert ticks, output
+    for line in ticks:
+        stage, *shown = line.split(" | ")
+        assert re.fullmatch(r"stage \d+/10: [a-z-]+, \dm\d\ds elapsed", stage), line
+        assert len(shown) <= 2, line
+    policy = [line.split(" | ")[1:] for line in ticks if line.startswith("stage 5/10: train-policy")]
+    assert {shown[0] for shown in policy if shown} <= {"P1A (1/3)", "P2A (2/3)", "P2B (3/3)"}, policy
+    assert any(re.fullmatch(r"steps: 1/2 \(50%\), \dm\d\ds elapsed, ~\dm\d\ds left", shown[-1])
+               for shown in policy if len(shown) == 2), policy
 
 
 @pytest.mark.slow

@@ -148,6 +148,7 @@ def progress_bar(*extra: Any, transient: bool = True, eta: bool = True):
         TimeElapsedColumn,
         TimeRemainingColumn,
     )
+    from rich.text import Text
 
     class QuietProgress(Progress):
         _ticker = None
@@ -169,7 +170,12 @@ def progress_bar(*extra: Any, transient: bool = True, eta: bool = True):
         def _line(self, task) -> str:
             from rlphf_cli import progress
 
-            return progress.line(task.description.strip(), task.completed, task.total, task.elapsed or 0.0,
+            what, show = task.description.strip(), task.fields.get("show")
+            if show == ELAPSED_ONLY:
+                return f"{what}, {progress.duration(task.elapsed or 0.0)} elapsed"
+            if show == NAME_ONLY:
+                return what
+            return progress.line(what, task.completed, task.total, task.elapsed or 0.0,
                                  None if task.finished else task.time_remaining)
 
         def _tick(self) -> None:
@@ -195,10 +201,14 @@ def progress_bar(*extra: Any, transient: bool = True, eta: bool = True):
             if not self.disable:
                 self.live.stop()
 
+    class Remaining(TimeRemainingColumn):
+        def render(self, task):
+            return Text("") if task.fields.get("show") else super().render(task)
+
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                *(TextColumn(c) if isinstance(c, str) else c for c in extra), TimeElapsedColumn()]
     if eta:
-        columns.append(TimeRemainingColumn())
+        columns.append(Remaining())
     return QuietProgress(*columns, console=console, transient=transient)
 
 
@@ -245,27 +255,39 @@ def resume_command() -> str:
     return "rlphf " + shlex.join([*ARGV, *([] if "--resume" in ARGV else ["--resume"])])
 
 
+# How a task of the pipeline's display is shown where a time left would be wrong: a stage's (stages
+# differ in length by 1000x, so their pace says nothing) shows its name and elapsed time, a unit's
+# its name (which one of the stage's units it is); the unit's own steps / prompts / verdicts carry
+# the time left.
+ELAPSED_ONLY, NAME_ONLY = "elapsed", "name"
+
+
 class PipelineDisplay:
-    """One Rich display for the whole run: stage k of n, the stage's units, inner progress, ETA."""
+    """One Rich display for the whole run: stage k of n, the unit running, its steps with a time left."""
 
     def __init__(self, progress):
         self.progress = progress
-        self.stage_task = progress.add_task("stages", total=1)
-        self.unit_task = progress.add_task("", total=1, visible=False)
+        self.stage_task = progress.add_task("", total=1, visible=False, show=ELAPSED_ONLY)
+        self.unit_task = progress.add_task("", total=1, visible=False, show=NAME_ONLY)
         self.inner_task = progress.add_task("", total=1, visible=False)
 
     def __call__(self, kind: str, *args, **kwargs) -> None:
         p = self.progress
         if kind == "stage":
-            index, total, name, n_units = args
-            p.update(self.stage_task, completed=index, total=total, description=f"stage {index + 1}/{total}: {name}")
-            p.update(self.unit_task, completed=0, total=max(n_units, 1), visible=False, description="")
+            index, total, name, _ = args
+            p.reset(self.stage_task, completed=index, total=total, visible=True,
+                    description=f"stage {index + 1}/{total}: {name}")
+            # reset, not update: Rich keeps a task finished once it was, which would hide it from the lines
+            p.reset(self.unit_task, visible=False, description="")
+            p.reset(self.inner_task, visible=False)
         elif kind == "unit-start":
-            p.update(self.unit_task, visible=True, description=f"  {args[0]}")
-            p.update(self.inner_task, visible=False, completed=0)
+            label, index, total = args
+            p.update(self.unit_task, completed=index - 1, total=total, visible=True,
+                     description=f"  {label} ({index}/{total})" if total > 1 else f"  {label}")
+            p.reset(self.inner_task, completed=0, total=1, visible=False)
         elif kind == "unit":
-            done, total, label = args
-            p.update(self.unit_task, completed=done, total=total, visible=True, description=f"  {label}")
+            done, total, _ = args
+            p.update(self.unit_task, completed=done, total=total)
         elif kind == "changed":
             key, outputs = args
             p.console.print(f"[yellow]![/] {', '.join(outputs)} changed since `rlphf run` made it ({key}): kept, "
@@ -276,12 +298,8 @@ class PipelineDisplay:
             done = f"{counts['ran']} ran, {counts['skipped']} skipped" if counts["ran"] else "up to date"
             p.console.print(f"[green]✓[/] {name}: {done} ({seconds:.1f} s)", highlight=False)
         elif kind == "inner":
-            completed, total = kwargs.get("completed"), kwargs.get("total")
-            if completed is None and len(args) >= 2 and all(isinstance(a, (int, float)) for a in args[:2]):
-                completed, total = args[:2]
-            if completed is not None:
-                p.update(self.inner_task, completed=completed, total=total or 1, visible=True,
-                         description=f"    {kwargs.get('description', '')}")
+            done, total, what = args
+            p.update(self.inner_task, completed=done, total=total, visible=True, description=f"    {what}")
 
 
 # Making what is missing is the default, so that the promised lines (`rlphf train-policy --pref
